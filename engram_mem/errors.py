@@ -1,0 +1,69 @@
+"""The few exceptions users of engram-mem see.
+
+Every error carries a sentence that names what was wrong (table, field, value). A server maps
+each class to one gRPC status code (server.py) and sends the class name in trailing metadata,
+so the client raises the same class with the same message on the other side. `code` is the
+name of a grpc.StatusCode member (kept as a string so that importing errors needs no gRPC).
+"""
+
+from __future__ import annotations
+
+
+class EngramMemError(Exception):
+    """Base class for all engram-mem errors."""
+
+    code = "UNKNOWN"
+
+
+class InvalidArgument(EngramMemError, ValueError):
+    """A request field has a value the service cannot accept (shape, dtype, length, range)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class UnknownTable(EngramMemError, KeyError):
+    code = "NOT_FOUND"
+
+    def __str__(self):  # KeyError would repr() the message
+        return self.args[0] if self.args else ""
+
+
+class TableExists(EngramMemError):
+    code = "ALREADY_EXISTS"
+
+
+class RowOutOfRange(InvalidArgument):
+    code = "OUT_OF_RANGE"
+
+
+class NonFiniteGradient(InvalidArgument):
+    """A pushed gradient holds NaN or Inf; nothing from that push was applied."""
+
+
+class RequestTooLarge(EngramMemError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class StaleEpoch(EngramMemError):
+    """The request was routed with an old placement; re-read the placement and retry."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class NotReady(EngramMemError):
+    """The shard is starting, restoring or moving slots; retry shortly."""
+
+    code = "UNAVAILABLE"
+
+
+class ShardUnavailable(EngramMemError):
+    """A shard could not be reached after retries."""
+
+    code = "UNAVAILABLE"
+
+
+ERROR_CLASSES = {
+    cls.__name__: cls
+    for cls in (EngramMemError, InvalidArgument, UnknownTable, TableExists, RowOutOfRange,
+                NonFiniteGradient, RequestTooLarge, StaleEpoch, NotReady, ShardUnavailable)
+}
