@@ -1,0 +1,144 @@
+"""CompressedTokenizer: a cased byte-level BPE plus Engram's token-id compression.
+
+    tok = CompressedTokenizer.train(texts, vocab_size=8192)   # Hugging Face `tokenizers` BPE
+    tok.save("runs/tokenizer.json"); tok = CompressedTokenizer.load("runs/tokenizer.json")
+    ids = tok.encode("def f(x):")                              # model ids
+    cids = tok.compress(ids)                                    # compressed ids, for hashing only
+    print(tok.compressed_vocab_size, f"{tok.reduction:.2%}")
+
+Compression folds tokens that mean the same text once normalized, so that "Great", "great" and
+" GREAT" share n-gram rows. Each token id maps to a key:
+  1. decode the single token;
+  2. if the text holds U+FFFD (a partial UTF-8 sequence), the key is the raw token string;
+  3. otherwise NFKC, NFD, strip accents, lowercase, collapse runs of [ \\t\\r\\n] to one space,
+     strip; a whitespace-only token stays " "; an empty result falls back to the original text.
+Compressed ids go to keys in order of first appearance. The normalizer chain is Hugging Face's
+(same Unicode tables as the reference implementation), so the mapping matches it exactly.
+
+Only the model's embedding and output use the full vocabulary; only the hash uses compressed ids.
+The lookup is recomputed from tokenizer.json on load (it is a pure function of the vocabulary).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOS, PAD]
+_SENTINEL = "\ue000"   # private-use char: protects a lone " " from Strip
+
+
+def key_normalizer() -> normalizers.Normalizer:
+    """The normalization of step 3, as one Hugging Face normalizer."""
+    return normalizers.Sequence([
+        normalizers.NFKC(),
+        normalizers.NFD(),
+        normalizers.StripAccents(),
+        normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+        normalizers.Replace(Regex(r"^ $"), _SENTINEL),   # whitespace-only token: keep its one space
+        normalizers.Strip(),
+        normalizers.Replace(_SENTINEL, " "),
+    ])
+
+
+def compression_keys(texts: list[str], raw_tokens: list[str]) -> list[str]:
+    """Key per token from its decoded text and its raw vocabulary string (steps 2 and 3)."""
+    norm = key_normalizer()
+    keys = []
+    for text, raw in zip(texts, raw_tokens):
+        if "\ufffd" in text:
+            keys.append(raw)
+        else:
+            n = norm.normalize_str(text)
+            keys.append(n if n else text)
+    return keys
+
+
+def build_lookup(keys: list[str]) -> tuple[np.ndarray, int]:
+    """Compressed id per token id, ids assigned in order of first appearance: (int64 [V], size)."""
+    first: dict[str, int] = {}
+    lookup = np.empty(len(keys), dtype=np.int64)
+    for tid, key in enumerate(keys):
+        lookup[tid] = first.setdefault(key, len(first))
+    return lookup, len(first)
+
+
+class CompressedTokenizer:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        ids = list(range(self.vocab_size))
+        texts = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        raw = [tokenizer.id_to_token(i) for i in ids]
+        self.lookup, self.compressed_vocab_size = build_lookup(compression_keys(texts, raw))  # int64 [V]
+        self._lookup_t: dict[str, torch.Tensor] = {}
+        self.eos_id = self._special(EOS)
+        self.pad_id = self._special(PAD)
+
+    def _special(self, token: str) -> int:
+        tid = self.tokenizer.token_to_id(token)
+        if tid is None:
+            raise ValueError(f"tokenizer has no {token!r} token; train it with CompressedTokenizer.train")
+        return tid
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 8192, length: int | None = None) -> "CompressedTokenizer":
+        """Train a cased byte-level BPE (GPT-2 style pre-tokenization) with EOS and PAD specials."""
+        if not 256 + len(SPECIAL_TOKENS) <= vocab_size:
+            raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer, length=length)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompressedTokenizer":
+        return cls(Tokenizer.from_file(str(path)))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(path))
+
+    # ---- use ------------------------------------------------------------------------------
+    @property
+    def compressed_pad_id(self) -> int:
+        return int(self.lookup[self.pad_id])
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of the vocabulary removed by compression (the paper: 23.43% on 128k)."""
+        return 1.0 - self.compressed_vocab_size / self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def compress(self, ids):
+        """Token ids (list, numpy or torch, any shape) -> compressed ids of the same type and shape."""
+        if isinstance(ids, torch.Tensor):
+            key = str(ids.device)
+            if key not in self._lookup_t:
+                self._lookup_t[key] = torch.from_numpy(self.lookup).to(ids.device)
+            return self._lookup_t[key][ids.long()]
+        return self.lookup[np.asarray(ids, dtype=np.int64)]
+
+    def __len__(self) -> int:
+        return self.vocab_size
