@@ -1,0 +1,129 @@
+"""engram-generate: continue text with a trained model, prefill then KV-cache decode.
+
+    engram-generate --checkpoint runs/small/ckpt --prompt "def read_config(path):" --max-new-tokens 80
+    engram-generate --checkpoint runs/small/ckpt --prompt "import os" --temperature 0.8 --top-k 50 --top-p 0.95
+
+    from engram_model.generate import generate
+    texts = generate(model, tok, ["class Queue:"], max_new_tokens=64, temperature=0.0)
+
+Each prompt is encoded as EOS + text, the way every training file follows an EOS. The prompt is
+run through the model once (prefill), then one token at a time with the KV cache; each new token's
+n-gram rows are hashed from it and the previous max_n - 1 tokens kept in the cache. Greedy when
+temperature is 0; otherwise temperature, then top-k, then top-p (nucleus) filtering, then a draw.
+Prompts of equal token length are decoded together as one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from engram_model.model import EngramModel
+from engram_model.tokenizer import CompressedTokenizer
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> next token ids [B]."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                       # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(model: EngramModel, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """prompt int64 [B, T0] -> new tokens [B, n], n <= max_new_tokens (stops early once all rows hit EOS).
+
+    The context is capped at model.cfg.max_seq_len: decoding stops when it is full.
+    """
+    B, T0 = prompt.shape
+    if T0 < 1 or T0 > model.cfg.max_seq_len:
+        raise ValueError(f"prompt length {T0} must be in [1, max_seq_len={model.cfg.max_seq_len}]")
+    n = min(max_new_tokens, model.cfg.max_seq_len - T0 + 1)   # the last token drawn is never fed back
+    if n <= 0:
+        return prompt.new_zeros(B, 0)
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(B, max_len=T0 + n - 1)
+    logits, _ = model(prompt, cache=cache)                                     # prefill: [B, T0, V]
+    out, done = [], torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for i in range(n):
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # [B]
+        if eos_id is not None:
+            nxt = nxt.masked_fill(done, eos_id)
+            done |= nxt == eos_id
+        out.append(nxt)
+        if i + 1 == n or (eos_id is not None and bool(done.all())):
+            break
+        logits, _ = model(nxt[:, None], cache=cache)                           # decode: [B, 1, V]
+    model.train(was_training)
+    return torch.stack(out, dim=1) if out else prompt.new_zeros(B, 0)
+
+
+def generate(model: EngramModel, tokenizer: CompressedTokenizer, prompts: list[str], max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, stop_at_eos: bool = True) -> list[str]:
+    """Completions (new text only) for each prompt, in order."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    encoded = [[tokenizer.eos_id] + tokenizer.encode(p) for p in prompts]
+    results: list[str | None] = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    for _, idx in sorted(by_len.items()):
+        prompt = torch.tensor([encoded[i] for i in idx], dtype=torch.int64, device=device)
+        new = generate_tokens(model, prompt, max_new_tokens, temperature, top_k, top_p,
+                              eos_id=tokenizer.eos_id if stop_at_eos else None, generator=generator)
+        for row, i in enumerate(idx):
+            ids = new[row].tolist()
+            if stop_at_eos and tokenizer.eos_id in ids:
+                ids = ids[:ids.index(tokenizer.eos_id)]
+            results[i] = tokenizer.decode(ids)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="engram-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory written by engram-train (…/ckpt)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    from engram_model.checkpoint import load_model
+
+    model, tok = load_model(args.checkpoint, device=args.device)
+    texts = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    for prompt, text in zip(args.prompt, texts):
+        print(f"--- {prompt!r}\n{prompt}{text}")
+
+
+if __name__ == "__main__":
+    main()

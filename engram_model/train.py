@@ -1,0 +1,363 @@
+"""engram-train: train an Engram-MoE (or a pure MoE) on the Python standard library's source.
+
+    engram-train --config small --out runs/small                  # a few minutes on 2 CPU cores
+    engram-train --config tiny --steps 50 --dtype bf16 --set lr=1e-3 --set model.dim=64
+    engram-train --resume runs/small/ckpt --steps 2000             # continue a run
+
+    from engram_model.train import train
+    history = train(model_cfg, train_cfg, out_dir="runs/x", device="cpu")
+
+Dense weights: AdamW with warmup + cosine decay, weight decay on matrices, global-norm gradient
+clipping. Engram tables: whatever RowSource make_row_source returns (in-process LocalRows here),
+stepped with row-wise Adam at table_lr_mult (5x) the dense lr of that step and no weight decay;
+clipping never touches them. MoE routers are balanced with the bias update after every step.
+
+Outputs in --out: ckpt/ (safetensors checkpoint, see checkpoint.py), history.json, loss.png.
+The tokenizer is trained once on the training split and cached (runs/tokenizer/), as is the
+tokenized corpus (runs/cache/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engram_model.checkpoint import load_checkpoint, load_optimizer_tensors, save_checkpoint
+from engram_model.config import ModelConfig, TrainConfig, load_config
+from engram_model.data import Corpus, read_texts, split_files, stdlib_files
+from engram_model.model import EngramModel, count_params
+from engram_model.rows import LocalRows, RowSource, table_specs
+from engram_model.tokenizer import CompressedTokenizer
+
+DEFAULT_RUNS = Path("runs")
+
+
+# ---- the pieces a run is made of ------------------------------------------------------------
+def make_row_source(cfg: ModelConfig, args, device: torch.device | str) -> RowSource | None:
+    """The one place training gets its Engram tables. args: the TrainConfig (or CLI namespace).
+
+    In-process tables today; a memory-cluster source plugs in here (e.g. on an `args.memory`
+    address), imported lazily so that this module never imports Ray or gRPC itself.
+    """
+    if cfg.engram is None:
+        return None
+    return LocalRows(table_specs(cfg), device=device)
+
+
+def load_or_train_tokenizer(path: str | Path | None, vocab_size: int, val_fraction: float = 0.05,
+                            log=print) -> CompressedTokenizer:
+    """Load a saved tokenizer, or train one on the stdlib's training files and save it."""
+    path = Path(path) if path is not None else DEFAULT_RUNS / "tokenizer" / f"stdlib-bpe-{vocab_size}.json"
+    if path.exists():
+        return CompressedTokenizer.load(path)
+    train_files, _ = split_files(stdlib_files(), val_fraction)   # never fit the tokenizer on validation
+    t0 = time.time()
+    tok = CompressedTokenizer.train(read_texts(train_files), vocab_size=vocab_size)
+    tok.save(path)
+    log(f"tokenizer: trained {tok.vocab_size} tokens on {len(train_files)} files in {time.time() - t0:.0f}s -> {path}; "
+        f"compressed vocab {tok.compressed_vocab_size} ({tok.reduction:.2%} reduction)")
+    return tok
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in glibc's heap instead of returning it to the OS.
+
+    Tensors above glibc's mmap threshold (the [B*T, V] logits, attention buffers) are otherwise
+    mmapped fresh and page-faulted in on every step; on a 2-core machine that cost ~40% of a
+    training step. Process-wide and harmless; a no-op where glibc is absent. Returns success.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio at the last step."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    span = max(1, tc.steps - tc.warmup_steps)
+    progress = min(1.0, (step - tc.warmup_steps) / span)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss(model: EngramModel, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, aux balance loss) of next-token prediction; x, y int64 [B, T]."""
+    logits, aux = model(x)                                                            # [B, T, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), aux
+
+
+@torch.no_grad()
+def evaluate(model: EngramModel, batches, device: torch.device, dtype: str = "fp32") -> float:
+    """Mean validation cross-entropy (nats/token) over fixed batches."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with autocast(device, dtype):
+            ce, _ = lm_loss(model, x.to(device), y.to(device))
+        total += ce.item()
+    model.train(was_training)
+    return total / len(batches)
+
+
+def plot_losses(curves: dict[str, tuple[list, list]], path: str | Path, title: str = "", ylabel: str = "loss") -> None:
+    """One PNG with a line per curve: {label: (steps, values)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 40 else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def new_history() -> dict[str, list]:
+    return {"step": [], "loss": [], "aux": [], "lr": [], "tokens": [], "elapsed": [],
+            "val_step": [], "val_loss": [], "val_elapsed": []}
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    history: dict          # step, loss, aux, lr, tokens, elapsed, val_step, val_loss, val_elapsed, params, train_seconds
+    model: EngramModel
+    rows: RowSource | None
+    tokenizer: CompressedTokenizer
+    model_cfg: ModelConfig  # resolved for the tokenizer
+
+    @property
+    def final_val_loss(self) -> float:
+        return self.history["val_loss"][-1]
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path | None = None,
+          device: torch.device | str = "cpu", tokenizer: CompressedTokenizer | None = None,
+          tokenizer_path: str | Path | None = None, corpus: Corpus | None = None, rows: RowSource | None = None,
+          resume: str | Path | None = None, stop_at: int | None = None, progress: bool = True,
+          name: str = "train", log=None) -> TrainResult:
+    """Train a model; the returned history is JSON-serializable (and saved as out_dir/history.json).
+
+    tokenizer/corpus: pass them to share one across runs (the benchmark does); otherwise they are
+    loaded or built and cached under runs/. rows: a RowSource to use instead of make_row_source.
+    resume: a checkpoint directory to continue from (model, tables, AdamW state, step, data RNG,
+    history; its tokenizer and model config win over the ones given).
+    stop_at: end this call after that step (checkpointing there), e.g. to run a long schedule in
+    chunks; the lr schedule still spans train_cfg.steps.
+    out_dir: where ckpt/, history.json and loss.png go (None: nothing is written).
+    """
+    device = torch.device(device)
+    tc = train_cfg
+    log = log or (tqdm.write if progress else print)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    torch.manual_seed(tc.seed)
+    start, history, rng_state, opt_state = 0, new_history(), None, None
+    if resume is not None:
+        ckpt = load_checkpoint(resume, device=device, rows=rows)
+        model, rows, tokenizer, cfg = ckpt.model, ckpt.rows, ckpt.tokenizer, ckpt.model_cfg
+        start, opt_state = ckpt.step, ckpt.optimizer_state
+        history = ckpt.extra.get("history", history)
+        rng_state = ckpt.extra.get("data_rng")
+    else:
+        if tokenizer is None:
+            tokenizer = load_or_train_tokenizer(tokenizer_path, tc.tokenizer_vocab, tc.val_fraction, log=log)
+        cfg = model_cfg.for_tokenizer(tokenizer)
+        rows = rows if rows is not None else make_row_source(cfg, tc, device)
+        model = EngramModel(cfg, rows=rows, compress_lookup=tokenizer.lookup).to(device)
+    if tc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+    if corpus is None:
+        corpus = Corpus.build(tokenizer, tc.val_fraction, cache_dir=DEFAULT_RUNS / "cache")
+    model.train()
+    opt = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=1e-8)
+    if opt_state:
+        load_optimizer_tensors(model, opt, opt_state)
+    data_rng = np.random.default_rng(tc.seed)
+    if rng_state is not None:
+        data_rng.bit_generator.state = rng_state
+    eval_batches = corpus.eval_batches(tc.batch_size, tc.seq_len, tc.eval_batches)
+    params = count_params(cfg)
+    history["params"] = params
+    log(f"[{name}] {params['total'] / 1e6:.2f}M params ({params['engram_tables'] / 1e6:.2f}M in Engram tables), "
+        f"{params['activated'] / 1e6:.2f}M activated/token; {len(corpus.train) / 1e6:.2f}M train tokens; "
+        f"{tc.steps} steps x {tc.tokens_per_step} tokens; {tc.dtype} on {device}")
+
+    out = Path(out_dir) if out_dir is not None else None
+    dense = [p for p in model.parameters() if p.requires_grad]
+    run_t0 = time.time()
+    t0 = run_t0 - (history["elapsed"][-1] if history["elapsed"] else 0.0)   # elapsed continues across resumes
+    end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
+    bar = tqdm(total=end, initial=start, desc=name, disable=not progress, dynamic_ncols=True)
+    bad_steps = 0
+    for step in range(start, end):
+        lr = lr_at(step, tc)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        if rows is not None:
+            rows.zero_grad()
+        loss_sum, aux_sum = 0.0, 0.0
+        for _ in range(tc.grad_accum):
+            x, y = corpus.batch("train", tc.batch_size, tc.seq_len, data_rng)
+            with autocast(device, tc.dtype):
+                ce, aux = lm_loss(model, x.to(device), y.to(device))
+            ((ce + aux) / tc.grad_accum).backward()
+            loss_sum += ce.item() / tc.grad_accum
+            aux_sum += aux.item() / tc.grad_accum
+        if not math.isfinite(loss_sum):
+            # Skip the update (dense and tables alike); a run that keeps diverging is stopped.
+            bad_steps += 1
+            if rows is not None:
+                rows.zero_grad()
+            log(f"[{name}] step {step + 1}: non-finite loss, update skipped")
+            if bad_steps >= 5:
+                raise FloatingPointError(f"[{name}] {bad_steps} non-finite losses in a row; lower the lr")
+            continue
+        bad_steps = 0
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(dense, tc.grad_clip)
+        opt.step()
+        if rows is not None:
+            rows.step(lr * tc.table_lr_mult, step + 1)
+        model.update_router_bias()
+
+        history["step"].append(step + 1)
+        history["loss"].append(loss_sum)
+        history["aux"].append(aux_sum)
+        history["lr"].append(lr)
+        history["tokens"].append((step + 1) * tc.tokens_per_step)
+        history["elapsed"].append(time.time() - t0)
+        bar.update(1)
+        if (step + 1) % tc.log_every == 0 or step == start:
+            window = history["loss"][-tc.log_every:]
+            tok_s = tc.tokens_per_step * (step + 1 - start) / max(time.time() - run_t0, 1e-9)
+            bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+        last = step + 1 == end
+        if (tc.eval_every and (step + 1) % tc.eval_every == 0) or last:
+            val = evaluate(model, eval_batches, device, tc.dtype)
+            history["val_step"].append(step + 1)
+            history["val_loss"].append(val)
+            history["val_elapsed"].append(time.time() - t0)
+            log(f"[{name}] step {step + 1}/{tc.steps}: train {loss_sum:.4f}  val {val:.4f}  ({time.time() - t0:.0f}s)")
+        if out is not None and ((tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or last):
+            save_checkpoint(out / "ckpt", model, rows, opt, tokenizer, tc, step=step + 1,
+                            extra={"history": history, "data_rng": data_rng.bit_generator.state})
+    bar.close()
+    history["train_seconds"] = history["elapsed"][-1] if history["elapsed"] else 0.0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "history.json").write_text(json.dumps(history))
+        plot_losses({"train": (history["step"], history["loss"]), "validation": (history["val_step"], history["val_loss"])},
+                    out / "loss.png", title=f"{name}: {params['total'] / 1e6:.1f}M params, {tc.steps} steps",
+                    ylabel="cross-entropy (nats/token)")
+    return TrainResult(history, model, rows, tokenizer, cfg)
+
+
+# ---- command line -----------------------------------------------------------------------------
+def _apply_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig, sets: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """--set key=value (train fields), model.key=value, model.engram.key=value; values are JSON."""
+    md, td = model_cfg.to_dict(), train_cfg.to_dict()
+    for item in sets:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        parts = key.split(".")
+        target = td
+        if parts[0] == "model":
+            target, parts = md, parts[1:]
+            if parts and parts[0] == "engram" and len(parts) > 1:
+                if md["engram"] is None:
+                    raise ValueError("this config has no engram section to --set")
+                target, parts = md["engram"], parts[1:]
+        elif parts[0] == "train":
+            parts = parts[1:]
+        if len(parts) != 1:
+            raise ValueError(f"--set: cannot resolve {key!r}")
+        target[parts[0]] = value
+    return ModelConfig.from_dict(md), TrainConfig.from_dict(td)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engram-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="small", help="config name in engram_model/configs or a JSON path (default: small)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default: runs/tokenizer/...)")
+    p.add_argument("--resume", default=None, help="checkpoint directory to continue from")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--dtype", choices=["fp32", "bf16"])
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-engram", action="store_true", help="drop the Engram layers (pure MoE)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field: lr=1e-3, model.dim=128, model.engram.head_dim=16")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.resume:   # continue with the run's own configs; flags and --set still override train fields
+        manifest = json.loads((Path(args.resume) / "config.json").read_text())
+        model_cfg, train_cfg = ModelConfig.from_dict(manifest["model"]), TrainConfig.from_dict(manifest["train"])
+    else:
+        model_cfg, train_cfg = load_config(args.config)
+    sets = list(args.set)
+    for flag, field_name in (("steps", "steps"), ("batch_size", "batch_size"), ("seq_len", "seq_len"), ("lr", "lr"),
+                             ("dtype", "dtype"), ("eval_every", "eval_every"), ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            sets.append(f"{field_name}={json.dumps(getattr(args, flag))}")
+    model_cfg, train_cfg = _apply_overrides(model_cfg, train_cfg, sets)
+    if args.no_engram:
+        model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "engram": None})
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path(args.resume).parent if args.resume else DEFAULT_RUNS / Path(args.config).stem
+    res = train(model_cfg, train_cfg, out_dir=out, device=args.device, tokenizer_path=args.tokenizer,
+                 resume=args.resume, progress=not args.no_progress, name=Path(args.config).stem)
+    h = res.history
+    if h["val_loss"]:
+        print(f"final validation loss {h['val_loss'][-1]:.4f} after {h['step'][-1]} steps, "
+              f"{h['train_seconds']:.0f}s; checkpoint, history.json and loss.png in {out}")
+
+
+if __name__ == "__main__":
+    main()
