@@ -1,0 +1,215 @@
+"""`engram-mem`: run and inspect a memory cluster.
+
+    engram-mem up [--shards N] [--tables FILE] [--address RAY_ADDRESS] [--data-dir DIR]
+    engram-mem status [--address RAY_ADDRESS] [--json]
+    engram-mem scale N [--address RAY_ADDRESS]
+    engram-mem checkpoint [--address RAY_ADDRESS]
+    engram-mem down [--address RAY_ADDRESS]
+
+Without --address, `up` starts an embedded local Ray cluster on a loopback node address and
+keeps it running (in a background process) until `down`. With --address, the memory cluster is
+created as detached actors in that Ray cluster and stays until `down --address`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from engram_mem.config import DEFAULT_NAME
+
+
+def _attach(args):
+    """(ray module, controller handle) of the named cluster; exits with a message if there is none."""
+    import ray
+
+    from engram_mem import local
+    from engram_mem.controller import get_controller
+
+    address = args.address
+    if address is None:
+        state = local.read_state(args.name)
+        if state is None:
+            sys.exit(f"engram-mem: no local memory cluster {args.name!r} is running; start one with `engram-mem up`")
+        address = state["ray_address"]
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    ctl = get_controller(args.name)
+    if ctl is None:
+        ray.shutdown()
+        sys.exit(f"engram-mem: no memory cluster {args.name!r} in the Ray cluster at {address}")
+    return ray, ctl
+
+
+def cmd_up(args) -> int:
+    from engram_mem import local
+
+    cluster = {}
+    if args.data_dir:
+        cluster["data_dir"] = os.path.abspath(args.data_dir)
+    if args.cpus_per_shard is not None:
+        cluster["cpus_per_shard"] = args.cpus_per_shard
+    tables = os.path.abspath(args.tables) if args.tables else None
+    if args.address:
+        import ray
+
+        from engram_mem.config import ClusterConfig
+        from engram_mem.controller import get_controller, start_controller
+
+        ray.init(address=args.address, logging_level=logging.WARNING, log_to_driver=False)
+        if get_controller(args.name) is not None:
+            sys.exit(f"engram-mem: a memory cluster {args.name!r} already runs in {args.address}")
+        ctl = start_controller(ClusterConfig(name=args.name, shards=args.shards, **cluster), detached=True)
+        if tables:
+            local.create_tables_from_file(ctl, tables)
+        print(f"memory cluster {args.name!r} is up in the Ray cluster at {args.address} with {args.shards} shards")
+        return 0
+    if local.read_state(args.name) is not None:
+        sys.exit(f"engram-mem: a local memory cluster {args.name!r} is already up (see `engram-mem status`)")
+    os.makedirs(local.STATE_DIR, exist_ok=True)
+    log_path = os.path.join(local.STATE_DIR, f"{args.name}.log")
+    cmd = [sys.executable, "-m", "engram_mem.local", "serve", "--name", args.name, "--shards", str(args.shards),
+           "--cluster", json.dumps(cluster)] + (["--tables", tables] if tables else [])
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.time() + args.timeout
+    while time.time() < deadline:
+        state = local.read_state(args.name)
+        if state is not None and state.get("pid") == proc.pid:
+            print(f"memory cluster {args.name!r} is up: {args.shards} shards, Ray at {state['ray_address']} "
+                  f"(pid {proc.pid}, log {log_path})")
+            return 0
+        if proc.poll() is not None:
+            sys.exit(f"engram-mem: the cluster process exited with code {proc.returncode}; see {log_path}")
+        time.sleep(0.5)
+    proc.terminate()
+    sys.exit(f"engram-mem: the cluster did not come up within {args.timeout}s; see {log_path}")
+
+
+def cmd_down(args) -> int:
+    from engram_mem import local
+
+    if args.address:
+        ray, ctl = _attach(args)
+        ray.get(ctl.shutdown.remote(), timeout=300)
+        ray.kill(ctl, no_restart=True)
+        print(f"memory cluster {args.name!r} in {args.address} is down")
+        return 0
+    state = local.read_state(args.name)
+    if state is None:
+        print(f"no local memory cluster {args.name!r} is running")
+        return 0
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.time() + args.timeout
+    while time.time() < deadline and local._alive(state["pid"]):
+        time.sleep(0.5)
+    if local._alive(state["pid"]):
+        os.kill(state["pid"], signal.SIGKILL)
+        print(f"memory cluster {args.name!r} did not stop within {args.timeout}s; killed pid {state['pid']}")
+        return 1
+    print(f"memory cluster {args.name!r} is down")
+    return 0
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_status(args) -> int:
+    from engram_mem.client import MemoryClient
+
+    ray, ctl = _attach(args)
+    with MemoryClient(ctl) as mem:
+        d = mem.describe()
+        stats = {int(s["shard_id"]) if "shard_id" in s else i: s for i, s in enumerate(mem.stats())}
+    if args.json:
+        out = {"describe": {k: v for k, v in d.items() if k != "tables"},
+               "tables": {n: t["spec"] for n, t in d["tables"].items()}, "stats": list(stats.values())}
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    nodes = sorted({s["node_ip"] for s in d["shards"].values()})
+    print(f"memory cluster {d['name']!r} (id {d['cluster_id']}), epoch {d['epoch']}, "
+          f"{len(d['shards'])} shards on {len(nodes)} node(s): {', '.join(nodes)}")
+    print(f"{'shard':>5} {'address':<22} {'rows':>14} {'table bytes':>12} {'rss':>10} {'req/s':>8} "
+          f"{'GB/s out':>8} {'restarts':>8}")
+    rows_by_shard = {}
+    for name, t in d["tables"].items():
+        spec = t["spec"]
+        slot_rows = -(-spec["rows"] // min(spec["num_slots"], spec["rows"]))
+        import numpy as np
+
+        counts = np.bincount(np.asarray(t["placement"]), minlength=len(d["shards"]))
+        for rank, sid in enumerate(sorted(d["shards"])):
+            rows_by_shard[sid] = rows_by_shard.get(sid, 0) + int(counts[rank]) * slot_rows
+    for sid in sorted(d["shards"]):
+        s, st = d["shards"][sid], stats.get(sid, {})
+        print(f"{sid:>5} {s['address']:<22} {rows_by_shard.get(sid, 0):>14,} "
+              f"{_fmt_bytes(int(st.get('table_bytes', 0))):>12} {_fmt_bytes(int(st.get('rss_bytes', 0))):>10} "
+              f"{float(st.get('requests_per_s', 0)):>8.1f} {float(st.get('gather_gbps', 0)):>8.3f} "
+              f"{s.get('restarts', 0):>8}")
+    for name, t in d["tables"].items():
+        spec = t["spec"]
+        print(f"table {name}: {spec['rows']:,} x {spec['dim']} {spec['dtype']}, "
+              f"{_fmt_bytes(spec['rows'] * spec['dim'] * (4 if spec['dtype'] == 'float32' else 2))}, "
+              f"optimizer {t['optimizer']['name']}")
+    ray.shutdown()
+    return 0
+
+
+def cmd_scale(args) -> int:
+    ray, ctl = _attach(args)
+    t0 = time.time()
+    d = ray.get(ctl.scale.remote(args.shards))
+    print(f"scaled to {len(d['shards'])} shards in {time.time() - t0:.1f}s (epoch {d['epoch']})")
+    ray.shutdown()
+    return 0
+
+
+def cmd_checkpoint(args) -> int:
+    ray, ctl = _attach(args)
+    r = ray.get(ctl.checkpoint.remote())
+    print(f"checkpoint: {_fmt_bytes(r['bytes_written'])} written to {r['data_dir']} (epoch {r['epoch']})")
+    ray.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="engram-mem", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", default=DEFAULT_NAME, help="memory cluster name (default %(default)s)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start a memory cluster")
+    up.add_argument("--shards", type=int, default=2)
+    up.add_argument("--tables", help="JSON file: list of tables to create")
+    up.add_argument("--address", help="Ray cluster address (default: start an embedded local one)")
+    up.add_argument("--data-dir", help="lmdb snapshots here; restart restores from them")
+    up.add_argument("--cpus-per-shard", type=float)
+    up.add_argument("--timeout", type=float, default=180)
+    for name, fn in (("status", "show shards, nodes, rows, bytes, requests/s"), ("down", "stop the memory cluster"),
+                     ("checkpoint", "snapshot every shard to its data dir")):
+        sp = sub.add_parser(name, help=fn)
+        sp.add_argument("--address")
+        if name == "status":
+            sp.add_argument("--json", action="store_true")
+        if name == "down":
+            sp.add_argument("--timeout", type=float, default=120)
+    sc = sub.add_parser("scale", help="change the shard count")
+    sc.add_argument("shards", type=int)
+    sc.add_argument("--address")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "scale": cmd_scale,
+            "checkpoint": cmd_checkpoint}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,580 @@
+"""MemoryClient: the Python API of a memory cluster, and `connect()` to get one.
+
+    with engram_mem.connect() as mem:                 # see connect() for which cluster you get
+        mem.create_table("t", rows=1_000_000, dim=256)
+        fut = mem.gather_async("t", ids)               # ids: int64, any shape
+        ...                                            # compute while the rows travel
+        rows = fut.result()                            # ids.shape + (256,)
+        mem.push("t", ids, grads, lr=1e-3)             # duplicate ids' gradients are summed first
+
+The control plane (tables, placement, shard addresses) comes from the controller actor through
+Ray; the data plane is gRPC straight to the shards, from one uvloop event loop on a background
+thread. A gather de-duplicates its ids, splits them by shard, sends the per-shard requests at
+once, receives the streamed chunks into one buffer grouped by shard, and only then (in
+`result()`, on the caller's thread) expands them back to the ids' order and shape.
+
+Consistency: a client's gather of a table waits for that client's earlier pushes and writes to
+the table, so it always sees its own updates (read-your-writes). Stale placements, restarting
+shards and slot moves are retried transparently until `retry_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from engram_mem.config import DEFAULT_NAME, ClusterConfig
+from engram_mem.errors import (ERROR_CLASSES, EngramMemError, InvalidArgument, NonFiniteGradient, NotReady,
+                               RequestTooLarge, RowOutOfRange, ShardUnavailable, StaleEpoch, UnknownTable)
+from engram_mem.optim import OptimizerSpec
+from engram_mem.pb.v1 import memory_pb2 as pb
+from engram_mem.table import TableSpec, np_dtype
+from engram_mem.wire import SERVICE, decode_rows_chunk, ids_bytes
+
+log = logging.getLogger("engram_mem.client")
+_RETRYABLE = (StaleEpoch, NotReady, ShardUnavailable)
+
+
+# ---- the cluster as the client sees it ---------------------------------------------------------
+@dataclass(frozen=True)
+class TableView:
+    spec: TableSpec
+    optimizer: OptimizerSpec
+    placement: np.ndarray  # int32 [n_slots]: shard rank of each slot
+
+
+class ClusterView:
+    """An immutable snapshot of the controller's describe()."""
+
+    def __init__(self, d: dict):
+        self.raw = d
+        self.epoch: int = d["epoch"]
+        self.shard_ids: list[int] = sorted(d["shards"])         # rank -> shard id
+        self.shards: dict[int, dict] = d["shards"]
+        self.tables = {n: TableView(TableSpec.from_dict(t["spec"]), OptimizerSpec.from_dict(t["optimizer"]),
+                                    np.asarray(t["placement"], dtype=np.int32)) for n, t in d["tables"].items()}
+
+    def table(self, name: str) -> TableView:
+        t = self.tables.get(name)
+        if t is None:
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise UnknownTable(f"unknown table {name!r} (the cluster has: {known})")
+        return t
+
+    def address(self, rank: int) -> str:
+        return self.shards[self.shard_ids[rank]]["address"]
+
+
+def _rpc_error(e: grpc.aio.AioRpcError, address: str) -> EngramMemError:
+    """The typed exception a shard meant, rebuilt from its status and trailing metadata."""
+    cls_name = dict(e.trailing_metadata() or ()).get("engram-error")
+    cls = ERROR_CLASSES.get(cls_name or "")
+    if cls is not None:
+        return cls(e.details())
+    code = e.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return RequestTooLarge(f"shard {address}: {e.details()}")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ShardUnavailable(f"shard {address} unreachable: {code.name}: {e.details()}")
+    return EngramMemError(f"shard {address}: {code.name}: {e.details()}")
+
+
+class _Channels:
+    """One uvloop event loop thread, one grpc.aio channel per shard address."""
+
+    def __init__(self, max_message_bytes: int):
+        import uvloop
+
+        self.opts = [("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max_message_bytes)]
+        self.loop = uvloop.new_event_loop()
+        self._chans: dict[str, tuple] = {}
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.loop.call_soon(ready.set)
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="engram-mem-client", daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stubs(self, address: str):
+        """(gather, write, push, stats, health, describe) callables for a shard; loop thread only."""
+        if address not in self._chans:
+            ch = grpc.aio.insecure_channel(address, options=self.opts)
+            ser = lambda m: m.SerializeToString()  # noqa: E731
+            path = f"/{SERVICE}/"
+            self._chans[address] = (
+                ch,
+                ch.unary_stream(path + "Gather", request_serializer=ser, response_deserializer=decode_rows_chunk),
+                ch.unary_unary(path + "Write", request_serializer=ser, response_deserializer=pb.WriteReply.FromString),
+                ch.unary_unary(path + "Push", request_serializer=ser, response_deserializer=pb.PushReply.FromString),
+                ch.unary_unary(path + "Stats", request_serializer=ser, response_deserializer=pb.StatsReply.FromString),
+                ch.unary_unary(path + "Health", request_serializer=ser, response_deserializer=pb.HealthReply.FromString),
+                ch.unary_unary(path + "Describe", request_serializer=ser,
+                               response_deserializer=pb.DescribeReply.FromString),
+            )
+        return self._chans[address][1:]
+
+    def forget(self, address: str) -> None:
+        entry = self._chans.pop(address, None)
+        if entry is not None:
+            asyncio.ensure_future(entry[0].close())
+
+    def close(self) -> None:
+        async def _close():
+            for ch, *_ in self._chans.values():
+                await ch.close()
+            self._chans.clear()
+
+        if self.loop.is_running():
+            try:
+                self.submit(_close()).result(timeout=10)
+            except Exception:  # noqa: BLE001
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+
+
+class GatherFuture:
+    """Rows on their way. `result()` returns them in the ids' order and shape."""
+
+    def __init__(self, inner: concurrent.futures.Future, dtype: str, as_torch: bool = False, device=None):
+        self._inner, self._dtype, self._as_torch, self._device = inner, dtype, as_torch, device
+
+    def done(self) -> bool:
+        return self._inner.done()
+
+    def unique(self, timeout: float | None = None):
+        """(rows of the unique ids [U, dim], index [ids.shape] into them) without expanding."""
+        buf, index, _shape = self._inner.result(timeout)
+        return buf, index.reshape(_shape[:-1])
+
+    def result(self, timeout: float | None = None):
+        buf, index, shape = self._inner.result(timeout)
+        if self._as_torch or self._device is not None:
+            import torch
+
+            from engram_mem.table import as_torch
+
+            t = as_torch(buf, self._dtype)
+            idx = torch.from_numpy(index)
+            if self._device is not None and str(self._device) != "cpu":
+                # Copy only the unique rows to the device (pinned, asynchronous), expand there.
+                t = t.pin_memory().to(self._device, non_blocking=True)
+                idx = idx.to(self._device, non_blocking=True)
+            return t.index_select(0, idx).reshape(shape)
+        return np.take(buf, index, axis=0).reshape(shape)
+
+
+class MemoryClient:
+    def __init__(self, controller, *, on_close=None, retry_timeout: float = 60.0, worker: str = ""):
+        import ray
+
+        self._ray = ray
+        self.controller = controller
+        self._on_close = on_close
+        self.retry_timeout = retry_timeout
+        self.worker = worker
+        self._view = ClusterView(ray.get(controller.describe.remote()))
+        cfg = self._view.raw["config"]
+        self.max_request_bytes = cfg["max_request_bytes"]
+        self._chans = _Channels(2 * self.max_request_bytes + (1 << 20))
+        self._pending: dict[str, set] = {}   # table -> in-flight writes/pushes (loop thread only)
+        self._view_lock = threading.Lock()
+        self._closed = False
+
+    # ---- context manager -------------------------------------------------------------------
+    def __enter__(self) -> "MemoryClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._chans.close()
+        if self._on_close is not None:
+            self._on_close()
+
+    # ---- cluster view ----------------------------------------------------------------------
+    @property
+    def view(self) -> ClusterView:
+        return self._view
+
+    def refresh(self, check_shards: bool = False) -> ClusterView:
+        """Re-read the placement and addresses (asking the controller to restart dead shards first)."""
+        ref = self.controller.check_shards.remote() if check_shards else self.controller.describe.remote()
+        view = ClusterView(self._ray.get(ref))
+        with self._view_lock:
+            if view.epoch >= self._view.epoch:
+                self._view = view
+        return self._view
+
+    def describe(self) -> dict:
+        return self.refresh().raw
+
+    def tables(self) -> dict[str, TableSpec]:
+        return {n: t.spec for n, t in self.refresh().tables.items()}
+
+    # ---- control plane ---------------------------------------------------------------------
+    def create_table(self, name: str, rows: int, dim: int, dtype: str = "float32", seed: int = 0, *,
+                     init_std: float = 1.0, num_slots: int | None = None,
+                     optimizer: OptimizerSpec | dict | str | None = None, exist_ok: bool = False) -> TableSpec:
+        kw = {} if num_slots is None else {"num_slots": num_slots}
+        spec = TableSpec(name, rows, dim, dtype=dtype, seed=seed, init_std=init_std, **kw)
+        return self.create_table_spec(spec, optimizer=optimizer, exist_ok=exist_ok)
+
+    def create_table_spec(self, spec: TableSpec, optimizer=None, exist_ok: bool = False) -> TableSpec:
+        if isinstance(optimizer, str):
+            optimizer = {"name": optimizer}
+        opt = optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.from_dict(optimizer)
+        self._view = ClusterView(self._ray.get(self.controller.create_table.remote(spec.to_dict(), opt.to_dict(),
+                                                                                   exist_ok)))
+        return spec
+
+    def drop_table(self, name: str) -> None:
+        self._view = ClusterView(self._ray.get(self.controller.drop_table.remote(name)))
+
+    def set_optimizer(self, name: str, optimizer: OptimizerSpec | dict | str) -> None:
+        if isinstance(optimizer, str):
+            optimizer = {"name": optimizer}
+        opt = optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.from_dict(optimizer)
+        self._view = ClusterView(self._ray.get(self.controller.set_optimizer.remote(name, opt.to_dict())))
+
+    def scale(self, shards: int) -> ClusterView:
+        self._view = ClusterView(self._ray.get(self.controller.scale.remote(shards)))
+        return self._view
+
+    def checkpoint(self) -> dict:
+        return self._ray.get(self.controller.checkpoint.remote())
+
+    # ---- data plane: requests --------------------------------------------------------------
+    def _ids(self, spec: TableSpec, ids) -> tuple[np.ndarray, tuple]:
+        if hasattr(ids, "detach"):  # torch tensor
+            ids = ids.detach().cpu().numpy()
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise InvalidArgument(f"table {spec.name!r}: row ids must be integers, got dtype {ids.dtype}")
+        flat = ids.reshape(-1).astype(np.int64, copy=False)
+        if flat.size:
+            lo, hi = int(flat.min()), int(flat.max())
+            if lo < 0 or hi >= spec.rows:
+                raise RowOutOfRange(f"table {spec.name!r}: field 'ids' holds row id {lo if lo < 0 else hi}, "
+                                    f"outside [0, {spec.rows})")
+        return flat, ids.shape
+
+    @staticmethod
+    def _split(t: TableView, uniq: np.ndarray, n_shards: int):
+        """Group unique ids by shard rank: (uniq[order], [(rank, start, stop)], order or None if identity)."""
+        ranks = t.placement[uniq // t.spec.slot_rows]
+        if n_shards == 1 or uniq.size == 0:
+            return uniq, [(int(ranks[0]) if uniq.size else 0, 0, uniq.size)], None
+        order = np.argsort(ranks, kind="stable")
+        counts = np.bincount(ranks, minlength=n_shards)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        parts = [(r, int(bounds[r]), int(bounds[r + 1])) for r in range(n_shards) if counts[r]]
+        return uniq[order], parts, order
+
+    async def _retrying(self, what: str, attempt):
+        """Run attempt(view) until it succeeds or a non-retryable error; re-read the view between tries."""
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 0.02
+        while True:
+            view = self._view
+            try:
+                return await attempt(view)
+            except _RETRYABLE as e:
+                if time.monotonic() > deadline:
+                    raise type(e)(f"{what}: gave up after {self.retry_timeout:.0f}s: {e}") from e
+                log.debug("%s: %s; retrying", what, e)
+                if isinstance(e, NotReady):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                loop = asyncio.get_running_loop()
+                check = isinstance(e, ShardUnavailable)
+                if check:
+                    for addr in {s["address"] for s in view.shards.values()}:
+                        self._chans.forget(addr)
+                await loop.run_in_executor(None, self.refresh, check)
+                if check:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+
+    async def _after_pending(self, name: str) -> None:
+        pending = self._pending.get(name)
+        if pending:
+            await asyncio.gather(*list(pending), return_exceptions=True)
+
+    def _track(self, name: str, fut: asyncio.Future) -> None:
+        s = self._pending.setdefault(name, set())
+        s.add(fut)
+        fut.add_done_callback(s.discard)
+
+    # ---- gather ----------------------------------------------------------------------------
+    def gather(self, name: str, ids, *, as_torch: bool = False, device=None):
+        """Rows for `ids` (int64, any shape): ids.shape + (dim,), numpy (or torch with as_torch/device).
+
+        bfloat16 tables come back as uint16 bit patterns in numpy, and as torch.bfloat16 in torch."""
+        return self.gather_async(name, ids, as_torch=as_torch, device=device).result()
+
+    def gather_async(self, name: str, ids, *, as_torch: bool = False, device=None) -> GatherFuture:
+        t = self._view.table(name)
+        flat, shape = self._ids(t.spec, ids)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        inner = self._chans.submit(self._gather(name, uniq, inverse, shape))
+        return GatherFuture(inner, t.spec.dtype, as_torch=as_torch, device=device)
+
+    async def _gather(self, name: str, uniq: np.ndarray, inverse: np.ndarray, shape: tuple):
+        await self._after_pending(name)
+
+        async def attempt(view: ClusterView):
+            t = view.table(name)
+            grouped, parts, order = self._split(t, uniq, len(view.shard_ids))
+            buf = np.empty((uniq.size, t.spec.dim), dtype=np_dtype(t.spec.dtype))
+            await asyncio.gather(*(self._gather_part(view, name, rank, grouped[a:b], buf[a:b])
+                                   for rank, a, b in parts if b > a))
+            if order is None:
+                return buf, inverse, tuple(shape) + (t.spec.dim,)
+            pos = np.empty_like(order)  # where each unique id's row landed in buf
+            pos[order] = np.arange(order.size)
+            return buf, pos[inverse], tuple(shape) + (t.spec.dim,)
+
+        return await self._retrying(f"gather {name!r}", attempt)
+
+    async def _gather_part(self, view: ClusterView, name: str, rank: int, ids: np.ndarray, out: np.ndarray):
+        address = view.address(rank)
+        gather = self._chans.stubs(address)[0]
+        flat = out.reshape(-1).view(np.uint8)
+        max_ids = self.max_request_bytes // 8
+        for start in range(0, ids.size, max_ids):
+            sub = ids[start:start + max_ids]
+            pos = start * out.shape[1] * out.itemsize
+            end = pos + sub.size * out.shape[1] * out.itemsize
+            try:
+                async for chunk in gather(pb.GatherRequest(table=name, ids=ids_bytes(sub), epoch=view.epoch)):
+                    n = len(chunk)
+                    if pos + n > end:
+                        raise EngramMemError(f"shard {address} sent more rows than asked for")
+                    flat[pos:pos + n] = np.frombuffer(chunk, dtype=np.uint8)
+                    pos += n
+            except grpc.aio.AioRpcError as e:
+                raise _rpc_error(e, address) from None
+            if pos != end:
+                raise ShardUnavailable(f"shard {address}: gather reply ended early ({pos} of {end} bytes)")
+
+    # ---- write and push --------------------------------------------------------------------
+    def write(self, name: str, ids, rows) -> int:
+        return self.write_async(name, ids, rows).result()
+
+    def write_async(self, name: str, ids, rows) -> concurrent.futures.Future:
+        t = self._view.table(name)
+        flat, _ = self._ids(t.spec, ids)
+        rows, dtype = self._rows(t.spec, rows, flat.size, "rows")
+        # Last write wins among duplicates: keep each id's last occurrence.
+        rev_uniq, rev_idx = np.unique(flat[::-1], return_index=True)
+        keep = flat.size - 1 - rev_idx
+        return self._send(name, "write", rev_uniq, rows[keep], dtype, None, 0)
+
+    def push(self, name: str, ids, grads, lr: float | None = None, step: int = 0) -> int:
+        return self.push_async(name, ids, grads, lr=lr, step=step).result()
+
+    def push_async(self, name: str, ids, grads, lr: float | None = None, step: int = 0) -> concurrent.futures.Future:
+        """Send a sparse gradient. Duplicate ids are summed here; NaN/Inf anywhere rejects the whole push."""
+        import torch
+
+        t = self._view.table(name)
+        flat, _ = self._ids(t.spec, ids)
+        if hasattr(grads, "detach"):
+            g = grads.detach().to("cpu", torch.float32).reshape(flat.size, -1)
+        else:
+            g = torch.from_numpy(np.asarray(grads, dtype=np.float32).reshape(flat.size, -1))
+        if g.shape != (flat.size, t.spec.dim):
+            raise InvalidArgument(f"table {name!r}: field 'grads' has shape {tuple(g.shape)}; "
+                                  f"expected ({flat.size}, {t.spec.dim})")
+        if not bool(torch.isfinite(g).all()):
+            raise NonFiniteGradient(f"table {name!r}: field 'grads' holds NaN or Inf; nothing was pushed")
+        uniq, inv = np.unique(flat, return_inverse=True)
+        if uniq.size != flat.size:
+            g = torch.zeros(uniq.size, t.spec.dim).index_add_(0, torch.from_numpy(inv), g)
+        else:
+            g = torch.empty_like(g).index_copy_(0, torch.from_numpy(inv), g)
+        return self._send(name, "push", uniq, g.numpy(), "float32", lr, step)
+
+    def _rows(self, spec: TableSpec, rows, n: int, field: str) -> tuple[np.ndarray, str]:
+        if hasattr(rows, "detach"):
+            import torch
+
+            rows = rows.detach().cpu()
+            rows = rows.view(torch.uint16).numpy() if rows.dtype == torch.bfloat16 else rows.numpy()
+        rows = np.asarray(rows)
+        if rows.dtype == np.float32:
+            dtype = "float32"
+        elif rows.dtype == np_dtype(spec.dtype):
+            dtype = spec.dtype
+        else:
+            raise InvalidArgument(f"table {spec.name!r}: field {field!r} has dtype {rows.dtype}; expected float32 "
+                                  f"or the table's {spec.dtype}")
+        rows = rows.reshape(n, -1) if n else rows.reshape(0, spec.dim)
+        if rows.shape[1] != spec.dim:
+            raise InvalidArgument(f"table {spec.name!r}: field {field!r} has dim {rows.shape[1]}; table dim is {spec.dim}")
+        return np.ascontiguousarray(rows), dtype
+
+    def _send(self, name: str, kind: str, uniq: np.ndarray, rows: np.ndarray, dtype: str, lr, step: int):
+        async def attempt(view: ClusterView):
+            t = view.table(name)
+            grouped, parts, order = self._split(t, uniq, len(view.shard_ids))
+            data = rows if order is None else rows[order]
+            replies = await asyncio.gather(*(self._send_part(view, name, kind, rank, grouped[a:b], data[a:b],
+                                                             dtype, lr, step)
+                                             for rank, a, b in parts if b > a))
+            return int(sum(replies))
+
+        async def run():
+            fut = asyncio.ensure_future(self._retrying(f"{kind} {name!r}", attempt))
+            self._track(name, fut)
+            return await fut
+
+        return self._chans.submit(run())
+
+    async def _send_part(self, view, name, kind, rank, ids, rows, dtype, lr, step) -> int:
+        address = view.address(rank)
+        stubs = self._chans.stubs(address)
+        per = max(1, self.max_request_bytes // max(rows.shape[1] * rows.itemsize, 8))
+        done = 0
+        for s in range(0, ids.size, per):
+            i, r = ids_bytes(ids[s:s + per]), memoryview(np.ascontiguousarray(rows[s:s + per])).cast("B")
+            try:
+                if kind == "write":
+                    reply = await stubs[1](pb.WriteRequest(table=name, ids=i, rows=bytes(r), dtype=dtype,
+                                                           epoch=view.epoch))
+                    done += reply.rows_written
+                else:
+                    info = pb.StepInfo(step=step, worker=self.worker)
+                    if lr is not None:
+                        info.lr = lr
+                    reply = await stubs[2](pb.PushRequest(table=name, ids=i, grads=bytes(r), dtype=dtype,
+                                                          epoch=view.epoch, step=info))
+                    done += reply.rows_updated
+            except grpc.aio.AioRpcError as e:
+                raise _rpc_error(e, address) from None
+        return done
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every write and push sent so far is applied."""
+        async def wait_all():
+            for name in list(self._pending):
+                await self._after_pending(name)
+
+        self._chans.submit(wait_all()).result(timeout)
+
+    # ---- introspection ---------------------------------------------------------------------
+    def stats(self) -> list[dict]:
+        """Per-shard counters and rates (the Stats RPC of every shard)."""
+        async def one(address):
+            try:
+                return _as_dict(await self._chans.stubs(address)[3](pb.StatsRequest()))
+            except grpc.aio.AioRpcError as e:
+                return {"error": str(_rpc_error(e, address))}
+
+        view = self.refresh()
+
+        async def run():
+            return await asyncio.gather(*(one(view.address(r)) for r in range(len(view.shard_ids))))
+
+        out = self._chans.submit(run()).result(30)
+        for rank, d in enumerate(out):
+            d.update(address=view.address(rank), node_ip=view.shards[view.shard_ids[rank]]["node_ip"])
+        return out
+
+    def health(self) -> list[dict]:
+        view = self.refresh()
+
+        async def run():
+            return await asyncio.gather(*(self._chans.stubs(view.address(r))[4](pb.HealthRequest())
+                                          for r in range(len(view.shard_ids))))
+
+        return [dict(_as_dict(h), status=pb.HealthReply.Status.Name(h.status))
+                for h in self._chans.submit(run()).result(30)]
+
+
+def _as_dict(msg) -> dict:
+    """A flat protobuf message as a dict with native Python values (maps become dicts)."""
+    out = {}
+    for f in msg.DESCRIPTOR.fields:
+        v = getattr(msg, f.name)
+        out[f.name] = dict(v) if f.message_type is not None and f.message_type.GetOptions().map_entry else v
+    return out
+
+
+# ---- connect -----------------------------------------------------------------------------------
+def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_NAME,
+            retry_timeout: float = 60.0, **cluster) -> MemoryClient:
+    """A client of a memory cluster.
+
+    - address given: attach to the memory cluster `name` in the Ray cluster at that address.
+    - address None, Ray already initialized in this process: attach to `name` there, or start one
+      with `shards` shards that lives as long as the client.
+    - address None otherwise: attach to the cluster `engram-mem up` started on this machine, or
+      start an embedded local Ray cluster (node address 127.0.0.2) with a memory cluster of
+      `shards` shards; both live as long as the client.
+
+    Extra keyword arguments (data_dir, cpus_per_shard, ...) configure a cluster this call starts.
+    """
+    import ray
+
+    from engram_mem import local
+    from engram_mem.controller import get_controller, start_controller
+
+    def own(ctl, shutdown_ray: bool):
+        def close():
+            try:
+                ray.get(ctl.shutdown.remote(), timeout=120)
+                ray.kill(ctl, no_restart=True)
+            finally:
+                if shutdown_ray:
+                    ray.shutdown()
+        return close
+
+    if address is not None:
+        if not ray.is_initialized():
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        ctl = get_controller(name)
+        if ctl is None:
+            raise EngramMemError(f"no memory cluster named {name!r} in the Ray cluster at {address}; "
+                                 f"start one with `engram-mem up --address {address}`")
+        return MemoryClient(ctl, retry_timeout=retry_timeout)
+    if ray.is_initialized():
+        ctl = get_controller(name)
+        if ctl is not None:
+            return MemoryClient(ctl, retry_timeout=retry_timeout)
+        ctl = start_controller(ClusterConfig(name=name, shards=shards, **cluster))
+        return MemoryClient(ctl, on_close=own(ctl, False), retry_timeout=retry_timeout)
+    state = local.read_state(name)
+    if state is not None:
+        ray.init(address=state["ray_address"], logging_level=logging.WARNING, log_to_driver=False)
+        ctl = get_controller(name)
+        if ctl is not None:
+            return MemoryClient(ctl, on_close=ray.shutdown, retry_timeout=retry_timeout)
+        ray.shutdown()
+    local.init_embedded_ray(shards=shards)
+    try:
+        ctl = start_controller(ClusterConfig(name=name, shards=shards, **cluster))
+    except BaseException:
+        ray.shutdown()
+        raise
+    return MemoryClient(ctl, on_close=own(ctl, True), retry_timeout=retry_timeout)

@@ -1,0 +1,50 @@
+"""ClusterConfig: how a memory cluster is laid out and run. Validated on creation.
+
+    cfg = ClusterConfig(name="engram-mem", shards=4, data_dir="/var/lib/engram-mem")
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from engram_mem.errors import InvalidArgument
+
+DEFAULT_NAME = "engram-mem"
+NAMESPACE = "engram-mem"  # Ray namespace of the controller and shard actors
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str = DEFAULT_NAME            # the controller is the named Ray actor f"{name}-controller"
+    shards: int = 2
+    cpus_per_shard: float = 1.0         # Ray CPU resource each shard reserves (its placement-group bundle)
+    placement_strategy: str = "SPREAD"  # placement-group strategy for the shards
+    shm_dir: str = "/dev/shm/engram-mem"  # shard row buffers live here, shared with same-node workers
+    data_dir: str | None = None         # lmdb snapshots; None = no persistence (rows restart from init)
+    snapshot_interval_s: float = 60.0   # snapshot changed slots this often (0 = only on checkpoint)
+    health_interval_s: float = 1.0      # how often the controller checks its shards
+    max_request_bytes: int = 256 << 20  # largest ids/rows/grads field a shard accepts
+    move_batch_bytes: int = 256 << 20   # slots move between shards in batches of about this size
+
+    def __post_init__(self):
+        if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", self.name):
+            raise InvalidArgument(f"cluster name {self.name!r} must be 1-64 characters of [A-Za-z0-9_.-]")
+        if int(self.shards) < 1:
+            raise InvalidArgument(f"shards must be >= 1, got {self.shards}")
+        if self.cpus_per_shard < 0:
+            raise InvalidArgument(f"cpus_per_shard must be >= 0, got {self.cpus_per_shard}")
+        if self.placement_strategy not in ("SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"):
+            raise InvalidArgument(f"placement_strategy {self.placement_strategy!r} is not a Ray placement strategy")
+        if self.max_request_bytes < 1 << 16:
+            raise InvalidArgument(f"max_request_bytes must be >= 65536, got {self.max_request_bytes}")
+        if self.snapshot_interval_s < 0 or self.health_interval_s <= 0:
+            raise InvalidArgument("snapshot_interval_s must be >= 0 and health_interval_s > 0")
+        object.__setattr__(self, "shards", int(self.shards))
+
+    @property
+    def controller_name(self) -> str:
+        return f"{self.name}-controller"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

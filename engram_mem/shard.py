@@ -1,0 +1,413 @@
+"""ShardStore: one shard's rows of every table, in host DRAM. No Ray, no gRPC.
+
+A shard owns a set of slots (contiguous row ranges, see table.py) of each table. A table's rows on
+a shard live in one contiguous buffer of *frames*, one frame per owned slot, `slot_rows x dim` each:
+
+    frame_of[slot] -> frame index (-1 if the slot is not owned)
+    local row of global row r = frame_of[r // slot_rows] * slot_rows + r % slot_rows
+
+The buffer is a file in shared memory (/dev/shm by default) mapped into the shard process, so a
+worker on the same node can map it too and read rows without a request (the same-node tier: a
+model of CXL load/store). Slots that leave free their frame (the pages are released with
+MADV_REMOVE) and the frame is reused by the next slot that arrives; the buffer grows only when no
+frame is free. Resident memory is the table bytes plus at most one partly used slot per table.
+
+Thread safety: gathers read without locks (a row being pushed concurrently may be read half
+updated: each value is either old or new). Writes, pushes and slot moves of one table are
+serialized by the table's lock. The server runs on one thread; the Ray actor thread only moves
+slots and takes snapshots.
+
+    store = ShardStore(shard_id=0, shm_dir="/dev/shm/engram-mem/demo")
+    store.add_table(TableSpec("t", rows=1000, dim=8), slots=range(4096), epoch=1)
+    rows = store.gather("t", np.array([3, 5, 3]))        # [3, 8]
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engram_mem.errors import (InvalidArgument, NonFiniteGradient, NotReady, RequestTooLarge, RowOutOfRange,
+                               StaleEpoch, TableExists, UnknownTable)
+from engram_mem.optim import OptimizerSpec, RowOptimizer, make_optimizer
+from engram_mem.table import TableSpec, as_torch, from_float32, np_dtype, to_float32
+
+_PAGE = mmap.PAGESIZE
+
+
+class _Buffer:
+    """A growable `[frames * slot_rows, dim]` array backed by a file (shared memory) or anonymous."""
+
+    def __init__(self, path: str | None, frame_rows: int, dim: int, dtype: np.dtype):
+        self.path, self.frame_rows, self.dim, self.dtype = path, frame_rows, dim, dtype
+        self.frame_bytes = frame_rows * dim * dtype.itemsize
+        self.frames = 0
+        self.array = np.empty((0, dim), dtype=dtype)
+        self._mm: mmap.mmap | None = None
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def grow(self, frames: int) -> None:
+        """Make room for `frames` frames. Old arrays stay valid (they keep their own mapping)."""
+        if frames <= self.frames:
+            return
+        nbytes = frames * self.frame_bytes
+        if self.path:
+            os.ftruncate(self._fd, nbytes)
+            mm = mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            arr = np.frombuffer(mm, dtype=self.dtype).reshape(-1, self.dim)
+        else:
+            arr = np.empty((frames * self.frame_rows, self.dim), dtype=self.dtype)
+            arr[: self.frames * self.frame_rows] = self.array
+        self._mm, self.array, self.frames = (mm if self.path else None), arr, frames
+
+    def release(self, frame: int) -> None:
+        """Give a frame's memory back to the OS (its contents become zeros)."""
+        if self._mm is None:
+            return
+        start = frame * self.frame_bytes
+        lo = -(-start // _PAGE) * _PAGE
+        hi = ((start + self.frame_bytes) // _PAGE) * _PAGE
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+
+    def close(self) -> None:
+        if self.path:
+            os.close(self._fd)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        self.array = np.empty((0, self.dim), dtype=self.dtype)
+        self._mm = None  # the mapping closes when the last array viewing it is collected
+
+
+@dataclass
+class TableShard:
+    spec: TableSpec
+    optimizer_spec: OptimizerSpec
+    optimizer: RowOptimizer
+    buffer: _Buffer
+    frame_of: np.ndarray                     # int32 [n_slots]: frame of each slot, -1 if not owned
+    free_frames: list[int] = field(default_factory=list)
+    dirty: np.ndarray | None = None          # bool [n_slots]: changed since the last snapshot
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # optimizer state, [frames*slot_rows, ...]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.buffer.array
+
+    def owned_slots(self) -> np.ndarray:
+        return np.nonzero(self.frame_of >= 0)[0].astype(np.int32)
+
+    def resident_rows(self) -> int:
+        spec = self.spec
+        return sum(b - a for a, b in (spec.slot_range(int(s)) for s in self.owned_slots()))
+
+
+class ShardStore:
+    def __init__(self, shard_id: int = 0, shm_dir: str | None = None, max_request_bytes: int = 256 << 20):
+        self.shard_id = shard_id
+        self.shm_dir = shm_dir
+        self.max_request_bytes = max_request_bytes
+        self.epoch = 0
+        self.ready = True
+        self.not_ready_reason = ""
+        self.writes_frozen = False
+        self.tables: dict[str, TableShard] = {}
+        self._lock = threading.Lock()  # guards the tables dict
+
+    # ---- tables and slots ------------------------------------------------------------------
+    def add_table(self, spec: TableSpec, slots, optimizer: OptimizerSpec | dict | None = None,
+                  epoch: int | None = None, restore=None) -> None:
+        """Create this shard's part of a table. Each slot is restored (restore(ts, slot, frame, out) -> bool,
+        see persist.Restorer) or else gets the table's initial values."""
+        with self._lock:
+            if spec.name in self.tables:
+                raise TableExists(f"table {spec.name!r} already exists on shard {self.shard_id}")
+            opt_spec = optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.from_dict(optimizer)
+            path = os.path.join(self.shm_dir, f"shard-{self.shard_id}", f"{spec.name}.rows") if self.shm_dir else None
+            ts = TableShard(spec=spec, optimizer_spec=opt_spec, optimizer=make_optimizer(opt_spec),
+                            buffer=_Buffer(path, spec.slot_rows, spec.dim, np_dtype(spec.dtype)),
+                            frame_of=np.full(spec.n_slots, -1, dtype=np.int32),
+                            dirty=np.zeros(spec.n_slots, dtype=bool))
+            self.tables[spec.name] = ts
+        try:
+            self._fill_slots(ts, np.asarray(list(slots), dtype=np.int64), restore)
+        except BaseException:
+            self.drop_table(spec.name)
+            raise
+        if epoch is not None:
+            self.epoch = max(self.epoch, epoch)
+
+    def drop_table(self, name: str) -> None:
+        with self._lock:
+            ts = self.tables.pop(name, None)
+        if ts is None:
+            raise UnknownTable(f"unknown table {name!r} on shard {self.shard_id}")
+        ts.buffer.close()
+
+    def _fill_slots(self, ts: TableShard, slots: np.ndarray, restore=None, data: dict | None = None) -> None:
+        """Give `slots` frames and fill them: from `data`, else restore(slot, out), else initial values."""
+        spec = ts.spec
+        if slots.size and (slots.min() < 0 or slots.max() >= spec.n_slots):
+            raise InvalidArgument(f"table {spec.name!r}: slots must be in [0, {spec.n_slots})")
+        with ts.lock:
+            new = [int(s) for s in slots if ts.frame_of[s] < 0]
+            need = len(new) - len(ts.free_frames)
+            if need > 0:
+                first = ts.buffer.frames
+                ts.buffer.grow(first + need)
+                ts.free_frames.extend(range(first, first + need))
+                self._grow_state(ts)
+            for slot in new:
+                frame = ts.free_frames.pop()
+                a, b = spec.slot_range(slot)
+                out = ts.rows[frame * spec.slot_rows: frame * spec.slot_rows + (b - a)]
+                if data is not None and slot in data:
+                    out[:] = data[slot]["rows"]
+                    moved_state = data[slot].get("state") or {}
+                    if moved_state:  # optimizer state moves with its rows
+                        self._ensure_state(ts)
+                        for k, v in moved_state.items():
+                            ts.state[k][frame * spec.slot_rows: frame * spec.slot_rows + (b - a)] = torch.from_numpy(v)
+                    ts.dirty[slot] = True
+                elif restore is None or not restore(ts, slot, frame, out):
+                    spec.init_range(a, b, out=out)
+                ts.frame_of[slot] = frame
+
+    def add_slots(self, name: str, data: dict[int, dict]) -> None:
+        """Receive slots moved from another shard: data[slot] = {"rows": array, "state": {...}}."""
+        ts = self._table(name)
+        self._fill_slots(ts, np.array(sorted(data), dtype=np.int64), data=data)
+
+    def export_slots(self, name: str, slots) -> dict[int, dict]:
+        """Copies of the rows (and optimizer state) of owned slots, for a move to another shard."""
+        ts = self._table(name)
+        out = {}
+        with ts.lock:
+            for slot in slots:
+                frame = int(ts.frame_of[slot])
+                if frame < 0:
+                    raise InvalidArgument(f"table {name!r}: shard {self.shard_id} does not own slot {slot}")
+                a, b = ts.spec.slot_range(int(slot))
+                lo = frame * ts.spec.slot_rows
+                out[int(slot)] = {"rows": ts.rows[lo: lo + b - a].copy(),
+                                  "state": {k: v[lo: lo + b - a].numpy().copy() for k, v in ts.state.items()}}
+        return out
+
+    def remove_slots(self, name: str, slots) -> None:
+        ts = self._table(name)
+        with ts.lock:
+            for slot in slots:
+                frame = int(ts.frame_of[slot])
+                if frame < 0:
+                    continue
+                ts.frame_of[slot] = -1
+                ts.dirty[slot] = False
+                ts.buffer.release(frame)
+                for v in ts.state.values():
+                    v[frame * ts.spec.slot_rows: (frame + 1) * ts.spec.slot_rows] = 0
+                ts.free_frames.append(frame)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        self.ready, self.not_ready_reason = ready, reason
+
+    def freeze_writes(self, frozen: bool) -> None:
+        self.writes_frozen = frozen
+
+    # ---- optimizer state -------------------------------------------------------------------
+    def _ensure_state(self, ts: TableShard) -> None:
+        if not ts.state:
+            ts.state = ts.optimizer.init_state(ts.buffer.frames * ts.spec.slot_rows, ts.spec.dim)
+
+    def _grow_state(self, ts: TableShard) -> None:
+        if ts.state:
+            n = ts.buffer.frames * ts.spec.slot_rows
+            fresh = ts.optimizer.init_state(n, ts.spec.dim)
+            for k, v in ts.state.items():
+                fresh[k][: v.shape[0]] = v
+            ts.state = fresh
+
+    def set_optimizer(self, name: str, optimizer: OptimizerSpec | dict) -> None:
+        ts = self._table(name)
+        spec = optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.from_dict(optimizer)
+        with ts.lock:
+            if spec.name != ts.optimizer_spec.name:
+                ts.state = {}
+            ts.optimizer_spec, ts.optimizer = spec, make_optimizer(spec)
+
+    # ---- validation ------------------------------------------------------------------------
+    def _table(self, name: str) -> TableShard:
+        ts = self.tables.get(name)
+        if ts is None:
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise UnknownTable(f"unknown table {name!r} (shard {self.shard_id} has: {known})")
+        return ts
+
+    def check_ready(self, epoch: int = 0) -> None:
+        if not self.ready:
+            raise NotReady(f"shard {self.shard_id} is not ready: {self.not_ready_reason or 'starting'}")
+        if epoch and epoch != self.epoch:
+            raise StaleEpoch(f"request epoch {epoch} does not match placement epoch {self.epoch} "
+                             f"on shard {self.shard_id}; re-read the placement")
+
+    def parse_ids(self, name: str, ids: bytes | np.ndarray, field_name: str = "ids") -> tuple[TableShard, np.ndarray]:
+        ts = self._table(name)
+        if isinstance(ids, (bytes, bytearray, memoryview)):
+            if len(ids) % 8:
+                raise InvalidArgument(f"table {name!r}: field {field_name!r} has {len(ids)} bytes, "
+                                      f"not a multiple of 8 (int64 row ids)")
+            if len(ids) > self.max_request_bytes:
+                raise RequestTooLarge(f"table {name!r}: field {field_name!r} is {len(ids)} bytes, over the "
+                                      f"{self.max_request_bytes}-byte request limit; split the batch")
+            ids = np.frombuffer(ids, dtype="<i8")
+        else:
+            ids = np.asarray(ids)
+            if ids.dtype.kind not in "iu":
+                raise InvalidArgument(f"table {name!r}: row ids must be integers, got dtype {ids.dtype}")
+            ids = ids.astype(np.int64, copy=False).reshape(-1)
+        if ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= ts.spec.rows:
+                bad = lo if lo < 0 else hi
+                raise RowOutOfRange(f"table {name!r}: field {field_name!r} holds row id {bad}, "
+                                    f"outside [0, {ts.spec.rows})")
+        return ts, ids
+
+    def _local_rows(self, ts: TableShard, ids: np.ndarray) -> np.ndarray:
+        slot_rows = ts.spec.slot_rows
+        frames = ts.frame_of[ids // slot_rows]
+        if ids.size and frames.min() < 0:
+            bad = int(ids[np.argmin(frames)])
+            raise InvalidArgument(f"table {ts.spec.name!r}: row id {bad} is in slot {bad // slot_rows}, which "
+                                  f"shard {self.shard_id} does not own at epoch {self.epoch}")
+        return frames.astype(np.int64) * slot_rows + ids % slot_rows
+
+    def _parse_rows(self, ts: TableShard, n: int, data: bytes | np.ndarray, dtype: str, field_name: str) -> np.ndarray:
+        """Rows or gradients of a request as a [n, dim] array of `dtype` (float32 or the table's)."""
+        spec = ts.spec
+        if dtype not in ("float32", spec.dtype):
+            raise InvalidArgument(f"table {spec.name!r}: field {field_name!r} has dtype {dtype!r}; "
+                                  f"expected 'float32' or the table's {spec.dtype!r}")
+        dt = np_dtype(dtype)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            if len(data) > self.max_request_bytes:
+                raise RequestTooLarge(f"table {spec.name!r}: field {field_name!r} is {len(data)} bytes, over the "
+                                      f"{self.max_request_bytes}-byte request limit; split the batch")
+            expect = n * spec.dim * dt.itemsize
+            if len(data) != expect:
+                raise InvalidArgument(f"table {spec.name!r}: field {field_name!r} has {len(data)} bytes; "
+                                      f"{n} ids x dim {spec.dim} x {dtype} needs {expect}")
+            return np.frombuffer(data, dtype=dt).reshape(n, spec.dim)
+        arr = np.asarray(data)
+        if arr.shape != (n, spec.dim):
+            raise InvalidArgument(f"table {spec.name!r}: field {field_name!r} has shape {arr.shape}; "
+                                  f"expected ({n}, {spec.dim})")
+        return arr.astype(dt, copy=False)
+
+    def _check_writable(self, name: str) -> None:
+        if self.writes_frozen:
+            raise NotReady(f"shard {self.shard_id}: table {name!r} is read-only while slots move; retry shortly")
+
+    # ---- data plane ------------------------------------------------------------------------
+    def gather(self, name: str, ids, epoch: int = 0) -> np.ndarray:
+        """Rows for global row ids (ids must be owned by this shard): [n, dim] in the table dtype."""
+        self.check_ready(epoch)
+        ts, ids = self.parse_ids(name, ids)
+        local = self._local_rows(ts, ids)
+        return np.take(ts.rows, local, axis=0)
+
+    def gather_into(self, ts: TableShard, local: np.ndarray, out: np.ndarray) -> None:
+        np.take(ts.rows, local, axis=0, out=out)
+
+    def write(self, name: str, ids, rows, dtype: str | None = None, epoch: int = 0) -> int:
+        self.check_ready(epoch)
+        ts, ids = self.parse_ids(name, ids)
+        dtype = dtype or (ts.spec.dtype if isinstance(rows, (bytes, bytearray, memoryview)) else _dtype_name(rows, ts))
+        rows = self._parse_rows(ts, ids.size, rows, dtype, "rows")
+        self._check_writable(name)
+        if dtype != ts.spec.dtype:
+            rows = from_float32(rows, ts.spec.dtype)
+        local = self._local_rows(ts, ids)
+        with ts.lock:
+            ts.rows[local] = rows  # numpy: the last of duplicate ids wins
+            ts.dirty[ids // ts.spec.slot_rows] = True
+        return int(ids.size)
+
+    def push(self, name: str, ids, grads, dtype: str = "float32", lr: float | None = None,
+             step: int = 0, epoch: int = 0) -> int:
+        """Apply a sparse gradient with the table's optimizer. Duplicate ids are summed. Returns unique rows."""
+        self.check_ready(epoch)
+        ts, ids = self.parse_ids(name, ids)
+        grads = self._parse_rows(ts, ids.size, grads, dtype, "grads")
+        g = torch.from_numpy(np.ascontiguousarray(to_float32(grads, dtype) if dtype != "float32" else grads))
+        if not bool(torch.isfinite(g).all()):
+            bad = int(np.argwhere(~np.isfinite(g.numpy()))[0][0])
+            raise NonFiniteGradient(f"table {name!r}: field 'grads' holds NaN or Inf (row id {int(ids[bad])}); "
+                                    f"nothing from this push was applied")
+        lr = ts.optimizer_spec.lr if lr is None else float(lr)
+        if not np.isfinite(lr) or lr < 0:
+            raise InvalidArgument(f"table {name!r}: field 'lr' is {lr}; must be finite and >= 0")
+        self._check_writable(name)
+        local = torch.from_numpy(self._local_rows(ts, ids))
+        uniq, inv = torch.unique(local, return_inverse=True)
+        if uniq.numel() != local.numel():
+            g = torch.zeros(uniq.numel(), ts.spec.dim, dtype=torch.float32).index_add_(0, inv, g)
+        else:  # already unique: order the gradient to match the sorted ids
+            g = torch.empty_like(g).index_copy_(0, inv, g)
+        with ts.lock:
+            self._ensure_state(ts)
+            weight = as_torch(ts.rows, ts.spec.dtype)
+            ts.optimizer.apply(weight, ts.state, uniq, g, lr)
+            ts.dirty[np.unique(ids // ts.spec.slot_rows)] = True
+        return int(uniq.numel())
+
+    # ---- introspection ---------------------------------------------------------------------
+    def describe(self) -> dict:
+        out = {"shard_id": self.shard_id, "epoch": self.epoch, "tables": {}}
+        for name, ts in list(self.tables.items()):
+            out["tables"][name] = {
+                "spec": ts.spec.to_dict(),
+                "optimizer": ts.optimizer_spec.to_dict(),
+                "owned_slots": ts.owned_slots(),
+                "frame_of": ts.frame_of.copy(),
+                "shm_path": ts.buffer.path or "",
+                "frames": ts.buffer.frames,
+                "resident_rows": ts.resident_rows(),
+            }
+        return out
+
+    def table_bytes(self) -> int:
+        return sum(ts.buffer.frames * ts.buffer.frame_bytes for ts in self.tables.values())
+
+    def state_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for ts in self.tables.values() for v in ts.state.values())
+
+    def close(self) -> None:
+        for name in list(self.tables):
+            self.drop_table(name)
+        if self.shm_dir:
+            shutil.rmtree(os.path.join(self.shm_dir, f"shard-{self.shard_id}"), ignore_errors=True)
+
+
+def _dtype_name(rows, ts: TableShard) -> str:
+    arr = np.asarray(rows)
+    if arr.dtype == np.float32:
+        return "float32"
+    if arr.dtype == np_dtype(ts.spec.dtype):
+        return ts.spec.dtype
+    raise InvalidArgument(f"table {ts.spec.name!r}: rows have dtype {arr.dtype}; expected float32 or the "
+                          f"table's {ts.spec.dtype}")
+
