@@ -38,7 +38,7 @@ def _attach(args):
         if state is None:
             sys.exit(f"engram-mem: no local memory cluster {args.name!r} is running; start one with `engram-mem up`")
         address = state["ray_address"]
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    local.attach_ray(address)
     ctl = get_controller(args.name)
     if ctl is None:
         ray.shutdown()
@@ -61,7 +61,7 @@ def cmd_up(args) -> int:
         from engram_mem.config import ClusterConfig
         from engram_mem.controller import get_controller, start_controller
 
-        ray.init(address=args.address, logging_level=logging.WARNING, log_to_driver=False)
+        local.attach_ray(args.address)
         if get_controller(args.name) is not None:
             sys.exit(f"engram-mem: a memory cluster {args.name!r} already runs in {args.address}")
         ctl = start_controller(ClusterConfig(name=args.name, shards=args.shards, **cluster), detached=True)

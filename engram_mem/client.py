@@ -399,10 +399,9 @@ class MemoryClient:
 
         t = self._view.table(name)
         flat, _ = self._ids(t.spec, ids)
-        if hasattr(grads, "detach"):
-            g = grads.detach().to("cpu", torch.float32).reshape(flat.size, -1)
-        else:
-            g = torch.from_numpy(np.asarray(grads, dtype=np.float32).reshape(flat.size, -1))
+        g = grads.detach().to("cpu", torch.float32) if hasattr(grads, "detach") else \
+            torch.from_numpy(np.asarray(grads, dtype=np.float32))
+        g = g.reshape(flat.size, -1) if flat.size else g.reshape(0, t.spec.dim)
         if g.shape != (flat.size, t.spec.dim):
             raise InvalidArgument(f"table {name!r}: field 'grads' has shape {tuple(g.shape)}; "
                                   f"expected ({flat.size}, {t.spec.dim})")
@@ -552,7 +551,7 @@ def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_
 
     if address is not None:
         if not ray.is_initialized():
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            local.attach_ray(address)
         ctl = get_controller(name)
         if ctl is None:
             raise EngramMemError(f"no memory cluster named {name!r} in the Ray cluster at {address}; "
@@ -566,7 +565,7 @@ def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_
         return MemoryClient(ctl, on_close=own(ctl, False), retry_timeout=retry_timeout)
     state = local.read_state(name)
     if state is not None:
-        ray.init(address=state["ray_address"], logging_level=logging.WARNING, log_to_driver=False)
+        local.attach_ray(state["ray_address"])
         ctl = get_controller(name)
         if ctl is not None:
             return MemoryClient(ctl, on_close=ray.shutdown, retry_timeout=retry_timeout)

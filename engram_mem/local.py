@@ -49,6 +49,26 @@ def read_state(name: str) -> dict | None:
     return state
 
 
+def attach_ray(address: str) -> None:
+    """Join a running Ray cluster as a driver.
+
+    Ray (2.59+) turns token auth on for the local clusters it starts, but a driver that joins by
+    address only sends the token (~/.ray/auth_token) when RAY_AUTH_MODE=token. Unless the user
+    chose a mode, turn token mode on when a token exists, as Ray itself does for address="auto".
+    """
+    import ray
+
+    if "RAY_AUTH_MODE" not in os.environ:
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available)
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        except ImportError:  # an older Ray without token auth
+            pass
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+
+
 def init_embedded_ray(shards: int = 2, num_cpus: int | None = None, object_store_bytes: int = 1 << 30) -> None:
     """Start a local Ray cluster owned by this process, on the loopback node address."""
     import ray

@@ -216,6 +216,8 @@ class ShardServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Event | None = None
+        self._grace = 2.0
         self.address = ""
 
     def start(self, timeout: float = 30.0) -> str:
@@ -225,13 +227,15 @@ class ShardServer:
         error: list[BaseException] = []
 
         async def serve():
+            self._stopping = asyncio.Event()
             self._server = grpc.aio.server(options=server_options(self.store.max_request_bytes))
             self._server.add_generic_rpc_handlers([_handlers(self.servicer)])
             self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
             await self._server.start()
             self.address = f"{self.host}:{self.port}"
             started.set()
-            await self._server.wait_for_termination()
+            await self._stopping.wait()
+            await self._server.stop(self._grace)  # in-flight requests get `grace` seconds to finish
 
         def run():
             self._loop = uvloop.new_event_loop()
@@ -253,12 +257,11 @@ class ShardServer:
         return self.address
 
     def stop(self, grace: float = 2.0) -> None:
-        if self._loop is None or self._server is None or self._loop.is_closed():
+        if self._loop is None or self._loop.is_closed() or self._thread is None:
             return
-        fut = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)
+        self._grace = grace
         try:
-            fut.result(timeout=grace + 5)
-        except Exception:  # noqa: BLE001 - the loop may already be gone
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        except RuntimeError:  # the loop already closed
             pass
-        if self._thread:
-            self._thread.join(timeout=grace + 5)
+        self._thread.join(timeout=grace + 10)

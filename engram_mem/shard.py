@@ -352,7 +352,8 @@ class ShardStore:
         self.check_ready(epoch)
         ts, ids = self.parse_ids(name, ids)
         grads = self._parse_rows(ts, ids.size, grads, dtype, "grads")
-        g = torch.from_numpy(np.ascontiguousarray(to_float32(grads, dtype) if dtype != "float32" else grads))
+        g32 = to_float32(grads, dtype) if dtype != "float32" else grads
+        g = torch.from_numpy(g32 if g32.flags.writeable else g32.copy())  # request bytes are read-only
         if not bool(torch.isfinite(g).all()):
             bad = int(np.argwhere(~np.isfinite(g.numpy()))[0][0])
             raise NonFiniteGradient(f"table {name!r}: field 'grads' holds NaN or Inf (row id {int(ids[bad])}); "

@@ -29,7 +29,7 @@ def _varint(n: int) -> bytes:
 
 def encode_rows_chunk(rows: np.ndarray) -> bytes:
     """RowsChunk wire bytes for a C-contiguous [n, dim] array."""
-    payload = memoryview(np.ascontiguousarray(rows)).cast("B")
+    payload = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
     return b"".join((bytes([_TAG_ROWS]), _varint(payload.nbytes), payload))
 
 

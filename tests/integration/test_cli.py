@@ -1,0 +1,35 @@
+"""`engram-mem up / status / scale / down` as a user runs them: real processes, a real local Ray cluster."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def _run(args, env, timeout=240):
+    return subprocess.run([sys.executable, "-m", "engram_mem.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_up_status_scale_down(tmp_path):
+    env = dict(os.environ, ENGRAM_MEM_HOME=str(tmp_path / "home"))
+    tables = tmp_path / "tables.json"
+    tables.write_text(json.dumps([{"name": "emb", "rows": 100_000, "dim": 64, "optimizer": "adam"}]))
+    up = _run(["--name", "cli-test", "up", "--shards", "2", "--tables", str(tables)], env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "is up" in up.stdout
+        again = _run(["--name", "cli-test", "up"], env)
+        assert again.returncode != 0 and "already up" in again.stderr
+        status = _run(["--name", "cli-test", "status"], env)
+        assert status.returncode == 0, status.stderr
+        assert "2 shards" in status.stdout and "table emb: 100,000 x 64 float32" in status.stdout
+        scale = _run(["--name", "cli-test", "scale", "3"], env)
+        assert scale.returncode == 0 and "scaled to 3 shards" in scale.stdout, scale.stderr
+        js = json.loads(_run(["--name", "cli-test", "status", "--json"], env).stdout)
+        assert len(js["stats"]) == 3 and sum(int(s["table_bytes"]) for s in js["stats"]) >= 100_000 * 64 * 4
+    finally:
+        down = _run(["--name", "cli-test", "down"], env)
+    assert down.returncode == 0 and "is down" in down.stdout, down.stdout + down.stderr
+    status = _run(["--name", "cli-test", "status"], env)
+    assert status.returncode != 0 and "no local memory cluster" in status.stderr

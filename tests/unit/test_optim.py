@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from engram_mem.errors import InvalidArgument
+from engram_mem.optim import OptimizerSpec, make_optimizer
+
+
+def _reference(name, w0, grads_per_step, lr):
+    """torch.optim on each row as its own parameter, stepped only when the row got a gradient
+    (row-wise state: for Adam each row counts its own steps for bias correction)."""
+    rows = [torch.nn.Parameter(w0[i].clone()) for i in range(w0.shape[0])]
+    make = {"sgd": lambda p: torch.optim.SGD([p], lr=lr),
+            "adagrad": lambda p: torch.optim.Adagrad([p], lr=lr, eps=1e-8),
+            "adam": lambda p: torch.optim.Adam([p], lr=lr, eps=1e-8)}[name]
+    opts = [make(p) for p in rows]
+    for idx, g in grads_per_step:
+        for j, i in enumerate(idx.tolist()):
+            rows[i].grad = g[j].clone()
+            opts[i].step()
+    return torch.stack([p.detach() for p in rows])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_row_optimizers_match_torch(name):
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(20, 6, generator=gen)
+    steps = [(torch.tensor(sorted(set(torch.randint(0, 20, (7,), generator=gen).tolist()))), None) for _ in range(5)]
+    steps = [(i, torch.randn(i.numel(), 6, generator=gen)) for i, _ in steps]
+    opt = make_optimizer({"name": name})
+    w = w0.clone()
+    state = opt.init_state(20, 6)
+    for idx, g in steps:
+        opt.apply(w, state, idx, g, lr=0.05)
+    ref = _reference(name, w0, steps, 0.05)
+    assert torch.allclose(w, ref, atol=1e-5), (w - ref).abs().max()
+
+
+def test_untouched_rows_and_state_do_not_change():
+    opt = make_optimizer({"name": "adam"})
+    w = torch.ones(10, 4)
+    state = opt.init_state(10, 4)
+    opt.apply(w, state, torch.tensor([2, 5]), torch.ones(2, 4), lr=0.1)
+    untouched = [i for i in range(10) if i not in (2, 5)]
+    assert torch.all(w[untouched] == 1) and torch.all(state["step"][untouched] == 0)
+    assert torch.all(state["step"][[2, 5]] == 1) and torch.all(w[[2, 5]] < 1)
+
+
+def test_bfloat16_weights_update_in_float32():
+    opt = make_optimizer({"name": "sgd"})
+    w = torch.zeros(4, 8, dtype=torch.bfloat16)
+    opt.apply(w, {}, torch.tensor([1]), torch.full((1, 8), 2.0), lr=0.25)
+    assert w.dtype == torch.bfloat16 and torch.all(w[1] == -0.5) and torch.all(w[0] == 0)
+
+
+def test_bad_optimizer_specs():
+    with pytest.raises(InvalidArgument, match="name"):
+        OptimizerSpec(name="lion")
+    with pytest.raises(InvalidArgument, match="betas"):
+        OptimizerSpec(name="adam", betas=(1.0, 0.9))
+    with pytest.raises(InvalidArgument, match="lr"):
+        OptimizerSpec(lr=float("nan"))
