@@ -158,25 +158,28 @@ class GatherFuture:
         return self._inner.done()
 
     def unique(self, timeout: float | None = None):
-        """(rows of the unique ids [U, dim], index [ids.shape] into them) without expanding."""
-        buf, index, _shape = self._inner.result(timeout)
-        return buf, index.reshape(_shape[:-1])
+        """(rows [U, dim], index [ids.shape] into them) without expanding duplicates."""
+        buf, inverse, shape = self._inner.result(timeout)
+        index = np.arange(buf.shape[0]) if inverse is None else inverse
+        return buf, index.reshape(shape[:-1])
 
     def result(self, timeout: float | None = None):
-        buf, index, shape = self._inner.result(timeout)
+        buf, inverse, shape = self._inner.result(timeout)
         if self._as_torch or self._device is not None:
             import torch
 
             from engram_mem.table import as_torch
 
             t = as_torch(buf, self._dtype)
-            idx = torch.from_numpy(index)
             if self._device is not None and str(self._device) != "cpu":
                 # Copy only the unique rows to the device (pinned, asynchronous), expand there.
                 t = t.pin_memory().to(self._device, non_blocking=True)
-                idx = idx.to(self._device, non_blocking=True)
-            return t.index_select(0, idx).reshape(shape)
-        return np.take(buf, index, axis=0).reshape(shape)
+            if inverse is None:
+                return t.reshape(shape)
+            return t.index_select(0, torch.from_numpy(inverse).to(t.device, non_blocking=True)).reshape(shape)
+        if inverse is None:  # the ids were distinct: rows already arrived in request order
+            return buf.reshape(shape)
+        return np.take(buf, inverse, axis=0).reshape(shape)
 
 
 class MemoryClient:
@@ -195,6 +198,7 @@ class MemoryClient:
         self._pending: dict[str, set] = {}   # table -> in-flight writes/pushes (loop thread only)
         self._view_lock = threading.Lock()
         self._closed = False
+        self.chunk_rows = 0  # rows per Gather reply chunk; 0 = the server default (~1 MB)
 
     # ---- context manager -------------------------------------------------------------------
     def __enter__(self) -> "MemoryClient":
@@ -280,7 +284,7 @@ class MemoryClient:
 
     @staticmethod
     def _split(t: TableView, uniq: np.ndarray, n_shards: int):
-        """Group unique ids by shard rank: (uniq[order], [(rank, start, stop)], order or None if identity)."""
+        """Group distinct ids by shard rank: (ids[order], [(rank, start, stop)], order or None if identity)."""
         ranks = t.placement[uniq // t.spec.slot_rows]
         if n_shards == 1 or uniq.size == 0:
             return uniq, [(int(ranks[0]) if uniq.size else 0, 0, uniq.size)], None
@@ -336,46 +340,53 @@ class MemoryClient:
         t = self._view.table(name)
         flat, shape = self._ids(t.spec, ids)
         uniq, inverse = np.unique(flat, return_inverse=True)
-        inner = self._chans.submit(self._gather(name, uniq, inverse, shape))
+        if uniq.size == flat.size:  # distinct ids travel in request order: nothing to expand afterwards
+            inner = self._chans.submit(self._gather(name, flat, None, shape))
+        else:
+            inner = self._chans.submit(self._gather(name, uniq, inverse, shape))
         return GatherFuture(inner, t.spec.dtype, as_torch=as_torch, device=device)
 
-    async def _gather(self, name: str, uniq: np.ndarray, inverse: np.ndarray, shape: tuple):
+    async def _gather(self, name: str, ids: np.ndarray, inverse: np.ndarray | None, shape: tuple):
+        """Rows of distinct `ids` into one buffer in ids order; `inverse` (if any) expands them later."""
         await self._after_pending(name)
 
         async def attempt(view: ClusterView):
             t = view.table(name)
-            grouped, parts, order = self._split(t, uniq, len(view.shard_ids))
-            buf = np.empty((uniq.size, t.spec.dim), dtype=np_dtype(t.spec.dtype))
-            await asyncio.gather(*(self._gather_part(view, name, rank, grouped[a:b], buf[a:b])
+            grouped, parts, order = self._split(t, ids, len(view.shard_ids))
+            buf = np.empty((ids.size, t.spec.dim), dtype=np_dtype(t.spec.dtype))
+            await asyncio.gather(*(self._gather_part(view, name, rank, grouped[a:b], buf, a,
+                                                     None if order is None else order[a:b])
                                    for rank, a, b in parts if b > a))
-            if order is None:
-                return buf, inverse, tuple(shape) + (t.spec.dim,)
-            pos = np.empty_like(order)  # where each unique id's row landed in buf
-            pos[order] = np.arange(order.size)
-            return buf, pos[inverse], tuple(shape) + (t.spec.dim,)
+            return buf, inverse, tuple(shape) + (t.spec.dim,)
 
         return await self._retrying(f"gather {name!r}", attempt)
 
-    async def _gather_part(self, view: ClusterView, name: str, rank: int, ids: np.ndarray, out: np.ndarray):
+    async def _gather_part(self, view: ClusterView, name: str, rank: int, ids: np.ndarray, buf: np.ndarray,
+                           start: int, dest: np.ndarray | None):
+        """Stream one shard's rows into buf[start:start+len(ids)], or scattered to buf[dest]."""
         address = view.address(rank)
         gather = self._chans.stubs(address)[0]
-        flat = out.reshape(-1).view(np.uint8)
+        dim, dtype = buf.shape[1], buf.dtype
         max_ids = self.max_request_bytes // 8
-        for start in range(0, ids.size, max_ids):
-            sub = ids[start:start + max_ids]
-            pos = start * out.shape[1] * out.itemsize
-            end = pos + sub.size * out.shape[1] * out.itemsize
+        for first in range(0, ids.size, max_ids):
+            sub = ids[first:first + max_ids]
+            pos, end = first, first + sub.size
             try:
-                async for chunk in gather(pb.GatherRequest(table=name, ids=ids_bytes(sub), epoch=view.epoch)):
-                    n = len(chunk)
-                    if pos + n > end:
+                async for chunk in gather(pb.GatherRequest(table=name, ids=ids_bytes(sub), epoch=view.epoch,
+                                                           chunk_rows=self.chunk_rows)):
+                    rows = np.frombuffer(chunk, dtype=dtype).reshape(-1, dim)
+                    k = rows.shape[0]
+                    if pos + k > end:
                         raise EngramMemError(f"shard {address} sent more rows than asked for")
-                    flat[pos:pos + n] = np.frombuffer(chunk, dtype=np.uint8)
-                    pos += n
+                    if dest is None:
+                        buf[start + pos:start + pos + k] = rows
+                    else:
+                        buf[dest[pos:pos + k]] = rows
+                    pos += k
             except grpc.aio.AioRpcError as e:
                 raise _rpc_error(e, address) from None
             if pos != end:
-                raise ShardUnavailable(f"shard {address}: gather reply ended early ({pos} of {end} bytes)")
+                raise ShardUnavailable(f"shard {address}: gather reply ended early ({pos} of {end} rows)")
 
     # ---- write and push --------------------------------------------------------------------
     def write(self, name: str, ids, rows) -> int:
@@ -473,13 +484,34 @@ class MemoryClient:
                 raise _rpc_error(e, address) from None
         return done
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every write and push sent so far is applied."""
+    def flush(self, name: str | None = None, timeout: float | None = None) -> None:
+        """Wait until every write and push sent so far (to table `name`, or to any) is applied."""
         async def wait_all():
-            for name in list(self._pending):
-                await self._after_pending(name)
+            for n in ([name] if name is not None else list(self._pending)):
+                await self._after_pending(n)
 
         self._chans.submit(wait_all()).result(timeout)
+
+    def gather_distinct_async(self, name: str, ids: np.ndarray) -> concurrent.futures.Future:
+        """Rows [n, dim] for distinct int64 ids, in their order (no de-duplication pass, no expansion)."""
+        t = self._view.table(name)
+        flat, _ = self._ids(t.spec, ids)
+
+        async def run():
+            buf, _inverse, _shape = await self._gather(name, flat, None, (flat.size,))
+            return buf
+
+        return self._chans.submit(run())
+
+    def describe_shard(self, address: str, timeout: float = 30.0):
+        """The Describe reply of the shard at `address` (its tables, frame layout, shm files)."""
+        async def run():
+            try:
+                return await self._chans.stubs(address)[5](pb.DescribeRequest())
+            except grpc.aio.AioRpcError as e:
+                raise _rpc_error(e, address) from None
+
+        return self._chans.submit(run()).result(timeout)
 
     # ---- introspection ---------------------------------------------------------------------
     def stats(self) -> list[dict]:

@@ -20,6 +20,7 @@ class ClusterConfig:
     shards: int = 2
     cpus_per_shard: float = 1.0         # Ray CPU resource each shard reserves (its placement-group bundle)
     placement_strategy: str = "SPREAD"  # placement-group strategy for the shards
+    shard_resources: dict | None = None  # extra Ray resources per shard bundle, e.g. {"memory_node": 1}
     shm_dir: str = "/dev/shm/engram-mem"  # shard row buffers live here, shared with same-node workers
     data_dir: str | None = None         # lmdb snapshots; None = no persistence (rows restart from init)
     snapshot_interval_s: float = 60.0   # snapshot changed slots this often (0 = only on checkpoint)

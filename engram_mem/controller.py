@@ -175,8 +175,8 @@ class ClusterController:
         import ray
         from ray.util.placement_group import placement_group
 
-        cpus = max(self.cfg.cpus_per_shard, 0.001)  # a bundle may not be empty
-        pg = placement_group([{"CPU": cpus}] * n, strategy=self.cfg.placement_strategy,
+        bundle = {"CPU": max(self.cfg.cpus_per_shard, 0.001), **(self.cfg.shard_resources or {})}  # never empty
+        pg = placement_group([bundle] * n, strategy=self.cfg.placement_strategy,
                              name=f"{self.cfg.name}-{self.cluster_id}-pg{len(self.pgs)}")
         ray.get(pg.ready(), timeout=120)
         self.pgs.append(pg)

@@ -155,9 +155,11 @@ class ShardServicer:
                 name=name, rows=s["rows"], dim=s["dim"], dtype=s["dtype"], seed=s["seed"],
                 init_std=s["init_std"], num_slots=s["num_slots"], slot_rows=(s["rows"] + s["num_slots"] - 1) // s["num_slots"],
                 owned_slots=np.asarray(t["owned_slots"], dtype="<i4").tobytes(),
-                optimizer=json.dumps(t["optimizer"]), shm_path=t["shm_path"], resident_rows=t["resident_rows"]))
+                optimizer=json.dumps(t["optimizer"]), shm_path=t["shm_path"], resident_rows=t["resident_rows"],
+                frame_of=np.asarray(t["frame_of"], dtype="<i4").tobytes(), frames=t["frames"]))
         return pb.DescribeReply(shard_id=d["shard_id"], epoch=d["epoch"], node_ip=self.node_ip,
-                                node_id=self.node_id, tables=tables)
+                                node_id=self.node_id, tables=tables, layout_path=d["layout_path"],
+                                layout_version=d["layout_version"])
 
     @_rpc
     def Stats(self, request, context):

@@ -41,6 +41,13 @@ from engram_mem.table import TableSpec, as_torch, from_float32, np_dtype, to_flo
 _PAGE = mmap.PAGESIZE
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class _Buffer:
     """A growable `[frames * slot_rows, dim]` array backed by a file (shared memory) or anonymous."""
 
@@ -52,7 +59,8 @@ class _Buffer:
         self._mm: mmap.mmap | None = None
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            _unlink(path)  # a new inode: a reader still mapping an old file must never see it shrink
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
 
     def grow(self, frames: int) -> None:
         """Make room for `frames` frames. Old arrays stay valid (they keep their own mapping)."""
@@ -81,12 +89,39 @@ class _Buffer:
     def close(self) -> None:
         if self.path:
             os.close(self._fd)
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            _unlink(self.path)
         self.array = np.empty((0, self.dim), dtype=self.dtype)
         self._mm = None  # the mapping closes when the last array viewing it is collected
+
+
+class _Layout:
+    """A seqlock over the frame layout, in shared memory so same-node readers can check it.
+
+    The version is odd while frames move (slots added or removed, epoch changing) and even
+    otherwise. A reader notes the version, reads rows, and trusts them only if the version is
+    unchanged, even, and the one its copy of the layout was taken at."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _unlink(path)
+            with open(path, "xb") as f:
+                f.write(bytes(8))
+            self.word = np.memmap(path, dtype="<u8", mode="r+", shape=(1,))
+        else:
+            self.word = np.zeros(1, dtype="<u8")
+
+    @property
+    def version(self) -> int:
+        return int(self.word[0])
+
+    def __enter__(self):
+        self.word[0] += 1  # odd: changing
+        return self
+
+    def __exit__(self, *exc):
+        self.word[0] += 1  # even: stable again
 
 
 @dataclass
@@ -124,6 +159,7 @@ class ShardStore:
         self.writes_frozen = False
         self.tables: dict[str, TableShard] = {}
         self._lock = threading.Lock()  # guards the tables dict
+        self.layout = _Layout(os.path.join(shm_dir, f"shard-{shard_id}", "layout") if shm_dir else None)
 
     # ---- tables and slots ------------------------------------------------------------------
     def add_table(self, spec: TableSpec, slots, optimizer: OptimizerSpec | dict | None = None,
@@ -146,10 +182,10 @@ class ShardStore:
             self.drop_table(spec.name)
             raise
         if epoch is not None:
-            self.epoch = max(self.epoch, epoch)
+            self.set_epoch(max(self.epoch, epoch))
 
     def drop_table(self, name: str) -> None:
-        with self._lock:
+        with self._lock, self.layout:
             ts = self.tables.pop(name, None)
         if ts is None:
             raise UnknownTable(f"unknown table {name!r} on shard {self.shard_id}")
@@ -160,7 +196,7 @@ class ShardStore:
         spec = ts.spec
         if slots.size and (slots.min() < 0 or slots.max() >= spec.n_slots):
             raise InvalidArgument(f"table {spec.name!r}: slots must be in [0, {spec.n_slots})")
-        with ts.lock:
+        with ts.lock, self.layout:
             new = [int(s) for s in slots if ts.frame_of[s] < 0]
             need = len(new) - len(ts.free_frames)
             if need > 0:
@@ -206,7 +242,7 @@ class ShardStore:
 
     def remove_slots(self, name: str, slots) -> None:
         ts = self._table(name)
-        with ts.lock:
+        with ts.lock, self.layout:
             for slot in slots:
                 frame = int(ts.frame_of[slot])
                 if frame < 0:
@@ -219,7 +255,8 @@ class ShardStore:
                 ts.free_frames.append(frame)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        with self.layout:
+            self.epoch = epoch
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         self.ready, self.not_ready_reason = ready, reason
@@ -377,7 +414,8 @@ class ShardStore:
 
     # ---- introspection ---------------------------------------------------------------------
     def describe(self) -> dict:
-        out = {"shard_id": self.shard_id, "epoch": self.epoch, "tables": {}}
+        out = {"shard_id": self.shard_id, "epoch": self.epoch, "tables": {},
+               "layout_path": self.layout.path or "", "layout_version": self.layout.version}
         for name, ts in list(self.tables.items()):
             out["tables"][name] = {
                 "spec": ts.spec.to_dict(),

@@ -82,7 +82,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "rows", "dim", "dtype", "seed", "init_std", "num_slots", "slot_rows", "owned_slots", "optimizer", "shm_path", "resident_rows")
+    __slots__ = ("name", "rows", "dim", "dtype", "seed", "init_std", "num_slots", "slot_rows", "owned_slots", "optimizer", "shm_path", "resident_rows", "frame_of", "frames")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,8 @@ class TableInfo(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SHM_PATH_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_OF_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     rows: int
     dim: int
@@ -107,21 +109,27 @@ class TableInfo(_message.Message):
     optimizer: str
     shm_path: str
     resident_rows: int
-    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., init_std: _Optional[float] = ..., num_slots: _Optional[int] = ..., slot_rows: _Optional[int] = ..., owned_slots: _Optional[bytes] = ..., optimizer: _Optional[str] = ..., shm_path: _Optional[str] = ..., resident_rows: _Optional[int] = ...) -> None: ...
+    frame_of: bytes
+    frames: int
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., init_std: _Optional[float] = ..., num_slots: _Optional[int] = ..., slot_rows: _Optional[int] = ..., owned_slots: _Optional[bytes] = ..., optimizer: _Optional[str] = ..., shm_path: _Optional[str] = ..., resident_rows: _Optional[int] = ..., frame_of: _Optional[bytes] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("shard_id", "epoch", "node_ip", "node_id", "tables")
+    __slots__ = ("shard_id", "epoch", "node_ip", "node_id", "tables", "layout_path", "layout_version")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     NODE_IP_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     epoch: int
     node_ip: str
     node_id: str
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
-    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., node_ip: _Optional[str] = ..., node_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
+    layout_path: str
+    layout_version: int
+    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., node_ip: _Optional[str] = ..., node_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., layout_path: _Optional[str] = ..., layout_version: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
