@@ -68,6 +68,22 @@ class Engram(nn.Module):
         self.query_norms = nn.ModuleList([nn.RMSNorm(dim, eps=norm_eps) for _ in range(cfg.hc_mult)])
         self.short_conv = ShortConv(dim, cfg.kernel_size, dilation=cfg.max_ngram_size, hc_mult=cfg.hc_mult, eps=norm_eps)
 
+    def init_weights(self, std: float) -> None:
+        """Key projections like any projection; the value projection and the conv kernel start at zero.
+
+        The branch then adds exactly nothing at step 0 and the memory fades in as it learns. With
+        PyTorch's default init, RMSNorm -> conv -> SiLU alone writes a vector of norm ~sqrt(D)/2 per
+        token into a residual stream whose embeddings have norm ~0.02 sqrt(D): random n-gram codes
+        drown token identity, and on the stdlib the model trained markedly slower than without
+        Engram. Gradients still flow: value_proj's own gradient is nonzero from the first step.
+        """
+        for proj in self.key_projs:
+            nn.init.normal_(proj.weight, std=std)
+            nn.init.zeros_(proj.bias)
+        nn.init.zeros_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.zeros_(self.short_conv.conv.weight)
+
     def gates(self, hidden: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, G, D], e [B, T, K*d] -> gate in (0, 1), [B, T, G, 1]."""
         out = []

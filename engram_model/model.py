@@ -101,8 +101,11 @@ class EngramModel(nn.Module):
         self.apply(self._init_weights)
         # Residual writers get a smaller init, so the stream's scale does not grow with depth (GPT-2).
         for name, p in self.named_parameters():
-            if name.endswith(("attn.wo.weight", "w2.weight", "value_proj.weight")):
+            if name.endswith(("attn.wo.weight", "w2.weight")):
                 nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        for block in self.blocks:
+            if block.engram is not None:
+                block.engram.init_weights(cfg.init_std)        # starts silent; see Engram.init_weights
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):

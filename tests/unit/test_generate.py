@@ -47,7 +47,13 @@ def test_greedy_and_filters():
 def model():
     cfg, _ = load_config("tiny")
     torch.manual_seed(0)
-    return EngramModel(cfg, rows=LocalRows(table_specs(cfg))).eval()
+    m = EngramModel(cfg, rows=LocalRows(table_specs(cfg))).eval()
+    with torch.no_grad():     # Engram starts silent; give it weights so decoding exercises it
+        for block in m.blocks:
+            if block.engram is not None:
+                for p in block.engram.parameters():
+                    p.add_(0.2 * torch.randn_like(p))
+    return m
 
 
 def test_cached_decoding_equals_uncached(model):

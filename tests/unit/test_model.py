@@ -23,7 +23,28 @@ def make_model(cfg=None, seed=0):
     cfg = cfg or tiny_cfg()
     torch.manual_seed(seed)
     rows = LocalRows(table_specs(cfg)) if cfg.engram is not None else None
-    return EngramModel(cfg, rows=rows).eval()
+    model = EngramModel(cfg, rows=rows).eval()
+    randomize_engram(model)
+    return model
+
+
+def randomize_engram(model):
+    """Engram starts silent (zero value projection and conv); give it weights so tests see it."""
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.engram is not None:
+                for p in block.engram.parameters():
+                    p.add_(0.2 * torch.randn_like(p))
+
+
+def test_engram_starts_silent():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    with_engram = EngramModel(cfg, rows=LocalRows(table_specs(cfg)))
+    block = with_engram.blocks[1]
+    h = torch.randn(2, 5, cfg.dim)
+    out, _ = block.engram(h, torch.randn(2, 5, cfg.engram.heads_per_layer, cfg.engram.head_dim))
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 @pytest.mark.parametrize("variant", ["engram", "moe", "gqa_dense_first"])
@@ -86,6 +107,7 @@ def test_row_source_call_pattern():
     cfg = tiny_cfg()
     rec = RecordingRows(LocalRows(table_specs(cfg)))
     model = EngramModel(cfg, rows=rec)
+    randomize_engram(model)
     tokens = torch.randint(0, 512, (2, 9))
     model(tokens)
     assert [(c[0], c[1]) for c in rec.calls] == [("prefetch", 1), ("prefetch", 2), ("get", 1), ("get", 2)]
