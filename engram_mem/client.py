@@ -148,6 +148,19 @@ class _Channels:
             self.thread.join(timeout=10)
 
 
+class _Reshaped:
+    """A future whose result is reshaped (gather returns [N, dim]; the caller wants ids.shape + (dim,))."""
+
+    def __init__(self, inner: concurrent.futures.Future, shape: tuple):
+        self.inner, self.shape = inner, shape
+
+    def done(self) -> bool:
+        return self.inner.done()
+
+    def result(self, timeout: float | None = None):
+        return self.inner.result(timeout).reshape(self.shape)
+
+
 class GatherFuture:
     """Rows on their way. `result()` returns them in the ids' order and shape."""
 
@@ -157,29 +170,16 @@ class GatherFuture:
     def done(self) -> bool:
         return self._inner.done()
 
-    def unique(self, timeout: float | None = None):
-        """(rows [U, dim], index [ids.shape] into them) without expanding duplicates."""
-        buf, inverse, shape = self._inner.result(timeout)
-        index = np.arange(buf.shape[0]) if inverse is None else inverse
-        return buf, index.reshape(shape[:-1])
-
     def result(self, timeout: float | None = None):
-        buf, inverse, shape = self._inner.result(timeout)
-        if self._as_torch or self._device is not None:
-            import torch
+        out = self._inner.result(timeout)
+        if not (self._as_torch or self._device is not None):
+            return out
+        from engram_mem.table import as_torch
 
-            from engram_mem.table import as_torch
-
-            t = as_torch(buf, self._dtype)
-            if self._device is not None and str(self._device) != "cpu":
-                # Copy only the unique rows to the device (pinned, asynchronous), expand there.
-                t = t.pin_memory().to(self._device, non_blocking=True)
-            if inverse is None:
-                return t.reshape(shape)
-            return t.index_select(0, torch.from_numpy(inverse).to(t.device, non_blocking=True)).reshape(shape)
-        if inverse is None:  # the ids were distinct: rows already arrived in request order
-            return buf.reshape(shape)
-        return np.take(buf, inverse, axis=0).reshape(shape)
+        t = as_torch(out, self._dtype)
+        if self._device is not None and str(self._device) != "cpu":
+            t = t.pin_memory().to(self._device, non_blocking=True)
+        return t
 
 
 class MemoryClient:
@@ -339,34 +339,54 @@ class MemoryClient:
     def gather_async(self, name: str, ids, *, as_torch: bool = False, device=None) -> GatherFuture:
         t = self._view.table(name)
         flat, shape = self._ids(t.spec, ids)
-        uniq, inverse = np.unique(flat, return_inverse=True)
-        if uniq.size == flat.size:  # distinct ids travel in request order: nothing to expand afterwards
-            inner = self._chans.submit(self._gather(name, flat, None, shape))
+        uniq, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+        if uniq.size == flat.size:  # distinct: rows arrive straight into place, in request order
+            send, dest, dups = flat, None, None
         else:
-            inner = self._chans.submit(self._gather(name, uniq, inverse, shape))
-        return GatherFuture(inner, t.spec.dtype, as_torch=as_torch, device=device)
+            # Ask for each id once, at its first occurrence; rows land there as they arrive and the
+            # few repeats are copied from their first occurrence at the end (no full expansion pass).
+            dest = np.sort(first)
+            send = flat[dest]
+            repeat = np.ones(flat.size, dtype=bool)
+            repeat[dest] = False
+            rep = np.nonzero(repeat)[0]
+            dups = (rep, first[inverse[rep]])
+        inner = self._chans.submit(self._gather(name, send, dest, flat.size, dups))
+        return GatherFuture(_Reshaped(inner, tuple(shape) + (t.spec.dim,)), t.spec.dtype, as_torch=as_torch,
+                            device=device)
 
-    async def _gather(self, name: str, ids: np.ndarray, inverse: np.ndarray | None, shape: tuple):
-        """Rows of distinct `ids` into one buffer in ids order; `inverse` (if any) expands them later."""
+    async def _gather(self, name: str, send: np.ndarray, dest: np.ndarray | None, n_out: int,
+                      dups: tuple[np.ndarray, np.ndarray] | None):
+        """Rows of the distinct ids `send` into out[dest] (out[:len(send)] if dest is None); then
+        out[dups[0]] = out[dups[1]] for repeated ids. Returns out [n_out, dim]."""
         await self._after_pending(name)
 
         async def attempt(view: ClusterView):
             t = view.table(name)
-            grouped, parts, order = self._split(t, ids, len(view.shard_ids))
-            buf = np.empty((ids.size, t.spec.dim), dtype=np_dtype(t.spec.dtype))
-            await asyncio.gather(*(self._gather_part(view, name, rank, grouped[a:b], buf, a,
-                                                     None if order is None else order[a:b])
+            grouped, parts, order = self._split(t, send, len(view.shard_ids))
+            out = np.empty((n_out, t.spec.dim), dtype=np_dtype(t.spec.dtype))
+            await asyncio.gather(*(self._gather_part(view, name, rank, grouped[a:b], out, a,
+                                                     self._dest(dest, order, a, b))
                                    for rank, a, b in parts if b > a))
-            return buf, inverse, tuple(shape) + (t.spec.dim,)
+            if dups is not None and dups[0].size:
+                out[dups[0]] = out[dups[1]]
+            return out
 
         return await self._retrying(f"gather {name!r}", attempt)
 
-    async def _gather_part(self, view: ClusterView, name: str, rank: int, ids: np.ndarray, buf: np.ndarray,
+    @staticmethod
+    def _dest(dest: np.ndarray | None, order: np.ndarray | None, a: int, b: int) -> np.ndarray | None:
+        """Output rows of send[order[a:b]] (None: the contiguous rows a:b)."""
+        if order is None:
+            return None if dest is None else dest[a:b]
+        return order[a:b] if dest is None else dest[order[a:b]]
+
+    async def _gather_part(self, view: ClusterView, name: str, rank: int, ids: np.ndarray, out: np.ndarray,
                            start: int, dest: np.ndarray | None):
-        """Stream one shard's rows into buf[start:start+len(ids)], or scattered to buf[dest]."""
+        """Stream one shard's rows into out[start:start+len(ids)], or scattered to out[dest]."""
         address = view.address(rank)
         gather = self._chans.stubs(address)[0]
-        dim, dtype = buf.shape[1], buf.dtype
+        dim, dtype = out.shape[1], out.dtype
         max_ids = self.max_request_bytes // 8
         for first in range(0, ids.size, max_ids):
             sub = ids[first:first + max_ids]
@@ -379,9 +399,9 @@ class MemoryClient:
                     if pos + k > end:
                         raise EngramMemError(f"shard {address} sent more rows than asked for")
                     if dest is None:
-                        buf[start + pos:start + pos + k] = rows
+                        out[start + pos:start + pos + k] = rows
                     else:
-                        buf[dest[pos:pos + k]] = rows
+                        out[dest[pos:pos + k]] = rows
                     pos += k
             except grpc.aio.AioRpcError as e:
                 raise _rpc_error(e, address) from None
@@ -498,8 +518,7 @@ class MemoryClient:
         flat, _ = self._ids(t.spec, ids)
 
         async def run():
-            buf, _inverse, _shape = await self._gather(name, flat, None, (flat.size,))
-            return buf
+            return await self._gather(name, flat, None, flat.size, None)
 
         return self._chans.submit(run())
 

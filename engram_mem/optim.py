@@ -56,7 +56,15 @@ class OptimizerSpec:
 
 
 class RowOptimizer:
-    """Base: SGD. Subclasses add per-row state."""
+    """Base: SGD. Subclasses add per-row state.
+
+    Every update is written as single-operation kernels (mul, add, div, sqrt), each rounded once,
+    and Adam's bias corrections are computed exactly per distinct step count. So a row's new value
+    depends only on its own old value, state and gradient, never on where it sits in memory or how
+    many rows share the call: a shard holding a slice of a table computes bit for bit what an
+    in-process table computes (fused multiply-add and vectorized pow would differ in the last bit
+    between SIMD lanes and scalar tails, and the difference grows over training).
+    """
 
     state_names: tuple[str, ...] = ()
 
@@ -73,14 +81,13 @@ class RowOptimizer:
     def apply(self, weight: torch.Tensor, state: dict[str, torch.Tensor], idx: torch.Tensor,
               grad: torch.Tensor, lr: float) -> None:
         """weight [R, D] (any float dtype); idx unique int64 [n]; grad float32 [n, D]."""
-        w = weight[idx].float()
-        self._decay(w, lr)
-        w -= lr * grad
-        weight[idx] = w.to(weight.dtype)
+        w = self._decayed(weight[idx].float(), lr)
+        weight[idx] = w.sub_(grad * lr).to(weight.dtype)
 
-    def _decay(self, w: torch.Tensor, lr: float) -> None:
+    def _decayed(self, w: torch.Tensor, lr: float) -> torch.Tensor:
         if self.spec.weight_decay:
             w.mul_(1.0 - lr * self.spec.weight_decay)
+        return w
 
 
 class RowAdagrad(RowOptimizer):
@@ -91,13 +98,17 @@ class RowAdagrad(RowOptimizer):
 
     @torch.no_grad()
     def apply(self, weight, state, idx, grad, lr):
-        s = state["sum"][idx]
-        s.addcmul_(grad, grad)
+        s = state["sum"][idx].add_(grad * grad)
         state["sum"][idx] = s
-        w = weight[idx].float()
-        self._decay(w, lr)
-        w.addcdiv_(grad, s.sqrt_().add_(self.spec.eps), value=-lr)
-        weight[idx] = w.to(weight.dtype)
+        w = self._decayed(weight[idx].float(), lr)
+        weight[idx] = w.sub_(grad * lr / s.sqrt().add_(self.spec.eps)).to(weight.dtype)
+
+
+def _per_step(step: torch.Tensor, fn) -> torch.Tensor:
+    """fn(k) for each row's step count k, computed once per distinct k in Python floats: [n, 1]."""
+    ks, inv = torch.unique(step, return_inverse=True)
+    vals = torch.tensor([fn(int(k)) for k in ks.tolist()], dtype=torch.float32, device=step.device)
+    return vals[inv].unsqueeze(1)
 
 
 class RowAdam(RowOptimizer):
@@ -115,18 +126,15 @@ class RowAdam(RowOptimizer):
         b1, b2 = self.spec.betas
         step = state["step"][idx] + 1                                  # [n] per-row step count
         state["step"][idx] = step
-        m = state["exp_avg"][idx].mul_(b1).add_(grad, alpha=1 - b1)
-        v = state["exp_avg_sq"][idx].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        m = state["exp_avg"][idx].mul_(b1).add_(grad * (1 - b1))
+        v = state["exp_avg_sq"][idx].mul_(b2).add_(grad * grad * (1 - b2))
         state["exp_avg"][idx] = m
         state["exp_avg_sq"][idx] = v
-        stepf = step.to(torch.float32).unsqueeze(1)                    # [n, 1]
-        bc1 = 1 - torch.pow(torch.tensor(b1, device=grad.device), stepf)
-        bc2 = 1 - torch.pow(torch.tensor(b2, device=grad.device), stepf)
+        bc1 = _per_step(step, lambda k: 1 - b1 ** k)                   # [n, 1]
+        bc2 = _per_step(step, lambda k: 1 - b2 ** k)
         denom = (v / bc2).sqrt_().add_(self.spec.eps)
-        w = weight[idx].float()
-        self._decay(w, lr)
-        w.addcdiv_(m / bc1, denom, value=-lr)
-        weight[idx] = w.to(weight.dtype)
+        w = self._decayed(weight[idx].float(), lr)
+        weight[idx] = w.sub_(m / bc1 / denom * lr).to(weight.dtype)
 
 
 OPTIMIZERS = {"sgd": RowOptimizer, "adagrad": RowAdagrad, "adam": RowAdam}

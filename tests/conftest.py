@@ -4,6 +4,12 @@ import os
 import sys
 
 import pytest
+import torch
+
+# Tests run tiny models beside Ray processes on 2 cores. With OpenMP's default 2 threads a busy
+# core stalls every matmul at its barrier (measured: a tiny training step ~10x slower); one thread
+# per test process keeps the suite fast and its timing-independent results unchanged.
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -1,0 +1,157 @@
+"""ClusterRows: Engram rows from the memory cluster, fetched one layer ahead.
+
+The model does not change between a local table and a remote one; only its RowSource does.
+
+    mem = engram_mem.connect(address)                       # the memory cluster (see engram_mem.client)
+    rows = ClusterRows(mem, table_specs(cfg), device="cuda")   # creates the tables if missing
+    model = EngramModel(cfg, rows=rows)
+
+Per forward, the model hashes the batch for every Engram layer and calls prefetch(layer, ids) for
+each, in layer order, before any block runs: each fetch starts on the fetcher's thread at once and
+is in flight while the blocks before its Engram layer compute. get(layer, ids) then waits only for
+whatever is left (`wait_s` adds that exposed wait up). A fetch reads the worker's hot-row cache,
+then the shards on this node straight from shared memory, then remote shards over gRPC
+(engram_mem.fetcher). It de-duplicates the batch's ids; only the distinct rows travel, and they are
+expanded on the model's device (pinned host memory and a non-blocking copy where CUDA exists).
+
+Training: step() sums each row's gradient over the batch and pushes it to the shards, where the
+row-wise optimizer (Adam at 5x the dense lr, no weight decay, as in the paper) applies it. The push
+is asynchronous: it overlaps the dense optimizer step and the next batch's preparation, and the
+next fetch of that table waits until it has been applied. So a step always reads rows that include
+every update this worker made (staleness 0); with several data-parallel workers, another worker's
+update of the same step may land before or after (staleness <= 1 step).
+
+Inference workers pass train=False: no leaves, no pushes, tables read-only from this worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from engram_mem.errors import NonFiniteGradient
+from engram_mem.fetcher import RowFetcher
+from engram_mem.table import TableSpec, as_torch
+from engram_model.rows import TABLE_OPTIMIZER, RowSource, table_name
+
+
+class ClusterRows(RowSource):
+    def __init__(self, client, specs: dict[int, TableSpec], device: torch.device | str = "cpu", *,
+                 train: bool = True, prefetch: bool = True, cache_bytes: int = 0, node_local: bool = True,
+                 optimizer: dict | None = TABLE_OPTIMIZER, create: bool = True, grad_scale: float = 1.0):
+        """cache_bytes: hot-row cache per table (0 = none); grad_scale: multiplies pushed gradients
+        (1/world_size under data parallelism, so the pushes add up to the global-batch gradient)."""
+        self.client = client
+        self.specs = dict(specs)
+        self.device = torch.device(device)
+        self.train_mode, self.prefetch_enabled, self.grad_scale = train, prefetch, grad_scale
+        if create:
+            for spec in self.specs.values():
+                client.create_table_spec(spec, optimizer=optimizer, exist_ok=True)
+        have = client.tables()
+        for layer, spec in self.specs.items():
+            if have.get(spec.name) != spec:
+                raise ValueError(f"layer {layer}: the cluster's table {spec.name!r} is {have.get(spec.name)}, "
+                                 f"the model needs {spec}")
+        self.fetcher = RowFetcher(client, cache_bytes={s.name: cache_bytes for s in self.specs.values()},
+                                  node_local=node_local)
+        self._inflight: dict[int, tuple[torch.Tensor, object]] = {}
+        self._leaves: list[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = []  # layer, uniq, inv, leaf
+        self._pushes: list = []
+        self.wait_s = 0.0       # time get() spent waiting for rows (the exposed fetch latency)
+        self.fetches = 0
+
+    # ---- rows in ---------------------------------------------------------------------------
+    def _start(self, layer: int, row_ids: torch.Tensor):
+        if layer not in self.specs:
+            raise ValueError(f"no Engram table for layer {layer}; tables: {sorted(self.specs)}")
+        ids = row_ids.detach().reshape(-1).to("cpu", non_blocking=False).numpy()
+        self.fetches += 1
+        return self.fetcher.fetch_async(self.specs[layer].name, ids)
+
+    def prefetch(self, layer: int, row_ids: torch.Tensor) -> None:
+        if self.prefetch_enabled:
+            self._inflight[layer] = (row_ids, self._start(layer, row_ids))
+
+    def get(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
+        entry = self._inflight.pop(layer, None)
+        if entry is not None and (entry[0] is row_ids or torch.equal(entry[0], row_ids)):
+            fut = entry[1]
+        else:
+            fut = self._start(layer, row_ids)
+        t0 = time.perf_counter()
+        uniq, rows_np, inverse = fut.result()
+        self.wait_s += time.perf_counter() - t0
+        spec = self.specs[layer]
+        rows_u = as_torch(rows_np, spec.dtype)                               # [U, D] host
+        if self.device.type == "cuda":
+            rows_u = rows_u.pin_memory().to(self.device, non_blocking=True)
+            inv = torch.from_numpy(inverse).pin_memory().to(self.device, non_blocking=True)
+        else:
+            inv = torch.from_numpy(inverse)
+        rows = rows_u.float()[inv].view(*row_ids.shape, spec.dim)            # [B, T, K, D]
+        if self.train_mode and torch.is_grad_enabled():
+            rows = rows.detach().requires_grad_(True)
+            self._leaves.append((layer, uniq, inv, rows))
+        return rows
+
+    # ---- gradients out ---------------------------------------------------------------------
+    def step(self, lr: float, step: int) -> None:
+        if not self.train_mode:
+            if self._leaves:
+                raise RuntimeError("ClusterRows(train=False) is read-only and cannot be stepped")
+            return
+        by_layer: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = defaultdict(list)
+        for layer, uniq, inv, leaf in self._leaves:
+            if leaf.grad is None:
+                continue
+            g = leaf.grad.reshape(-1, leaf.shape[-1]).float()                 # [B*T*K, D]
+            summed = torch.zeros(uniq.size, g.shape[1], dtype=torch.float32, device=g.device)
+            by_layer[layer].append((uniq, summed.index_add_(0, inv, g)))      # [U, D]
+        self._leaves.clear()
+        self._pushes = [p for p in self._pushes if not p.done()]
+        for layer, parts in by_layer.items():
+            ids = np.concatenate([p[0] for p in parts])
+            grads = torch.cat([p[1] for p in parts]).cpu()
+            if self.grad_scale != 1.0:
+                grads = grads * self.grad_scale
+            if not torch.isfinite(grads).all():
+                raise NonFiniteGradient(f"table {table_name(layer)}: gradient holds NaN or Inf; nothing pushed")
+            # Duplicates across micro-batches are summed by the client before sending.
+            self._pushes.append(self.fetcher.push_async(self.specs[layer].name, ids, grads, lr=lr, step=step))
+
+    def flush(self) -> None:
+        """Wait for every push this worker sent (raises a push's error, if any)."""
+        for p in self._pushes:
+            p.result()
+        self._pushes.clear()
+
+    def zero_grad(self) -> None:
+        self._leaves.clear()
+
+    def stats(self) -> dict:
+        return dict(self.fetcher.summary(), wait_s=self.wait_s, row_fetches=self.fetches)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # the tables live in the cluster (its lmdb snapshots persist them)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Import tables (e.g. a LocalRows checkpoint's "<table>.weight") into the cluster with Write.
+        Optimizer state in `state` is not imported: the shards start it fresh."""
+        for layer, spec in self.specs.items():
+            w = state.get(f"{spec.name}.weight")
+            if w is None:
+                raise ValueError(f"no rows for table {spec.name!r} in the state (keys: {sorted(state)[:6]}...)")
+            if tuple(w.shape) != (spec.rows, spec.dim):
+                raise ValueError(f"{spec.name}.weight has shape {tuple(w.shape)}; the table is ({spec.rows}, {spec.dim})")
+            per = max(1, (64 << 20) // spec.row_bytes)
+            for a in range(0, spec.rows, per):
+                b = min(a + per, spec.rows)
+                self.client.write(spec.name, np.arange(a, b), w[a:b].detach().cpu())
+
+    def close(self) -> None:
+        self.flush()
+        self.fetcher.close()

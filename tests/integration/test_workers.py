@@ -1,0 +1,137 @@
+"""Training and inference workers attached to a memory cluster on a real local Ray cluster.
+
+The model code is the same in every run; only its RowSource differs (LocalRows in-process,
+ClusterRows against the cluster).
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import engram_mem
+from engram_model.cluster_rows import ClusterRows
+from engram_model.config import load_config
+from engram_model.data import Corpus
+from engram_model.generate import generate
+from engram_model.model import EngramModel
+from engram_model.rows import LocalRows, table_specs
+from engram_model.tokenizer import CompressedTokenizer
+from engram_model.train import train
+
+QUIET = dict(progress=False, log=lambda *a: None)
+
+
+def _text(seed, n=500):
+    rng = np.random.default_rng(seed)
+    names = ["alpha", "beta", "Gamma", "delta", "Epsilon", "zeta"]
+    out = []
+    for _ in range(n):
+        a, b = rng.choice(names, 2)
+        k = int(rng.integers(0, 20))
+        out.append(rng.choice([f"def {a}_{k}(self, {b}):\n    return self.{b} + {k}\n",
+                               f"    {a} = {b}.get('{a}', {k})\n"]))
+    return "".join(out)
+
+
+@pytest.fixture(scope="module")
+def setup(ray_local):
+    tok = CompressedTokenizer.train([_text(0)], vocab_size=300)
+    ids = []
+    for seed in range(3):
+        ids += tok.encode(_text(seed)) + [tok.eos_id]
+    corpus = Corpus.from_tokens(np.array(ids), val_fraction=0.15)
+    with engram_mem.connect(shards=2, name="workers") as mem:
+        yield mem, tok, corpus
+
+
+def _tiny(**kw):
+    m, t = load_config("tiny")
+    return m, dataclasses.replace(t, eval_every=0, **kw)
+
+
+def _fresh_tables(mem, cfg):
+    for spec in table_specs(cfg).values():
+        if spec.name in mem.tables():
+            mem.drop_table(spec.name)
+
+
+def test_training_in_the_cluster_follows_the_in_process_loss_curve(setup):
+    mem, tok, corpus = setup
+    m, t = _tiny(steps=200)
+    cfg = m.for_tokenizer(tok)
+    local = train(m, t, tokenizer=tok, corpus=corpus, **QUIET)
+    _fresh_tables(mem, cfg)
+    rows = ClusterRows(mem, table_specs(cfg))
+    try:
+        remote = train(m, t, tokenizer=tok, corpus=corpus, rows=rows, **QUIET)
+        rows.flush()
+    finally:
+        rows.close()
+    a, b = np.array(local.history["loss"]), np.array(remote.history["loss"])
+    assert a.shape == b.shape == (200,)
+    assert np.max(np.abs(a - b)) < 1e-3, np.max(np.abs(a - b))
+    assert b[-10:].mean() < b[:10].mean() - 1.0
+    # The tables themselves ended equal: the cluster applied exactly the in-process updates.
+    for layer, w in local.rows.weights.items():
+        name = table_specs(cfg)[layer].name
+        got = mem.gather(name, np.arange(w.shape[0]))
+        assert np.allclose(got, w.numpy(), atol=1e-4)
+
+
+def test_the_cache_never_serves_a_row_older_than_the_workers_last_push(setup):
+    mem, tok, corpus = setup
+    m, t = _tiny(steps=40)
+    cfg = m.for_tokenizer(tok)
+    local = train(m, t, tokenizer=tok, corpus=corpus, **QUIET)
+    _fresh_tables(mem, cfg)
+
+    class Checked(ClusterRows):
+        """After every step, what the cached path serves must equal what the shards hold."""
+        checked = 0
+
+        def step(self, lr, step):
+            super().step(lr, step)
+            for layer, spec in self.specs.items():
+                ids = np.random.default_rng(step).integers(0, spec.rows, 64)
+                ids = np.concatenate([ids, list(self.fetcher.caches[spec.name].keys[:64])])
+                uniq, served, inv = self.fetcher.fetch(spec.name, ids)
+                truth = self.client.gather(spec.name, uniq)
+                assert np.array_equal(served, truth), f"stale rows served at step {step}"
+                self.checked += 1
+
+    rows = Checked(mem, table_specs(cfg), cache_bytes=1 << 20)
+    try:
+        remote = train(m, t, tokenizer=tok, corpus=corpus, rows=rows, **QUIET)
+        stats = rows.stats()
+    finally:
+        rows.close()
+    assert rows.checked == 2 * 40 and stats["cache_hits"] > 0
+    assert np.max(np.abs(np.array(local.history["loss"]) - np.array(remote.history["loss"]))) < 1e-3
+
+
+def test_inference_with_remote_rows_equals_local_rows_exactly(setup):
+    mem, tok, corpus = setup
+    m, t = _tiny(steps=20)
+    trained = train(m, t, tokenizer=tok, corpus=corpus, **QUIET)
+    cfg = trained.model_cfg
+    _fresh_tables(mem, cfg)
+    # Import the trained tables into the cluster (Write), then serve them read-only with a cache.
+    writer = ClusterRows(mem, table_specs(cfg), train=False)
+    writer.load_state_dict({k: v for k, v in trained.rows.state_dict().items() if k.endswith(".weight")})
+    reader = ClusterRows(mem, table_specs(cfg), train=False, cache_bytes=256 << 10)
+    remote_model = EngramModel(cfg, rows=reader, compress_lookup=tok.lookup)
+    remote_model.load_state_dict(trained.model.state_dict())
+    local_model = trained.model
+    local_model.eval(), remote_model.eval()
+    x = torch.tensor([tok.encode("def alpha_3(self, beta):\n    return")[:20]] * 2)
+    with torch.no_grad():
+        assert torch.equal(local_model(x)[0], remote_model(x)[0])
+    prompts = ["def beta_1(self, zeta):", "    delta = Gamma.get("]
+    for temperature in (0.0, 0.8):
+        want = generate(local_model, tok, prompts, max_new_tokens=24, temperature=temperature, seed=3)
+        got = generate(remote_model, tok, prompts, max_new_tokens=24, temperature=temperature, seed=3)
+        assert got == want
+    assert reader.stats()["cache_hits"] > 0 and reader.stats()["row_fetches"] > 0
+    writer.close(), reader.close()
