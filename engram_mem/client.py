@@ -196,6 +196,8 @@ class MemoryClient:
         self.max_request_bytes = cfg["max_request_bytes"]
         self._chans = _Channels(2 * self.max_request_bytes + (1 << 20))
         self._pending: dict[str, set] = {}   # table -> in-flight writes/pushes (loop thread only)
+        self._unacked: dict[str, int] = {}   # table -> writes/pushes sent and not yet answered
+        self._unacked_lock = threading.Lock()
         self._view_lock = threading.Lock()
         self._closed = False
         self.chunk_rows = 0  # rows per Gather reply chunk; 0 = the server default (~1 MB)
@@ -479,7 +481,15 @@ class MemoryClient:
             self._track(name, fut)
             return await fut
 
-        return self._chans.submit(run())
+        with self._unacked_lock:  # counted on the caller's thread, so flush() can skip the loop when zero
+            self._unacked[name] = self._unacked.get(name, 0) + 1
+        out = self._chans.submit(run())
+        out.add_done_callback(lambda _f: self._acked(name))
+        return out
+
+    def _acked(self, name: str) -> None:
+        with self._unacked_lock:
+            self._unacked[name] -= 1
 
     async def _send_part(self, view, name, kind, rank, ids, rows, dtype, lr, step) -> int:
         address = view.address(rank)
@@ -506,6 +516,10 @@ class MemoryClient:
 
     def flush(self, name: str | None = None, timeout: float | None = None) -> None:
         """Wait until every write and push sent so far (to table `name`, or to any) is applied."""
+        with self._unacked_lock:
+            if not any(v for k, v in self._unacked.items() if name is None or k == name):
+                return
+
         async def wait_all():
             for n in ([name] if name is not None else list(self._pending)):
                 await self._after_pending(n)

@@ -35,7 +35,7 @@ import torch
 from engram_mem.errors import NonFiniteGradient
 from engram_mem.fetcher import RowFetcher
 from engram_mem.table import TableSpec, as_torch
-from engram_model.rows import TABLE_OPTIMIZER, RowSource, table_name
+from engram_model.rows import TABLE_OPTIMIZER, RowSource, table_name, table_specs
 
 
 class ClusterRows(RowSource):
@@ -140,7 +140,10 @@ class ClusterRows(RowSource):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Import tables (e.g. a LocalRows checkpoint's "<table>.weight") into the cluster with Write.
-        Optimizer state in `state` is not imported: the shards start it fresh."""
+        Optimizer state in `state` is not imported: the shards start it fresh. An empty state (the
+        checkpoint of a run whose tables lived in the cluster) leaves the cluster's rows as they are."""
+        if not state:
+            return
         for layer, spec in self.specs.items():
             w = state.get(f"{spec.name}.weight")
             if w is None:
@@ -155,3 +158,29 @@ class ClusterRows(RowSource):
     def close(self) -> None:
         self.flush()
         self.fetcher.close()
+
+
+def load_for_inference(checkpoint: str, client, device: torch.device | str = "cpu", cache_bytes: int = 64 << 20,
+                       import_tables: bool = False):
+    """(model in eval mode, tokenizer) from a checkpoint, its Engram rows served by the memory cluster.
+
+    import_tables: write the checkpoint's own tables (tables.safetensors) into the cluster first,
+    for a model trained with in-process tables; otherwise the cluster must already hold them."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from engram_model.checkpoint import load_model
+    from engram_model.config import ModelConfig
+
+    manifest = json.loads((Path(checkpoint) / "config.json").read_text())
+    cfg = ModelConfig.from_dict(manifest["model"])
+    specs = table_specs(cfg)
+    if import_tables:
+        writer = ClusterRows(client, specs, train=False, node_local=False)
+        writer.load_state_dict(load_file(str(Path(checkpoint) / "tables.safetensors")))
+        writer.close()
+    rows = ClusterRows(client, specs, device=device, train=False, cache_bytes=cache_bytes, create=False)
+    return load_model(checkpoint, device=device, rows=rows)
+
