@@ -39,9 +39,12 @@ class CountMinSketch:
     def add(self, ids: np.ndarray, counts: np.ndarray | None = None) -> None:
         if ids.size == 0:
             return
-        w = None if counts is None else counts.astype(np.float64)
+        inc = np.ones(ids.size, dtype=np.uint32) if counts is None else counts.astype(np.uint32)
         for d, cells in enumerate(self._cells(ids)):
-            self.table[d] += np.bincount(cells, weights=w, minlength=self.width).astype(np.uint32)
+            if ids.size * 16 < self.width:  # a small batch (decode): touch only its cells
+                np.add.at(self.table[d], cells, inc)
+            else:                           # a large batch (prefill): one pass over the row
+                self.table[d] += np.bincount(cells, weights=inc, minlength=self.width).astype(np.uint32)
         self.added += int(ids.size if counts is None else counts.sum())
 
     def estimate(self, ids: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """`engram-mem`: run and inspect a memory cluster.
 
-    engram-mem up [--shards N] [--tables FILE] [--address RAY_ADDRESS] [--data-dir DIR]
+    engram-mem up [--shards N] [--tables FILE] [--address RAY_ADDRESS] [--data-dir DIR] [--shard-resource R=1]
     engram-mem status [--address RAY_ADDRESS] [--json]
     engram-mem scale N [--address RAY_ADDRESS]
     engram-mem checkpoint [--address RAY_ADDRESS]
@@ -54,6 +54,17 @@ def cmd_up(args) -> int:
         cluster["data_dir"] = os.path.abspath(args.data_dir)
     if args.cpus_per_shard is not None:
         cluster["cpus_per_shard"] = args.cpus_per_shard
+    if args.shard_resource:
+        res = {}
+        for item in args.shard_resource:
+            key, sep, value = item.partition("=")
+            try:
+                res[key] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not key:
+                sys.exit(f"engram-mem: --shard-resource {item!r} must look like NAME=AMOUNT, e.g. memory_node=1")
+        cluster["shard_resources"] = res
     tables = os.path.abspath(args.tables) if args.tables else None
     if args.address:
         import ray
@@ -193,6 +204,8 @@ def main(argv=None) -> int:
     up.add_argument("--address", help="Ray cluster address (default: start an embedded local one)")
     up.add_argument("--data-dir", help="lmdb snapshots here; restart restores from them")
     up.add_argument("--cpus-per-shard", type=float)
+    up.add_argument("--shard-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                    help="a Ray resource each shard needs, to pin shards to memory nodes (repeatable)")
     up.add_argument("--timeout", type=float, default=180)
     for name, fn in (("status", "show shards, nodes, rows, bytes, requests/s"), ("down", "stop the memory cluster"),
                      ("checkpoint", "snapshot every shard to its data dir")):

@@ -1,0 +1,121 @@
+"""Decode with the Engram tables in the memory cluster: exposed row wait and cache hit rate.
+
+    .venv/bin/python bench/bench_decode.py [--batch 8] [--steps 192] [--table-gb 2.2]
+
+KV-cache decode, one token per step for a batch of sequences, fed the real next token of stdlib
+source (teacher forcing), so the n-gram traffic is that of real code whatever the model's weights.
+After each token the model hashes it with the previous ones and requests the next step's rows at
+once (prefetch), before running the blocks ahead of the first Engram layer. For each row source:
+  - in-process table (the reference)
+  - cluster on this node (shared-memory tier), no cache / with a hot-row cache
+  - cluster on another node (gRPC), no cache / with a hot-row cache
+it reports decode tokens/s, the exposed wait for rows as a share of step time, and the cache hit
+rate (share of the step's distinct rows found in the cache). Prints a table, appends
+bench/results/decode.jsonl, draws bench/results/decode.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_jsonl, bar_plot, markdown_table, print_table  # noqa: E402
+from model_setup import memory_on, model_config, start_two_nodes, text_windows  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--steps", type=int, default=192)
+    p.add_argument("--table-gb", type=float, default=2.2)
+    p.add_argument("--cache-mb", type=int, default=32, help="hot-row cache per table")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from engram_model.cluster_rows import ClusterRows
+    from engram_model.model import EngramModel
+    from engram_model.rows import LocalRows, table_specs
+
+    cfg, _, tok = model_config("serving", args.table_gb)
+    specs = table_specs(cfg)
+    windows = text_windows(tok, [args.prompt + args.steps] * args.batch, seed=2)
+    text = torch.from_numpy(np.stack(windows))                                   # [B, prompt + steps]
+    # Other code warms the cache up: hits on the measured text come from n-grams common to both.
+    warm_text = torch.from_numpy(np.stack(text_windows(tok, [args.prompt + args.steps] * args.batch, seed=3)))
+    torch.manual_seed(0)
+    local = LocalRows(specs, optimizer=None)
+    model = EngramModel(cfg, rows=local, compress_lookup=tok.lookup).eval()
+
+    def decode(rows, text=text) -> dict:
+        model.rows = rows
+        w0 = getattr(rows, "wait_s", 0.0)
+        cache = model.new_cache(args.batch, max_len=args.prompt + args.steps)
+        with torch.inference_mode():
+            model(text[:, :args.prompt], cache=cache)                            # prefill (not timed)
+            w1 = getattr(rows, "wait_s", 0.0)
+            t0 = time.perf_counter()
+            for i in range(args.prompt, args.prompt + args.steps):
+                logits, _ = model(text[:, i:i + 1], cache=cache)               # [B, 1, V]
+            dt = time.perf_counter() - t0
+        wait = getattr(rows, "wait_s", 0.0) - w1
+        return {"seconds": dt, "wait_s": wait, "logits": logits}
+
+    ray, cluster = start_two_nodes()
+    results = []
+    try:
+        ref = decode(local)
+        decode(local)
+        ref = decode(local)
+        results.append({"name": "in-process table", **ref})
+        for node in ("a", "b"):
+            mem = memory_on(node, f"decode-{node}")
+            where = "same node" if node == "a" else "other node"
+            ClusterRows(mem, specs, train=False).close()  # create the tables
+            for cache_mb in (0, args.cache_mb):
+                rows = ClusterRows(mem, specs, train=False, create=False, cache_bytes=cache_mb << 20)
+                decode(rows, warm_text)                        # warm-up on other text (fills the cache)
+                s0 = rows.stats()
+                out = decode(rows)
+                s1 = rows.stats()
+                assert torch.equal(out["logits"], ref["logits"]), "remote rows changed the output"
+                looked = s1["unique_ids"] - s0["unique_ids"]
+                hits = s1["cache_hits"] - s0["cache_hits"]
+                label = f"cluster ({where}), " + (f"cache {cache_mb} MB/table" if cache_mb else "no cache")
+                results.append({"name": label, **out, "cache_hit_rate": hits / looked if looked else 0.0,
+                                "node_local_rows": s1.get("node_local_rows", 0) - s0.get("node_local_rows", 0),
+                                "remote_rows": s1.get("remote_rows", 0) - s0.get("remote_rows", 0)})
+                print(f"  {label}: {args.batch * args.steps / out['seconds']:.1f} tok/s, "
+                      f"wait {100 * out['wait_s'] / out['seconds']:.2f}%", flush=True)
+                rows.close()
+            mem.close()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    base = results[0]["seconds"]
+    table = [{"name": r["name"], "tokens_per_s": round(args.batch * args.steps / r["seconds"], 1),
+              "vs_in_process_pct": round(100 * (base / r["seconds"] - 1), 2),
+              "exposed_wait_pct": round(100 * r["wait_s"] / r["seconds"], 2),
+              "ms_per_step": round(1000 * r["seconds"] / args.steps, 2),
+              "cache_hit_rate": round(r.get("cache_hit_rate", 0.0), 3),
+              "node_local_rows": r.get("node_local_rows", 0), "remote_rows": r.get("remote_rows", 0)}
+             for r in results]
+    cols = ["name", "tokens_per_s", "vs_in_process_pct", "exposed_wait_pct", "ms_per_step", "cache_hit_rate",
+            "node_local_rows", "remote_rows"]
+    print_table(table, cols, title=f"\ndecode, batch {args.batch}, {args.steps} steps after a {args.prompt}-token prompt")
+    path = append_jsonl("decode", {"bench": "decode", "args": vars(args), "results": table})
+    png = bar_plot("decode", [r["name"] for r in table], [r["exposed_wait_pct"] for r in table],
+                   "exposed row wait, % of step time", f"decode, batch {args.batch}: time waiting for Engram rows")
+    print(f"\nappended {path}\nplot {png}\n\n" + markdown_table(table, cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

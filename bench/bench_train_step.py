@@ -1,0 +1,109 @@
+"""Training step time with the Engram tables in the memory cluster vs in-process (a benchmark, not a test).
+
+    .venv/bin/python bench/bench_train_step.py [--config small] [--steps 40] [--repeats 2]
+
+The demo model (engram_model/configs/small.json) trained with engram_model.train.train on the
+stdlib corpus, the same seed and batches for every row source:
+  - in-process tables (LocalRows)
+  - tables in the cluster, shards on this node (reads from shared memory, pushes over gRPC)
+  - tables in the cluster, shards on another Ray node (reads and pushes over gRPC)
+Step time is the median over the timed steps (the first --warmup steps of each run are skipped).
+Every run starts from the tables' initial rows, so the loss curves must agree; the benchmark
+checks that they do. Prints a table, appends bench/results/train_step.jsonl, draws
+bench/results/train_step.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_jsonl, bar_plot, markdown_table, print_table  # noqa: E402
+from model_setup import memory_on, start_two_nodes  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="small")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default=None, choices=[None, "fp32", "bf16"])
+    args = p.parse_args(argv)
+
+    import torch
+
+    from engram_model.cluster_rows import ClusterRows
+    from engram_model.config import load_config
+    from engram_model.data import Corpus
+    from engram_model.rows import table_specs
+    from engram_model.train import DEFAULT_RUNS, load_or_train_tokenizer, train
+
+    m, t = load_config(args.config)
+    t = dataclasses.replace(t, steps=args.steps, eval_every=0, checkpoint_every=0,
+                            **({"dtype": args.dtype} if args.dtype else {}))
+    tok = load_or_train_tokenizer(None, t.tokenizer_vocab, t.val_fraction)
+    corpus = Corpus.build(tok, t.val_fraction, cache_dir=DEFAULT_RUNS / "cache")
+    cfg = m.for_tokenizer(tok)
+    specs = table_specs(cfg)
+    quiet = dict(tokenizer=tok, corpus=corpus, progress=False, log=lambda *a: None)
+    print(f"{args.config}: {args.steps} steps x {t.tokens_per_step} tokens, {t.dtype}, torch threads "
+          f"{torch.get_num_threads()}; tables {sum(s.nbytes for s in specs.values()) / 2**20:.1f} MiB", flush=True)
+
+    ray, cluster = start_two_nodes()
+    runs: dict[str, list] = {}
+    losses: dict[str, list] = {}
+    stats: dict[str, dict] = {}
+    try:
+        mems = {node: memory_on(node, f"train-{node}") for node in ("a", "b")}
+        for r in range(args.repeats):
+            for name in ("in-process tables", "cluster, same node", "cluster, other node"):
+                rows = None
+                if name != "in-process tables":
+                    mem = mems["a" if "same" in name else "b"]
+                    for spec in specs.values():  # every run starts from the initial rows
+                        if spec.name in mem.tables():
+                            mem.drop_table(spec.name)
+                    rows = ClusterRows(mem, specs)
+                res = train(m, t, rows=rows, **quiet)
+                if rows is not None:
+                    rows.flush()
+                    stats[name] = rows.stats()
+                    rows.close()
+                step_s = np.diff([0.0] + res.history["elapsed"])[args.warmup:]
+                runs.setdefault(name, []).extend(step_s.tolist())
+                losses[name] = res.history["loss"]
+                print(f"  repeat {r + 1}: {name:<20} median step {1000 * np.median(step_s):7.1f} ms", flush=True)
+        for mem in mems.values():
+            mem.close()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    base = float(np.median(runs["in-process tables"]))
+    ref = np.array(losses["in-process tables"])
+    table = []
+    for name, secs in runs.items():
+        med = float(np.median(secs))
+        s = stats.get(name, {})
+        table.append({"name": name, "median_step_ms": round(1000 * med, 1), "vs_in_process_pct": round(100 * (med / base - 1), 2),
+                      "p90_step_ms": round(1000 * float(np.percentile(secs, 90)), 1),
+                      "tokens_per_s": round(t.tokens_per_step / med, 1),
+                      "max_loss_diff": float(np.max(np.abs(np.array(losses[name]) - ref))),
+                      "exposed_wait_s": round(s.get("wait_s", 0.0), 3)})
+    cols = ["name", "median_step_ms", "vs_in_process_pct", "p90_step_ms", "tokens_per_s", "max_loss_diff", "exposed_wait_s"]
+    print_table(table, cols, title=f"\ntraining step time, {args.config}, {len(runs['in-process tables'])} timed steps per source")
+    path = append_jsonl("train_step", {"bench": "train_step", "args": vars(args), "results": table})
+    png = bar_plot("train_step", [r["name"] for r in table], [r["median_step_ms"] for r in table], "median step (ms)",
+                   f"training step time, {args.config}")
+    print(f"\nappended {path}\nplot {png}\n\n" + markdown_table(table, cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
