@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def main(argv=None) -> None:
           f"({corpus.n_train_files} / {corpus.n_val_files} files)")
 
     results = {}
+    load_before = os.getloadavg()
     t0 = time.time()
     for label, (name, m, t) in runs.items():
         res = train(m, t, tokenizer=tok, corpus=corpus, device=args.device, progress=args.progress, name=label,
@@ -96,6 +98,7 @@ def main(argv=None) -> None:
         }
         del res
     wall = time.time() - t0
+    load_after = os.getloadavg()
 
     moe, eng = results["MoE"], results["Engram-MoE"]
     delta = eng["final_val_loss"] - moe["final_val_loss"]
@@ -126,6 +129,8 @@ def main(argv=None) -> None:
         "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "steps": t_eng.steps,
         "tokens_per_step": t_eng.tokens_per_step, "dtype": t_eng.dtype, "wall_seconds": round(wall, 1),
+        # other work on the machine slows the runs (not the losses, which are deterministic)
+        "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
         "tokenizer": {"vocab": tok.vocab_size, "compressed": tok.compressed_vocab_size, "reduction": round(tok.reduction, 4)},
         "delta_val_loss": round(delta, 4), "results": results,
         "model_configs": {label: m.for_tokenizer(tok).to_dict() for label, (_, m, _) in runs.items()},
