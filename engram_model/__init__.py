@@ -1,0 +1,11 @@
+"""engram_model: the Engram-MoE language model, its tokenizer, training and generation.
+
+    engram-train --config small                     # train on the Python stdlib (a few minutes on CPU)
+    engram-generate --checkpoint runs/small/ckpt --prompt "def main():"
+
+The map: config.py (ModelConfig, EngramConfig, TrainConfig; sizes in configs/*.json),
+tokenizer.py (byte-level BPE + compression), hashing.py (NgramHasher, reference-compatible),
+rows.py (RowSource: where Engram table rows come from; LocalRows in-process), engram.py (the
+Engram module), attention.py, moe.py, model.py (EngramModel), data.py (the stdlib corpus),
+train.py, generate.py, checkpoint.py. Nothing here imports Ray or gRPC.
+"""

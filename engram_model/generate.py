@@ -88,7 +88,10 @@ def generate(model: EngramModel, tokenizer: CompressedTokenizer, prompts: list[s
     """Completions (new text only) for each prompt, in order."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()                     # non-deterministic, without touching torch's global RNG
     encoded = [[tokenizer.eos_id] + tokenizer.encode(p) for p in prompts]
     results: list[str | None] = [None] * len(prompts)
     by_len: dict[int, list[int]] = {}

@@ -73,7 +73,9 @@ class RowSource(abc.ABC):
 
     @abc.abstractmethod
     def step(self, lr: float, step: int) -> None:
-        """After backward: apply (or push) the summed gradient per unique row at this lr; forget leaves."""
+        """After backward: one optimizer update per unique row of each layer, with the gradient summed
+        over every remembered leaf of that layer (all micro-batches), at this lr; then forget leaves.
+        Leaves without a gradient are dropped. lr is the table lr (the trainer passes 5x dense)."""
 
     @abc.abstractmethod
     def zero_grad(self) -> None:
