@@ -81,7 +81,8 @@ def test_step_sums_duplicates_and_applies_row_adam():
     opt = make_optimizer(TABLE_OPTIMIZER)
     w, st = before[1].clone(), opt.init_state(specs[1].rows, 8)
     opt.apply(w, st, uniq, summed, 0.05)
-    torch.testing.assert_close(rows.weights[1], w, rtol=0, atol=0)
+    # summation order of the two micro-batches may differ by an ulp
+    torch.testing.assert_close(rows.weights[1], w, rtol=1e-6, atol=1e-7)
     assert torch.equal(rows.opt_state[1]["step"], st["step"])
     untouched = torch.ones(specs[1].rows, dtype=torch.bool)
     untouched[uniq] = False
