@@ -3,6 +3,8 @@
     engram-train --config small --out runs/small                  # a few minutes on 2 CPU cores
     engram-train --config tiny --steps 50 --dtype bf16 --set lr=1e-3 --set model.dim=64
     engram-train --resume runs/small/ckpt --steps 2000             # continue a run
+    engram-train --memory local --reset-tables                     # tables in the `engram-mem up` cluster
+    engram-train --memory 127.0.0.2:6379 --nproc 2                 # two data-parallel workers, one cluster
 
     from engram_model.train import train
     history = train(model_cfg, train_cfg, out_dir="runs/x", device="cpu")
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engram_model import distributed
 from engram_model.checkpoint import load_checkpoint, load_optimizer_tensors, save_checkpoint
 from engram_model.config import ModelConfig, TrainConfig, load_config
 from engram_model.data import Corpus, read_texts, split_files, stdlib_files
@@ -47,8 +50,8 @@ DEFAULT_RUNS = Path("runs")
 def make_row_source(cfg: ModelConfig, args, device: torch.device | str) -> RowSource | None:
     """The one place training gets its Engram tables. args: the TrainConfig (or CLI namespace).
 
-    In-process tables today; a memory-cluster source plugs in here (e.g. on an `args.memory`
-    address), imported lazily so that this module never imports Ray or gRPC itself.
+    In-process tables. With --memory the CLI gives train() a ClusterRows instead (see
+    _memory_worker); it is imported lazily so that this module never imports Ray or gRPC itself.
     """
     if cfg.engram is None:
         return None
@@ -173,9 +176,16 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
     stop_at: end this call after that step (checkpointing there), e.g. to run a long schedule in
     chunks; the lr schedule still spans train_cfg.steps.
     out_dir: where ckpt/, history.json and loss.png go (None: nothing is written).
+
+    Under torch.distributed (engram_model.distributed.launch), every worker calls train(): each
+    draws its own batches, dense gradients and router loads are averaged/summed across workers,
+    and only rank 0 logs, shows progress and writes outputs.
     """
     device = torch.device(device)
     tc = train_cfg
+    rank = distributed.rank()
+    if rank != 0:
+        progress, out_dir, log = False, None, (lambda *a: None)
     log = log or (tqdm.write if progress else print)
     if device.type == "cpu":
         tune_cpu_allocator()
@@ -201,7 +211,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
     opt = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=1e-8)
     if opt_state:
         load_optimizer_tensors(model, opt, opt_state)
-    data_rng = np.random.default_rng(tc.seed)
+    # Rank 0 draws exactly the batches of a single-process run; other ranks their own.
+    data_rng = np.random.default_rng(tc.seed if rank == 0 else [tc.seed, rank])
     if rng_state is not None:
         data_rng.bit_generator.state = rng_state
     eval_batches = corpus.eval_batches(tc.batch_size, tc.seq_len, tc.eval_batches)
@@ -233,6 +244,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
             ((ce + aux) / tc.grad_accum).backward()
             loss_sum += ce.item() / tc.grad_accum
             aux_sum += aux.item() / tc.grad_accum
+        if distributed.is_distributed():  # every worker sees the mean loss, so all skip or none do
+            both = torch.tensor([loss_sum, aux_sum], dtype=torch.float64)
+            distributed.allreduce_mean([both])
+            loss_sum, aux_sum = both.tolist()
         if not math.isfinite(loss_sum):
             # Skip the update (dense and tables alike); a run that keeps diverging is stopped.
             bad_steps += 1
@@ -243,11 +258,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
                 raise FloatingPointError(f"[{name}] {bad_steps} non-finite losses in a row; lower the lr")
             continue
         bad_steps = 0
+        distributed.sync_dense_grads(model)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(dense, tc.grad_clip)
         opt.step()
         if rows is not None:
             rows.step(lr * tc.table_lr_mult, step + 1)
+        distributed.sync_router_load(model)
         model.update_router_bias()
 
         history["step"].append(step + 1)
@@ -329,7 +346,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field: lr=1e-3, model.dim=128, model.engram.head_dim=16")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--memory", default=None, metavar="RAY_ADDRESS",
+                   help="keep the Engram tables in the memory cluster at this Ray address ('local': the one "
+                        "`engram-mem up` started on this machine)")
+    p.add_argument("--memory-name", default="engram-mem", help="memory cluster name (default: %(default)s)")
+    p.add_argument("--reset-tables", action="store_true",
+                   help="with --memory: drop the model's tables first, so they start from their initial rows")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel training workers on this machine (needs --memory: they share its tables)")
     return p
+
+
+def _resolve_memory(address: str, name: str) -> str:
+    if address != "local":
+        return address
+    from engram_mem import local
+
+    state = local.read_state(name)
+    if state is None:
+        raise SystemExit(f"engram-train: no local memory cluster {name!r} is running; start one with `engram-mem up`")
+    return state["ray_address"]
+
+
+def _memory_worker(rank: int, world: int, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: dict) -> None:
+    """One training worker attached to the memory cluster (rank 0 alone when --nproc 1)."""
+    import engram_mem
+    from engram_model.cluster_rows import ClusterRows
+
+    with engram_mem.connect(opts["memory"], name=opts["memory_name"]) as mem:
+        tok = CompressedTokenizer.load(opts["tokenizer"])
+        cfg = model_cfg.for_tokenizer(tok) if model_cfg.engram is not None else None
+        rows = None
+        if cfg is not None:
+            rows = ClusterRows(mem, table_specs(cfg), device=opts["device"], grad_scale=1.0 / world)
+        try:
+            res = train(model_cfg, train_cfg, out_dir=opts["out"], device=opts["device"], tokenizer=tok, rows=rows,
+                        resume=opts["resume"], progress=opts["progress"], name=opts["name"])
+        finally:
+            if rows is not None:
+                rows.close()
+        if rank == 0:
+            _report(res, opts["out"])
+
+
+def _report(res: "TrainResult", out) -> None:
+    h = res.history
+    if h["val_loss"]:
+        print(f"final validation loss {h['val_loss'][-1]:.4f} after {h['step'][-1]} steps, "
+              f"{h['train_seconds']:.0f}s; checkpoint, history.json and loss.png in {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,12 +415,38 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
     else:
         out = Path(args.resume).parent if args.resume else DEFAULT_RUNS / Path(args.config).stem
-    res = train(model_cfg, train_cfg, out_dir=out, device=args.device, tokenizer_path=args.tokenizer,
-                 resume=args.resume, progress=not args.no_progress, name=Path(args.config).stem)
-    h = res.history
-    if h["val_loss"]:
-        print(f"final validation loss {h['val_loss'][-1]:.4f} after {h['step'][-1]} steps, "
-              f"{h['train_seconds']:.0f}s; checkpoint, history.json and loss.png in {out}")
+    if args.nproc < 1:
+        raise SystemExit(f"engram-train: --nproc must be >= 1, got {args.nproc}")
+    if args.memory is None:
+        if args.nproc > 1:
+            raise SystemExit("engram-train: --nproc > 1 needs --memory: data-parallel workers share the Engram "
+                             "tables through a memory cluster (start one with `engram-mem up`)")
+        res = train(model_cfg, train_cfg, out_dir=out, device=args.device, tokenizer_path=args.tokenizer,
+                    resume=args.resume, progress=not args.no_progress, name=Path(args.config).stem)
+        _report(res, out)
+        return
+    # Tables in the memory cluster: the tokenizer is made once here, then each worker attaches.
+    address = _resolve_memory(args.memory, args.memory_name)
+    if args.resume:
+        tok_path = str(Path(args.resume) / "tokenizer.json")
+    else:
+        tok = load_or_train_tokenizer(args.tokenizer, train_cfg.tokenizer_vocab, train_cfg.val_fraction)
+        tok_path = str(Path(args.tokenizer) if args.tokenizer else
+                       DEFAULT_RUNS / "tokenizer" / f"stdlib-bpe-{train_cfg.tokenizer_vocab}.json")
+        Corpus.build(tok, train_cfg.val_fraction, cache_dir=DEFAULT_RUNS / "cache")  # tokenized once, cached
+        if args.reset_tables and model_cfg.engram is not None:
+            import engram_mem
+
+            with engram_mem.connect(address, name=args.memory_name) as mem:
+                for spec in table_specs(model_cfg.for_tokenizer(tok)).values():
+                    if spec.name in mem.tables():
+                        mem.drop_table(spec.name)
+    opts = {"memory": address, "memory_name": args.memory_name, "tokenizer": tok_path, "device": args.device,
+            "out": str(out), "resume": args.resume, "progress": not args.no_progress, "name": Path(args.config).stem}
+    if args.nproc == 1:
+        _memory_worker(0, 1, model_cfg, train_cfg, opts)
+    else:
+        distributed.launch(_memory_worker, args.nproc, model_cfg, train_cfg, opts)
 
 
 if __name__ == "__main__":
