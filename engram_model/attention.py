@@ -5,11 +5,15 @@
     cache = KVCache(B, max_len, cfg.n_kv_heads, cfg.head_dim, device)
     y = attn(x_prompt, cos, sin, cache=cache, pos=0)       # prefill
     y = attn(x_next, cos, sin, cache=cache, pos=T)         # decode one (or a few) tokens
+    y = attn(x, cos, sin, mask=mask)                       # left-padded batch: cos, sin [B, T, hd/2] per row
 
 Legend: B batch, T new positions, S cached + new positions, H query heads, Hkv key/value heads
 (grouped-query attention when Hkv < H), hd head dim, D model dim.
 RoPE rotates the two halves of each head (GPT-NeoX layout); cos/sin are sliced to the absolute
-positions [pos, pos + T), so cached keys keep the rotation they were written with.
+positions [pos, pos + T), so cached keys keep the rotation they were written with. A left-padded
+batch (see model.LeftPadding) passes per-row tables [B, T, hd/2], so each row's first real token
+sits at rotary position 0, and a boolean mask [B, 1, T, S] that hides the padding keys; it then
+replaces the causal rule, which the mask already contains.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, hd]; cos, sin [T, hd/2]."""
+    """x [B, T, H, hd]; cos, sin [T, hd/2] (shared by the batch) or [B, T, hd/2] (per row)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    cos, sin = cos[:, None, :], sin[:, None, :]                                  # [T, 1, hd/2]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)                              # [(B,) T, 1, hd/2]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
@@ -68,8 +72,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        """x [B, T, D]; cos, sin [T, hd/2] for positions [pos, pos+T)."""
+                cache: KVCache | None = None, pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D]; cos, sin [(B,) T, hd/2] for positions [pos, pos+T).
+
+        mask: bool [B, 1, T, S], True where a query may attend a key; None means plain causal.
+        """
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)       # [B, T, H, hd]
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)    # [B, T, Hkv, hd]
@@ -79,8 +86,10 @@ class Attention(nn.Module):
             k, v = cache.update(pos, k, v)                                                 # [B, Hkv, S, hd]
             k, v = k.to(q.dtype), v.to(q.dtype)
         S = k.shape[2]
-        mask, causal = None, False
-        if S == T:
+        causal = False
+        if mask is not None:
+            assert mask.shape[-2:] == (T, S), f"mask {tuple(mask.shape)} does not cover {T} queries x {S} keys"
+        elif S == T:
             causal = T > 1
         elif T > 1:
             # New queries at positions pos..pos+T-1 see every cached key and the new ones up to themselves.

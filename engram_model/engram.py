@@ -2,6 +2,7 @@
 
     engram = Engram(dim=256, cfg=EngramConfig(...))
     out, conv_state = engram(hidden, memory)        # hidden [B, T, D] or [B, T, G, D]; memory [B, T, K, d]
+    out, conv_state = engram(hidden, memory, mask=real)   # left-padded batch: real bool [B, T]
     h = h + out                                     # at an Engram layer, before attention
 
 Legend: B batch, T time, G hyper-connection branches (hc_mult), D model dim, K = orders * heads
@@ -17,6 +18,8 @@ rows per token, d per-head row width (head_dim), C = G * D conv channels.
 The module sees only the rows it is handed (the model gets them from a RowSource); it never knows
 where the tables live. For decoding, ShortConv carries the last (kernel-1)*dilation normalized
 inputs as a state, so feeding tokens one at a time gives the same output as the full sequence.
+In a left-padded batch the conv inputs at padding positions are zeroed (mask): a row's first real
+token then sees zeros behind it, exactly the zero state of a sequence that starts there.
 """
 
 from __future__ import annotations
@@ -44,11 +47,15 @@ class ShortConv(nn.Module):
         """How many past positions an output depends on."""
         return (self.kernel_size - 1) * self.dilation
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, G, D]; state [B, context, C] (None: zeros, i.e. the sequence starts here)."""
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, G, D]; state [B, context, C] (None: zeros, i.e. the sequence starts here);
+        mask bool [B, T], False at padding positions, whose inputs the conv then sees as zeros."""
         B, T, G, D = x.shape
         assert G == self.hc_mult, f"x has {G} branches, ShortConv was built for {self.hc_mult}"
         xn = torch.cat([self.norms[g](x[:, :, g]) for g in range(G)], dim=-1)            # [B, T, C]
+        if mask is not None:
+            xn = xn.masked_fill(~mask[..., None], 0.0)
         if state is None:
             state = xn.new_zeros(B, self.context, G * D)
         full = torch.cat([state.to(xn.dtype), xn], dim=1)                                 # [B, ctx+T, C]
@@ -96,9 +103,12 @@ class Engram(nn.Module):
             out.append(torch.sigmoid(s).unsqueeze(-1))
         return torch.stack(out, dim=2)
 
-    def forward(self, hidden: torch.Tensor, memory: torch.Tensor, conv_state: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [B, T, D] or [B, T, G, D]; memory [B, T, K, d] -> (out like hidden, new conv state)."""
+    def forward(self, hidden: torch.Tensor, memory: torch.Tensor, conv_state: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, T, D] or [B, T, G, D]; memory [B, T, K, d] -> (out like hidden, new conv state).
+
+        mask bool [B, T]: False at left-padding positions, kept out of the ShortConv (None: all real).
+        """
         flat = hidden.ndim == 3
         h = hidden.unsqueeze(2) if flat else hidden                                         # [B, T, G, D]
         assert h.shape[2] == self.hc_mult, f"hidden has {h.shape[2]} branches, Engram expects {self.hc_mult}"
@@ -106,6 +116,6 @@ class Engram(nn.Module):
             f"memory rows {tuple(memory.shape[-2:])} != (K={self.n_rows}, d={self.head_dim})"
         e = memory.flatten(-2).to(self.value_proj.weight.dtype)                             # [B, T, K*d]
         value = self.gates(h, e) * self.value_proj(e).unsqueeze(2)                          # [B, T, G, D]
-        conv, state = self.short_conv(value, conv_state)
+        conv, state = self.short_conv(value, conv_state, mask)
         out = value + conv
         return (out.squeeze(2) if flat else out), state

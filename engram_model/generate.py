@@ -10,7 +10,18 @@ Each prompt is encoded as EOS + text, the way every training file follows an EOS
 run through the model once (prefill), then one token at a time with the KV cache; each new token's
 n-gram rows are hashed from it and the previous max_n - 1 tokens kept in the cache. Greedy when
 temperature is 0; otherwise temperature, then top-k, then top-p (nucleus) filtering, then a draw.
-Prompts of equal token length are decoded together as one batch.
+
+Prompts of different token lengths are decoded together as one batch, left-padded to the longest:
+
+    EOS a  b  c  d        n_pad = [0, 2]: row 1's first two positions are padding; every new token
+    PAD PAD EOS x  y      is appended on the right, where all rows stay aligned
+
+The model is told n_pad (see model.py) and keeps padding out of everything a real token sees, so
+each row decodes as it would alone: greedy tokens are equal, logits equal up to float summation
+order. Sampling draws one token per row from a shared generator, so with a seed a batch is
+reproducible, though not draw for draw the same as running its prompts one at a time. Only prompts
+so long that the context limit cuts their output short are batched apart (by how many tokens they
+get), so each prompt still gets exactly as many tokens as alone.
 """
 
 from __future__ import annotations
@@ -53,21 +64,26 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 @torch.inference_mode()
 def generate_tokens(model: EngramModel, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, n_pad: torch.Tensor | None = None) -> torch.Tensor:
     """prompt int64 [B, T0] -> new tokens [B, n], n <= max_new_tokens (stops early once all rows hit EOS).
 
-    The context is capped at model.cfg.max_seq_len: decoding stops when it is full.
+    n_pad int64 [B]: left padding, row b's prompt is prompt[b, n_pad[b]:] (the pad ids themselves
+    never matter). The context is capped at model.cfg.max_seq_len: decoding stops when the longest
+    prompt's context is full.
     """
     B, T0 = prompt.shape
-    if T0 < 1 or T0 > model.cfg.max_seq_len:
-        raise ValueError(f"prompt length {T0} must be in [1, max_seq_len={model.cfg.max_seq_len}]")
-    n = min(max_new_tokens, model.cfg.max_seq_len - T0 + 1)   # the last token drawn is never fed back
+    if n_pad is not None and (n_pad.shape != (B,) or int(n_pad.min()) < 0 or int(n_pad.max()) >= T0):
+        raise ValueError(f"n_pad must be [{B}] with values in [0, {T0}): every row needs a real token")
+    longest = T0 - (int(n_pad.min()) if n_pad is not None else 0)
+    if longest < 1 or longest > model.cfg.max_seq_len:
+        raise ValueError(f"prompt length {longest} must be in [1, max_seq_len={model.cfg.max_seq_len}]")
+    n = min(max_new_tokens, model.cfg.max_seq_len - longest + 1)   # the last token drawn is never fed back
     if n <= 0:
         return prompt.new_zeros(B, 0)
     was_training = model.training
     model.eval()
     cache = model.new_cache(B, max_len=T0 + n - 1)
-    logits, _ = model(prompt, cache=cache)                                     # prefill: [B, T0, V]
+    logits, _ = model(prompt, cache=cache, n_pad=n_pad)                        # prefill: [B, T0, V]
     out, done = [], torch.zeros(B, dtype=torch.bool, device=prompt.device)
     for i in range(n):
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # [B]
@@ -85,7 +101,7 @@ def generate_tokens(model: EngramModel, prompt: torch.Tensor, max_new_tokens: in
 def generate(model: EngramModel, tokenizer: CompressedTokenizer, prompts: list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_at_eos: bool = True) -> list[str]:
-    """Completions (new text only) for each prompt, in order."""
+    """Completions (new text only) for each prompt, in order; prompts share one left-padded batch."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     if seed is not None:
@@ -94,13 +110,20 @@ def generate(model: EngramModel, tokenizer: CompressedTokenizer, prompts: list[s
         generator.seed()                     # non-deterministic, without touching torch's global RNG
     encoded = [[tokenizer.eos_id] + tokenizer.encode(p) for p in prompts]
     results: list[str | None] = [None] * len(prompts)
-    by_len: dict[int, list[int]] = {}
+    # Batch by how many tokens each prompt may get: all of max_new_tokens unless its context fills first.
+    by_budget: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
-    for _, idx in sorted(by_len.items()):
-        prompt = torch.tensor([encoded[i] for i in idx], dtype=torch.int64, device=device)
-        new = generate_tokens(model, prompt, max_new_tokens, temperature, top_k, top_p,
-                              eos_id=tokenizer.eos_id if stop_at_eos else None, generator=generator)
+        by_budget.setdefault(min(max_new_tokens, model.cfg.max_seq_len - len(ids) + 1), []).append(i)
+    for _, idx in sorted(by_budget.items()):
+        lengths = [len(encoded[i]) for i in idx]
+        T0 = max(lengths)
+        prompt = torch.full((len(idx), T0), tokenizer.pad_id, dtype=torch.int64)                  # [B, T0]
+        for row, (i, length) in enumerate(zip(idx, lengths)):
+            prompt[row, T0 - length:] = torch.tensor(encoded[i])                                # right-aligned
+        n_pad = torch.tensor([T0 - length for length in lengths], dtype=torch.int64)            # [B]
+        new = generate_tokens(model, prompt.to(device), max_new_tokens, temperature, top_k, top_p,
+                              eos_id=tokenizer.eos_id if stop_at_eos else None, generator=generator,
+                              n_pad=n_pad.to(device))
         for row, i in enumerate(idx):
             ids = new[row].tolist()
             if stop_at_eos and tokenizer.eos_id in ids:

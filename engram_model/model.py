@@ -4,6 +4,7 @@
     logits, aux = model(tokens)                   # tokens int64 [B, T] -> logits [B, T, V], aux loss []
     cache = model.new_cache(batch_size=B)         # decoding: prefill, then one token at a time
     logits, _ = model(prompt, cache=cache); logits, _ = model(next_token, cache=cache)
+    logits, _ = model(padded, n_pad=n_pad)        # left padding: row b's first n_pad[b] tokens are pads
 
 Legend: B batch, T time, D model dim, V vocabulary, K rows per token per Engram layer, d row width.
 
@@ -19,6 +20,14 @@ parameters, and which kind of source it is never matters here.
 
 At decode, the new token's n-grams use the previous max_n - 1 tokens (kept in the cache), and the
 Engram ShortConv and attention continue from cached state, so decoding equals the full forward.
+
+Left padding lets prompts of different lengths share a batch: n_pad int64 [B] says that row b's
+first n_pad[b] positions are padding (given with the first call of a cache, which keeps it). Each
+row then computes what it would alone, up to float summation order: no query attends a padding
+key, rotary positions count from 0 at the row's first real token, hashing sees the pad_id before
+it (as before any sequence start), the ShortConv sees zeros there, and the MoE leaves padding out
+of its load statistics. Padding positions still get row ids (hashed from pad_id) and outputs,
+both meaningless and harmless. Without n_pad nothing of this runs: training is unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +47,45 @@ from engram_model.rows import RowSource, make_hasher, table_specs
 
 
 @dataclass
+class LeftPadding:
+    """Row b's first n[b] positions are padding; its real tokens sit at n[b], n[b] + 1, ..."""
+
+    n: torch.Tensor                         # int64 [B]
+    lo: int                                 # min(n) and max(n) as ints, so that per-step
+    hi: int                                 # checks need no device sync
+
+    @classmethod
+    def of(cls, n_pad: torch.Tensor, batch: int) -> LeftPadding | None:
+        """Validated padding, or None when no row is padded (then the unpadded path runs)."""
+        if n_pad.shape != (batch,) or n_pad.dtype.is_floating_point or n_pad.dtype == torch.bool:
+            raise ValueError(f"n_pad must be an integer tensor of shape [{batch}], got {n_pad.dtype} {tuple(n_pad.shape)}")
+        lo, hi = int(n_pad.min()), int(n_pad.max())
+        if lo < 0:
+            raise ValueError(f"n_pad counts padding positions and must be >= 0, got {lo}")
+        return cls(n_pad.to(torch.int64), lo, hi) if hi > 0 else None
+
+    def real(self, pos: int, T: int) -> torch.Tensor | None:
+        """bool [B, T], True at real tokens among positions [pos, pos+T); None when all are real."""
+        if pos >= self.hi:
+            return None
+        t = torch.arange(pos, pos + T, device=self.n.device)
+        return t[None, :] >= self.n[:, None]
+
+    def positions(self, pos: int, T: int) -> torch.Tensor:
+        """Rotary positions int64 [B, T] of positions [pos, pos+T): 0 at each row's first real token."""
+        t = torch.arange(pos, pos + T, device=self.n.device)
+        return (t[None, :] - self.n[:, None]).clamp_min(0)          # padding: 0 (its value never matters)
+
+    def attn_mask(self, pos: int, T: int) -> torch.Tensor:
+        """bool [B, 1, T, pos+T]: causal, and no padding key, except that a padding query sees itself
+        (a row of only False would make softmax NaN, and NaN values poison even weight-0 sums)."""
+        q = torch.arange(pos, pos + T, device=self.n.device)[:, None]             # [T, 1]
+        k = torch.arange(pos + T, device=self.n.device)[None, :]                  # [1, S]
+        real_key = k[None] >= self.n[:, None, None]                               # [B, 1, S]
+        return ((k <= q) & (real_key | (k == q)))[:, None]                        # [B, 1, T, S]
+
+
+@dataclass
 class Cache:
     """Decoding state of one batch: KV per layer, ShortConv inputs per Engram layer, last tokens."""
 
@@ -45,6 +93,7 @@ class Cache:
     conv: dict[int, torch.Tensor | None] = field(default_factory=dict)
     tail: torch.Tensor | None = None        # last max_n-1 compressed ids [B, <= max_n-1]
     pos: int = 0                            # positions written so far
+    pad: LeftPadding | None = None          # set by the first call when the batch is left-padded
 
 
 class Block(nn.Module):
@@ -58,18 +107,21 @@ class Block(nn.Module):
         self.ffn = MLP(cfg.dim, cfg.dense_inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: RowSource | None,
-                row_ids: torch.Tensor | None, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
+                row_ids: torch.Tensor | None, cache: Cache | None, real: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, T, D]; real bool [B, T] and attn_mask bool [B, 1, T, S] only for a left-padded batch."""
         pos = cache.pos if cache is not None else 0
         if self.engram is not None:
             memory = rows.get(self.layer_id, row_ids)                                 # [B, T, K, d]
             state = cache.conv.get(self.layer_id) if cache is not None else None
-            out, state = self.engram(h, memory, state)
+            out, state = self.engram(h, memory, state, mask=real)
             if cache is not None:
                 cache.conv[self.layer_id] = state
             h = h + out
-        h = h + self.attn(self.attn_norm(h), cos, sin, cache.kv[self.layer_id] if cache is not None else None, pos)
+        kv = cache.kv[self.layer_id] if cache is not None else None
+        h = h + self.attn(self.attn_norm(h), cos, sin, kv, pos, mask=attn_mask)
         if isinstance(self.ffn, MoE):
-            y, aux = self.ffn(self.ffn_norm(h))
+            y, aux = self.ffn(self.ffn_norm(h), mask=real)
         else:
             y, aux = self.ffn(self.ffn_norm(h)), h.new_zeros((), dtype=torch.float32)
         return h + y, aux
@@ -114,33 +166,61 @@ class EngramModel(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ---- forward ---------------------------------------------------------------------------
-    def row_ids(self, tokens: torch.Tensor, cache: Cache | None = None) -> dict[int, torch.Tensor]:
-        """tokens [B, T] -> {layer: global row ids [B, T, K]}; at decode the cache supplies the past."""
+    def row_ids(self, tokens: torch.Tensor, cache: Cache | None = None,
+                real: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """tokens [B, T] -> {layer: global row ids [B, T, K]}; at decode the cache supplies the past.
+
+        real bool [B, T]: padding positions (False) hash as the hasher's pad_id, the id it puts
+        before a sequence start, so a row's real tokens get the row ids they would get alone.
+        """
         if self.hasher is None:
             return {}
         T = tokens.shape[1]
         cids = self.compress_lookup[tokens]                                           # [B, T]
+        if real is not None:
+            cids = cids.masked_fill(~real, self.hasher.pad_id)
         window = cids if cache is None or cache.tail is None else torch.cat([cache.tail, cids], dim=1)
         if cache is not None:
             cache.tail = window[:, -(self.cfg.engram.max_ngram_size - 1):]
         return {layer: ids[:, -T:] for layer, ids in self.hasher.row_ids(window).items()}
 
-    def forward(self, tokens: torch.Tensor, cache: Cache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens int64 [B, T] -> (logits float [B, T, V], aux balance loss [])."""
+    def forward(self, tokens: torch.Tensor, cache: Cache | None = None, n_pad: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens int64 [B, T] -> (logits float [B, T, V], aux balance loss []).
+
+        n_pad int64 [B]: left padding, row b's first n_pad[b] positions are pads (see the module
+        docstring). With a cache it goes with the first call only; the cache keeps it for the rest.
+        """
         B, T = tokens.shape
         pos = cache.pos if cache is not None else 0
-        if pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {pos + T} exceed max_seq_len={self.cfg.max_seq_len}")
-        row_ids = self.row_ids(tokens, cache)
+        pad = cache.pad if cache is not None else None
+        if n_pad is not None:
+            if pos > 0:
+                raise ValueError("n_pad (left padding) goes with the first call of a cache, which then keeps it")
+            pad = LeftPadding.of(n_pad.to(tokens.device), B)
+            if cache is not None:
+                cache.pad = pad
+        # A padded row's rotary positions run n_pad behind its cache positions: the longest row counts.
+        end = pos + T - (pad.lo if pad is not None else 0)
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed max_seq_len={self.cfg.max_seq_len}")
+        real = pad.real(pos, T) if pad is not None else None                          # [B, T] or None
+        row_ids = self.row_ids(tokens, cache, real)
         if row_ids and self.rows is None:
             raise ValueError("this model has Engram layers: give it a RowSource (EngramModel(cfg, rows=...))")
         for layer in self.cfg.engram_layers:               # prefetch all, in layer order, before any block
             self.rows.prefetch(layer, row_ids[layer])
         h = self.embed(tokens)                                                        # [B, T, D]
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        if pad is None:
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]          # [T, hd/2]
+            attn_mask = None                                                          # plain causal
+        else:
+            p = pad.positions(pos, T)                                                 # [B, T]
+            cos, sin = self.rope_cos[p], self.rope_sin[p]                             # [B, T, hd/2]
+            attn_mask = pad.attn_mask(pos, T)                                         # [B, 1, T, pos+T]
         aux = h.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
-            h, a = block(h, cos, sin, self.rows, row_ids.get(block.layer_id), cache)
+            h, a = block(h, cos, sin, self.rows, row_ids.get(block.layer_id), cache, real, attn_mask)
             aux = aux + a
         if cache is not None:
             cache.pos += T

@@ -2,6 +2,7 @@
 
     moe = MoE(cfg)
     y, aux = moe(x)              # x [B, T, D] -> y [B, T, D], aux: scalar balance loss (0 when off)
+    y, aux = moe(x, mask=real)   # real bool [B, T]: padding tokens are routed but not counted in load / aux
     moe.update_bias()            # after each optimizer step: auxiliary-loss-free balancing
 
 Legend: N = B*T tokens, E routed experts, k activated experts per token, D model dim.
@@ -95,7 +96,8 @@ class MoE(nn.Module):
         out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, tok, out.to(x.dtype))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D]; mask bool [B, T], False at padding tokens (None: all real) -> y [B, T, D], aux []."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                                # [N, D]
         weights, indices, scores = self.gate(x)
@@ -104,6 +106,9 @@ class MoE(nn.Module):
             y = y + self.shared(x)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training and torch.is_grad_enabled():
+            if mask is not None:         # routing is per token, so pads only need leaving out of the statistics
+                keep = mask.reshape(-1)
+                indices, scores = indices[keep], scores[keep]                       # [N_real, k], [N_real, E]
             counts = torch.bincount(indices.flatten(), minlength=self.n_experts).float()   # [E]
             self.load += counts
             if self.aux_loss_coef > 0:

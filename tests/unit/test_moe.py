@@ -95,3 +95,17 @@ def test_load_counts_and_bias_update():
     m.eval()
     m(x)
     assert m.load.sum() == 0                          # eval forwards never count
+
+
+def test_padding_mask_leaves_pads_out_of_statistics():
+    m = make_moe(aux_loss_coef=0.01)
+    m.train()
+    x = torch.randn(2, 7, 16)
+    real = torch.arange(7)[None] >= torch.tensor([[0], [4]])          # row 1: 4 left-padding tokens
+    y, aux = m(x, mask=real)
+    load = m.load.clone()
+    m.load.zero_()
+    y_real, aux_real = m(x[real][None])                                # the 10 real tokens alone
+    assert load.sum() == 10 * 2 and torch.equal(load, m.load)
+    torch.testing.assert_close(aux, aux_real)
+    torch.testing.assert_close(y[real], y_real[0])                     # outputs are per token anyway
