@@ -2,6 +2,7 @@
 
     engram-generate --checkpoint runs/small/ckpt --prompt "def read_config(path):" --max-new-tokens 80
     engram-generate --checkpoint runs/small/ckpt --prompt "import os" --temperature 0.8 --top-k 50 --top-p 0.95
+    engram-generate --checkpoint runs/demo/ckpt --memory local --prompt "class Stack:"   # rows from the cluster
 
     from engram_model.generate import generate
     texts = generate(model, tok, ["class Queue:"], max_new_tokens=64, temperature=0.0)
@@ -27,6 +28,7 @@ get), so each prompt still gets exactly as many tokens as alone.
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -142,13 +144,39 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--memory", default=None, metavar="RAY_ADDRESS",
+                   help="read the Engram rows from the memory cluster at this Ray address ('local': the one "
+                        "`engram-mem up` started), as an inference worker with a hot-row cache")
+    p.add_argument("--memory-name", default="engram-mem")
+    p.add_argument("--cache-mb", type=int, default=64, help="with --memory: hot-row cache per table")
+    p.add_argument("--import-tables", action="store_true",
+                   help="with --memory: first write the checkpoint's own tables into the cluster")
     args = p.parse_args(argv)
+    from pathlib import Path
+
     from engram_model.checkpoint import load_model
 
-    model, tok = load_model(args.checkpoint, device=args.device)
+    mem = None
+    if args.memory:
+        import engram_mem
+        from engram_model.cluster_rows import load_for_inference
+        from engram_model.train import _resolve_memory
+
+        mem = engram_mem.connect(_resolve_memory(args.memory, args.memory_name), name=args.memory_name)
+        model, tok = load_for_inference(args.checkpoint, mem, device=args.device, cache_bytes=args.cache_mb << 20,
+                                        import_tables=args.import_tables)
+    else:
+        if not (Path(args.checkpoint) / "tables.safetensors").exists() and \
+                json.loads((Path(args.checkpoint) / "config.json").read_text())["model"].get("engram"):
+            raise SystemExit(f"engram-generate: {args.checkpoint} has no tables.safetensors: its Engram tables live in "
+                             f"a memory cluster; pass --memory RAY_ADDRESS (or 'local')")
+        model, tok = load_model(args.checkpoint, device=args.device)
     texts = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     for prompt, text in zip(args.prompt, texts):
         print(f"--- {prompt!r}\n{prompt}{text}")
+    if mem is not None:
+        model.rows.close()
+        mem.close()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ GET  /health    {"status": "ok"}
 GET  /stats     requests, batches, mean batch size, tokens/s, and where the Engram rows came from
 
 Requests that arrive within --batch-window-ms of each other (up to --max-batch) are decoded
-together when they share sampling settings; generate() runs prompts of equal token length as one
-batch. Bad requests get HTTP 400 with a message naming the field; the server keeps serving.
+together when they share sampling settings: generate() left-pads prompts of different lengths into
+one batch, and each completion equals what the prompt would get alone (greedy). Bad requests get HTTP 400 with a message naming the field; the server keeps serving.
 """
 
 from __future__ import annotations
