@@ -440,12 +440,14 @@ class MemoryClient:
                                   f"expected ({flat.size}, {t.spec.dim})")
         if not bool(torch.isfinite(g).all()):
             raise NonFiniteGradient(f"table {name!r}: field 'grads' holds NaN or Inf; nothing was pushed")
-        uniq, inv = np.unique(flat, return_inverse=True)
-        if uniq.size != flat.size:
-            g = torch.zeros(uniq.size, t.spec.dim).index_add_(0, torch.from_numpy(inv), g)
-        else:
-            g = torch.empty_like(g).index_copy_(0, torch.from_numpy(inv), g)
-        return self._send(name, "push", uniq, g.numpy(), "float32", lr, step)
+        if flat.size > 1 and not bool(np.all(flat[1:] > flat[:-1])):  # not already sorted and distinct
+            uniq, inv = np.unique(flat, return_inverse=True)
+            if uniq.size != flat.size:
+                g = torch.zeros(uniq.size, t.spec.dim).index_add_(0, torch.from_numpy(inv), g)
+            else:
+                g = torch.empty_like(g).index_copy_(0, torch.from_numpy(inv), g)
+            flat = uniq
+        return self._send(name, "push", flat, g.numpy(), "float32", lr, step)
 
     def _rows(self, spec: TableSpec, rows, n: int, field: str) -> tuple[np.ndarray, str]:
         if hasattr(rows, "detach"):

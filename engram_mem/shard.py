@@ -400,11 +400,11 @@ class ShardStore:
             raise InvalidArgument(f"table {name!r}: field 'lr' is {lr}; must be finite and >= 0")
         self._check_writable(name)
         local = torch.from_numpy(self._local_rows(ts, ids))
-        uniq, inv = torch.unique(local, return_inverse=True)
-        if uniq.numel() != local.numel():
+        if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):  # duplicates possible: sum them
+            uniq, inv = torch.unique(local, return_inverse=True)
             g = torch.zeros(uniq.numel(), ts.spec.dim, dtype=torch.float32).index_add_(0, inv, g)
-        else:  # already unique: order the gradient to match the sorted ids
-            g = torch.empty_like(g).index_copy_(0, inv, g)
+        else:  # strictly increasing ids are distinct (what the client sends): rows update in place
+            uniq = local
         with ts.lock:
             self._ensure_state(ts)
             weight = as_torch(ts.rows, ts.spec.dtype)
