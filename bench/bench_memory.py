@@ -26,20 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_jsonl, bar_plot, markdown_table, print_table, time_calls  # noqa: E402
-
-NODE_A, NODE_B = "127.0.0.2", "127.0.0.3"
-
-
-def start_ray():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=4, node_ip_address=NODE_A, include_dashboard=False, resources={"node_a": 100},
-        object_store_memory=2 << 30))
-    cluster.add_node(num_cpus=4, node_ip_address=NODE_B, resources={"node_b": 100}, object_store_memory=2 << 30)
-    ray.init(address=cluster.address, log_to_driver=False)
-    return ray, cluster
+from model_setup import NODE_A, NODE_B, start_two_nodes  # noqa: E402
 
 
 class RowsActor:
@@ -162,7 +149,7 @@ def main(argv=None) -> int:
     results = [time_calls("in-process gather", lambda ids: np.take(table, ids, axis=0), batches, nbytes=nbytes,
                           extra={"kind": "in-process"})]
     del table
-    ray, cluster = start_ray()
+    ray, cluster = start_two_nodes(object_store_bytes=2 << 30)
     try:
         for node in ("a", "b"):
             for shards in (1, 2):
