@@ -409,7 +409,7 @@ class ShardStore:
             self._ensure_state(ts)
             weight = as_torch(ts.rows, ts.spec.dtype)
             ts.optimizer.apply(weight, ts.state, uniq, g, lr)
-            ts.dirty[np.unique(ids // ts.spec.slot_rows)] = True
+            ts.dirty[ids // ts.spec.slot_rows] = True
         return int(uniq.numel())
 
     # ---- introspection ---------------------------------------------------------------------

@@ -42,8 +42,10 @@ class ClusterRows(RowSource):
     def __init__(self, client, specs: dict[int, TableSpec], device: torch.device | str = "cpu", *,
                  train: bool = True, prefetch: bool = True, cache_bytes: int = 0, node_local: bool = True,
                  optimizer: dict | None = TABLE_OPTIMIZER, create: bool = True, grad_scale: float = 1.0):
-        """cache_bytes: hot-row cache per table (0 = none); grad_scale: multiplies pushed gradients
-        (1/world_size under data parallelism, so the pushes add up to the global-batch gradient)."""
+        """prefetch: fetch every Engram layer's rows ahead, on the fetcher's thread, from prefetch();
+        False fetches each at get(), on the caller's thread. cache_bytes: hot-row cache per table
+        for rows of remote shards (0 = none); grad_scale: multiplies pushed gradients (1/world_size
+        under data parallelism, so the pushes add up to the global-batch gradient)."""
         self.client = client
         self.specs = dict(specs)
         self.device = torch.device(device)
@@ -61,29 +63,33 @@ class ClusterRows(RowSource):
         self._inflight: dict[int, tuple[torch.Tensor, object]] = {}
         self._leaves: list[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = []  # layer, uniq, inv, leaf
         self._pushes: list = []
-        self.wait_s = 0.0       # time get() spent waiting for rows (the exposed fetch latency)
+        self.wait_s = 0.0       # time get() spent waiting for or reading rows (the exposed fetch latency)
         self.fetches = 0
 
     # ---- rows in ---------------------------------------------------------------------------
-    def _start(self, layer: int, row_ids: torch.Tensor):
+    def _check_layer(self, layer: int) -> None:
         if layer not in self.specs:
             raise ValueError(f"no Engram table for layer {layer}; tables: {sorted(self.specs)}")
-        ids = row_ids.detach().reshape(-1).to("cpu", non_blocking=False).numpy()
+
+    def _ids(self, layer: int, row_ids: torch.Tensor) -> np.ndarray:
+        self._check_layer(layer)
         self.fetches += 1
-        return self.fetcher.fetch_async(self.specs[layer].name, ids)
+        return row_ids.detach().reshape(-1).to("cpu", non_blocking=False).numpy()
 
     def prefetch(self, layer: int, row_ids: torch.Tensor) -> None:
+        self._check_layer(layer)
         if self.prefetch_enabled:
-            self._inflight[layer] = (row_ids, self._start(layer, row_ids))
+            ids = self._ids(layer, row_ids)
+            self._inflight[layer] = (row_ids, self.fetcher.fetch_async(self.specs[layer].name, ids))
 
     def get(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
         entry = self._inflight.pop(layer, None)
-        if entry is not None and (entry[0] is row_ids or torch.equal(entry[0], row_ids)):
-            fut = entry[1]
-        else:
-            fut = self._start(layer, row_ids)
         t0 = time.perf_counter()
-        uniq, rows_np, inverse = fut.result()
+        if entry is not None and (entry[0] is row_ids or torch.equal(entry[0], row_ids)):
+            uniq, rows_np, inverse = entry[1].result()
+        else:  # not prefetched: fetch here, on the caller's thread
+            ids = self._ids(layer, row_ids)
+            uniq, rows_np, inverse = self.fetcher.fetch(self.specs[layer].name, ids)
         self.wait_s += time.perf_counter() - t0
         spec = self.specs[layer]
         rows_u = as_torch(rows_np, spec.dtype)                               # [U, D] host

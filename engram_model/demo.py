@@ -145,7 +145,8 @@ def main(argv=None) -> int:
                                 f"({100 * train_stats['wait_s'] / max(h['train_seconds'], 1e-9):.2f}%)"),
         ("inference", f"worker on {worker_node}: {gen_tokens} new tokens in {gen_s:.1f}s "
                       f"({gen_tokens / max(gen_s, 1e-9):.1f} tok/s, batch {len(PROMPTS)})"),
-        ("inference rows", f"cache hit rate {r['cache_hit_rate']:.1%} of distinct rows, "
+        ("inference rows", (f"cache hit rate {r['cache_hit_rate']:.1%} of distinct remote rows, "
+                            if r.get("cache_lookups") else "cache idle (it fronts remote shards only), ") +
                            f"{r.get('node_local_rows', 0):,} same-node, {r.get('remote_rows', 0):,} over gRPC; "
                            f"exposed wait {100 * again['wait_s'] / max(again['seconds'], 1e-9):.2f}% of decode time"),
         ("shards", ", ".join(f"#{s['shard_id']}: {sum(s['requests'].values())} requests, "

@@ -258,12 +258,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
                 raise FloatingPointError(f"[{name}] {bad_steps} non-finite losses in a row; lower the lr")
             continue
         bad_steps = 0
+        if rows is not None:  # first: a remote table's push then overlaps the dense all-reduce and step
+            rows.step(lr * tc.table_lr_mult, step + 1)
         distributed.sync_dense_grads(model)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(dense, tc.grad_clip)
         opt.step()
-        if rows is not None:
-            rows.step(lr * tc.table_lr_mult, step + 1)
         distributed.sync_router_load(model)
         model.update_router_bias()
 

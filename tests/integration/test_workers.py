@@ -101,7 +101,8 @@ def test_the_cache_never_serves_a_row_older_than_the_workers_last_push(setup):
                 assert np.array_equal(served, truth), f"stale rows served at step {step}"
                 self.checked += 1
 
-    rows = Checked(mem, table_specs(cfg), cache_bytes=1 << 20)
+    # node_local=False: rows come over gRPC, with the cache in front (it fronts remote shards only)
+    rows = Checked(mem, table_specs(cfg), cache_bytes=1 << 20, node_local=False)
     try:
         remote = train(m, t, tokenizer=tok, corpus=corpus, rows=rows, **QUIET)
         stats = rows.stats()
@@ -109,6 +110,58 @@ def test_the_cache_never_serves_a_row_older_than_the_workers_last_push(setup):
         rows.close()
     assert rows.checked == 2 * 40 and stats["cache_hits"] > 0
     assert np.max(np.abs(np.array(local.history["loss"]) - np.array(remote.history["loss"]))) < 1e-3
+
+
+def test_a_fetch_overtaken_by_a_push_does_not_cache_its_older_rows(setup):
+    """A fetch reads rows, a push to them lands, then the fetch completes: what it read predates
+    the push, so it must not enter the cache (a later fetch would be served the old rows)."""
+    from engram_mem.fetcher import RowFetcher
+
+    mem = setup[0]
+    mem.create_table("overtaken", 5000, 8, seed=3, optimizer="sgd", exist_ok=True)
+    fetcher = RowFetcher(mem, cache_bytes={"overtaken": 1 << 20}, node_local=False)
+    try:
+        ids = np.arange(0, 5000, 7)
+        for _ in range(3):  # make the ids frequent enough to be admitted
+            fetcher.fetch("overtaken", ids)
+        fetcher.caches["overtaken"].clear()
+        part = fetcher._begin("overtaken", ids)                         # the fetch starts ...
+        old = mem.gather_distinct_async("overtaken", part.uniq[part.remote_pos]).result()
+        fetcher.push_async("overtaken", ids, np.ones((ids.size, 8), np.float32), lr=0.5).result()
+        fetcher._finish(part, old)                                      # ... and ends after the push
+        assert len(fetcher.caches["overtaken"]) == 0
+        uniq, served, _ = fetcher.fetch("overtaken", ids)
+        assert np.array_equal(served, mem.gather("overtaken", uniq))
+        assert np.allclose(served, old - 0.5)
+    finally:
+        fetcher.close()
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_prefetch_on_and_off_serve_the_same_rows_from_this_nodes_memory(setup, prefetch):
+    """prefetch=True starts every fetch at prefetch(); False reads at get(). Both serve the rows the
+    shards hold, all from this node's shared memory; the cache (for remote rows) stays idle."""
+    mem, tok, _ = setup
+    m, _ = _tiny()
+    cfg = m.for_tokenizer(tok)
+    specs = table_specs(cfg)
+    rows = ClusterRows(mem, specs, train=False, prefetch=prefetch, cache_bytes=1 << 20)
+    try:
+        ids = {layer: torch.randint(0, spec.rows, (2, 5, 3)) for layer, spec in specs.items()}
+        for layer in specs:
+            rows.prefetch(layer, ids[layer])
+        assert sorted(rows._inflight) == (sorted(specs) if prefetch else [])
+        for layer, spec in specs.items():
+            got = rows.get(layer, ids[layer])
+            want = torch.from_numpy(mem.gather(spec.name, ids[layer].numpy()))
+            assert got.shape == (2, 5, 3, spec.dim) and torch.equal(got, want)
+        stats = rows.stats()
+        assert stats["node_local_rows"] > 0 and stats.get("cache_lookups", 0) == 0 and stats.get("remote_rows", 0) == 0
+        for call in (rows.prefetch, rows.get):
+            with pytest.raises(ValueError, match="no Engram table for layer 7"):
+                call(7, ids[cfg.engram.layer_ids[0]])
+    finally:
+        rows.close()
 
 
 def test_inference_with_remote_rows_equals_local_rows_exactly(setup):
@@ -120,7 +173,7 @@ def test_inference_with_remote_rows_equals_local_rows_exactly(setup):
     # Import the trained tables into the cluster (Write), then serve them read-only with a cache.
     writer = ClusterRows(mem, table_specs(cfg), train=False)
     writer.load_state_dict({k: v for k, v in trained.rows.state_dict().items() if k.endswith(".weight")})
-    reader = ClusterRows(mem, table_specs(cfg), train=False, cache_bytes=256 << 10)
+    reader = ClusterRows(mem, table_specs(cfg), train=False, cache_bytes=256 << 10, node_local=False)
     remote_model = EngramModel(cfg, rows=reader, compress_lookup=tok.lookup)
     remote_model.load_state_dict(trained.model.state_dict())
     local_model = trained.model
