@@ -12,8 +12,7 @@ once (prefetch), before running the blocks ahead of the first Engram layer. For 
 it reports decode tokens/s, the exposed wait for rows as a share of step time, and the cache hit
 rate (share of the step's distinct remote rows found in the cache). The sources take turns for
 --rounds rounds (each cache emptied and re-warmed every round); each source's median round is
-reported. Prints a table, appends
-bench/results/decode.jsonl, draws bench/results/decode.png.
+reported. Prints a table, appends bench/results/decode.jsonl, draws bench/results/decode.png.
 """
 
 from __future__ import annotations

@@ -33,8 +33,7 @@ from engram_mem.table import np_dtype
 
 @dataclass
 class _Fetch:
-    """A fetch between its local part (cache, same-node tier) and its remote part."""
-    name: str
+    """A fetch between its local part (same-node tier, cache) and its remote part."""
     t0: float
     n_ids: int
     uniq: np.ndarray        # distinct ids [U]
@@ -67,7 +66,7 @@ class RowFetcher:
     def fetch_async(self, name: str, ids: np.ndarray) -> concurrent.futures.Future:
         """Start a fetch at once; the future gives what fetch() returns.
 
-        The cache and same-node reads run on the fetcher's thread; a remote gather then goes out
+        The same-node and cache reads run on the fetcher's thread; a remote gather then goes out
         on the client's event loop without holding that thread, so the fetches of several Engram
         layers (issued one after another) are in flight together: one round trip, not one each."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -134,10 +133,7 @@ class RowFetcher:
             hit, rows, generation = cache.record_and_lookup(uniq[rest])  # frequency: fetches asking for an id
             out[rest[hit]] = rows
             remote_pos = rest[~hit]
-            with self._lock:
-                self.stats["cache_lookups"] += int(rest.size)
-                self.stats["cache_hits"] += int(hit.sum())
-        return _Fetch(name, t0, ids.size, uniq, inverse, out, remote_pos, cache, generation)
+        return _Fetch(t0, ids.size, uniq, inverse, out, remote_pos, cache, generation)
 
     def _finish(self, f: "_Fetch", remote_rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if remote_rows is not None:
@@ -172,8 +168,9 @@ class RowFetcher:
 
     def summary(self) -> dict:
         s = dict(self.stats)
-        lookups = s.get("cache_lookups", 0)
-        s["cache_hit_rate"] = s.get("cache_hits", 0) / lookups if lookups else 0.0
+        s["cache_lookups"] = lookups = sum(c.stats["lookups"] for c in self.caches.values())
+        s["cache_hits"] = hits = sum(c.stats["hits"] for c in self.caches.values())
+        s["cache_hit_rate"] = hits / lookups if lookups else 0.0
         s["cache_bytes"] = sum(c.nbytes for c in self.caches.values())
         if self.tier is not None:
             s["node_local_fallbacks"] = self.tier.stats["fallbacks"]

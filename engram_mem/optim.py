@@ -116,6 +116,7 @@ class RowAdagrad(RowOptimizer):
 
 class RowAdam(RowOptimizer):
     state_names = ("exp_avg", "exp_avg_sq", "step")
+    _bc: torch.Tensor | None = None  # bias corrections by step count (see _bias_corrections)
 
     def init_state(self, n_rows, dim, device="cpu"):
         return {
@@ -129,7 +130,7 @@ class RowAdam(RowOptimizer):
 
         Each value is computed once, in Python floats (exact per k, unlike a vectorized pow), into
         a table indexed by k that grows as the step counts do."""
-        table = getattr(self, "_bc", None)
+        table = self._bc
         hi = int(step.max()) if step.numel() else 0
         if table is None or hi >= table.shape[0] or table.device != step.device:
             n = max(hi + 1, 2 * (table.shape[0] if table is not None else 512))

@@ -77,10 +77,11 @@ class ClusterRows(RowSource):
         return row_ids.detach().reshape(-1).to("cpu", non_blocking=False).numpy()
 
     def prefetch(self, layer: int, row_ids: torch.Tensor) -> None:
-        self._check_layer(layer)
-        if self.prefetch_enabled:
-            ids = self._ids(layer, row_ids)
-            self._inflight[layer] = (row_ids, self.fetcher.fetch_async(self.specs[layer].name, ids))
+        if not self.prefetch_enabled:
+            self._check_layer(layer)  # bad input is an error either way
+            return
+        ids = self._ids(layer, row_ids)
+        self._inflight[layer] = (row_ids, self.fetcher.fetch_async(self.specs[layer].name, ids))
 
     def get(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
         entry = self._inflight.pop(layer, None)
