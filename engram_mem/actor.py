@@ -27,7 +27,8 @@ class ShardActor:
         cfg = ClusterConfig(**cluster)
         self.cfg, self.shard_id = cfg, shard_id
         shm_dir = os.path.join(cfg.shm_dir, cluster_id) if cfg.shm_dir else None
-        self.store = ShardStore(shard_id, shm_dir=shm_dir, max_request_bytes=cfg.max_request_bytes)
+        self.store = ShardStore(shard_id, shm_dir=shm_dir, max_request_bytes=cfg.max_request_bytes,
+                                storage=cfg.storage, memory_budget=cfg.memory_budget)
         self.store.set_ready(False, "loading tables")
         self.persist = self.restorer = None
         if cfg.data_dir:
@@ -84,6 +85,18 @@ class ShardActor:
 
     def freeze_writes(self, frozen: bool) -> None:
         self.store.freeze_writes(frozen)
+
+    def import_rows(self, table: str, plan: list[dict]) -> dict:
+        """Read this shard's row ranges from safetensors files (ranged reads) into its store
+        (importer.py); returns {"rows": n, "bytes": b}."""
+        from engram_mem.importer import read_into_store
+
+        return read_into_store(self.store, table, plan)
+
+    def read_rows(self, table: str, start: int, stop: int) -> np.ndarray:
+        """Stored rows [start, stop) (owned by this shard), for a streaming export."""
+        ts = self.store._table(table)
+        return np.take(ts.rows, self.store._local_rows(ts, np.arange(start, stop, dtype=np.int64)), axis=0)
 
     def snapshot(self) -> int:
         """Write changed slots to lmdb; returns bytes written."""

@@ -32,7 +32,8 @@ import numpy as np
 
 from engram_mem.config import DEFAULT_NAME, ClusterConfig
 from engram_mem.errors import (ERROR_CLASSES, EngramMemError, InvalidArgument, NonFiniteGradient, NotReady,
-                               RequestTooLarge, RowOutOfRange, ShardUnavailable, StaleEpoch, UnknownTable)
+                               ReadOnlyTable, RequestTooLarge, RowOutOfRange, ShardUnavailable, StaleEpoch,
+                               UnknownTable)
 from engram_mem.optim import OptimizerSpec
 from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.table import TableSpec, np_dtype
@@ -164,8 +165,10 @@ class _Reshaped:
 class GatherFuture:
     """Rows on their way. `result()` returns them in the ids' order and shape."""
 
-    def __init__(self, inner: concurrent.futures.Future, dtype: str, as_torch: bool = False, device=None):
+    def __init__(self, inner: concurrent.futures.Future, dtype: str, as_torch: bool = False, device=None,
+                 spec: TableSpec | None = None):
         self._inner, self._dtype, self._as_torch, self._device = inner, dtype, as_torch, device
+        self._spec = spec  # fp8 tables: torch results are dequantized on the device
 
     def done(self) -> bool:
         return self._inner.done()
@@ -176,6 +179,10 @@ class GatherFuture:
             return out
         from engram_mem.table import as_torch
 
+        if self._spec is not None and self._spec.dtype == "fp8_e4m3":
+            from engram_mem.quant import dequantize
+
+            return dequantize(out, self._spec.dim, self._spec.block, self._device)
         t = as_torch(out, self._dtype)
         if self._device is not None and str(self._device) != "cpu":
             t = t.pin_memory().to(self._device, non_blocking=True)
@@ -354,8 +361,8 @@ class MemoryClient:
             rep = np.nonzero(repeat)[0]
             dups = (rep, first[inverse[rep]])
         inner = self._chans.submit(self._gather(name, send, dest, flat.size, dups))
-        return GatherFuture(_Reshaped(inner, tuple(shape) + (t.spec.dim,)), t.spec.dtype, as_torch=as_torch,
-                            device=device)
+        return GatherFuture(_Reshaped(inner, tuple(shape) + (t.spec.storage_dim,)), t.spec.dtype, as_torch=as_torch,
+                            device=device, spec=t.spec)
 
     async def _gather(self, name: str, send: np.ndarray, dest: np.ndarray | None, n_out: int,
                       dups: tuple[np.ndarray, np.ndarray] | None):
@@ -366,7 +373,7 @@ class MemoryClient:
         async def attempt(view: ClusterView):
             t = view.table(name)
             grouped, parts, order = self._split(t, send, len(view.shard_ids))
-            out = np.empty((n_out, t.spec.dim), dtype=np_dtype(t.spec.dtype))
+            out = np.empty((n_out, t.spec.storage_dim), dtype=t.spec.storage_dtype)
             await asyncio.gather(*(self._gather_part(view, name, rank, grouped[a:b], out, a,
                                                      self._dest(dest, order, a, b))
                                    for rank, a, b in parts if b > a))
@@ -431,6 +438,9 @@ class MemoryClient:
         import torch
 
         t = self._view.table(name)
+        if t.spec.is_bytes:
+            raise ReadOnlyTable(f"table {name!r} holds {t.spec.dtype} rows, which take write (import) but not push; "
+                                f"train a float32 or bfloat16 table and quantize it on export")
         flat, _ = self._ids(t.spec, ids)
         g = grads.detach().to("cpu", torch.float32) if hasattr(grads, "detach") else \
             torch.from_numpy(np.asarray(grads, dtype=np.float32))
@@ -456,16 +466,21 @@ class MemoryClient:
             rows = rows.detach().cpu()
             rows = rows.view(torch.uint16).numpy() if rows.dtype == torch.bfloat16 else rows.numpy()
         rows = np.asarray(rows)
-        if rows.dtype == np.float32:
+        if spec.dtype == "fp8_e4m3" and rows.dtype == np.float32:  # quantized here: the wire carries bytes
+            from engram_mem.quant import quantize
+
+            rows = quantize(rows.reshape(n, spec.dim) if n else rows.reshape(0, spec.dim), spec.block)
+        if rows.dtype == np.float32 and not spec.is_bytes:
             dtype = "float32"
         elif rows.dtype == np_dtype(spec.dtype):
             dtype = spec.dtype
         else:
             raise InvalidArgument(f"table {spec.name!r}: field {field!r} has dtype {rows.dtype}; expected float32 "
                                   f"or the table's {spec.dtype}")
-        rows = rows.reshape(n, -1) if n else rows.reshape(0, spec.dim)
-        if rows.shape[1] != spec.dim:
-            raise InvalidArgument(f"table {spec.name!r}: field {field!r} has dim {rows.shape[1]}; table dim is {spec.dim}")
+        width = spec.storage_dim if dtype == spec.dtype else spec.dim
+        rows = rows.reshape(n, -1) if n else rows.reshape(0, width)
+        if rows.shape[1] != width:
+            raise InvalidArgument(f"table {spec.name!r}: field {field!r} has dim {rows.shape[1]}; table dim is {width}")
         return np.ascontiguousarray(rows), dtype
 
     def _send(self, name: str, kind: str, uniq: np.ndarray, rows: np.ndarray, dtype: str, lr, step: int):

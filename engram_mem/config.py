@@ -27,6 +27,8 @@ class ClusterConfig:
     health_interval_s: float = 1.0      # how often the controller checks its shards
     max_request_bytes: int = 256 << 20  # largest ids/rows/grads field a shard accepts
     move_batch_bytes: int = 256 << 20   # slots move between shards in batches of about this size
+    storage: str = "shm"                # where shard rows live: "shm" or "disk:/dir" (storage.py)
+    memory_budget: int = 0              # disk storage: bytes of page cache each shard keeps (0 = no bound)
 
     def __post_init__(self):
         if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", self.name):
@@ -41,6 +43,14 @@ class ClusterConfig:
             raise InvalidArgument(f"max_request_bytes must be >= 65536, got {self.max_request_bytes}")
         if self.snapshot_interval_s < 0 or self.health_interval_s <= 0:
             raise InvalidArgument("snapshot_interval_s must be >= 0 and health_interval_s > 0")
+        if self.memory_budget < 0:
+            raise InvalidArgument(f"memory_budget must be >= 0 bytes, got {self.memory_budget}")
+        from engram_mem.storage import parse_storage
+
+        try:
+            object.__setattr__(self, "storage", parse_storage(self.storage))
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
         object.__setattr__(self, "shards", int(self.shards))
 
     @property

@@ -40,6 +40,13 @@ class NonFiniteGradient(InvalidArgument):
     """A pushed gradient holds NaN or Inf; nothing from that push was applied."""
 
 
+class ReadOnlyTable(EngramMemError):
+    """A push to a table whose rows are quantized or opaque bytes: such tables take Write (import),
+    not gradients. Train a float32/bfloat16 table and quantize it on export instead."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class RequestTooLarge(EngramMemError):
     code = "RESOURCE_EXHAUSTED"
 
@@ -65,5 +72,5 @@ class ShardUnavailable(EngramMemError):
 ERROR_CLASSES = {
     cls.__name__: cls
     for cls in (EngramMemError, InvalidArgument, UnknownTable, TableExists, RowOutOfRange,
-                NonFiniteGradient, RequestTooLarge, StaleEpoch, NotReady, ShardUnavailable)
+                NonFiniteGradient, ReadOnlyTable, RequestTooLarge, StaleEpoch, NotReady, ShardUnavailable)
 }

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from engram_mem.cache import RowCache
-from engram_mem.table import np_dtype
 
 
 @dataclass
@@ -52,7 +51,7 @@ class RowFetcher:
         for name, nbytes in (cache_bytes or {}).items():
             spec = client.view.table(name).spec
             if nbytes > 0:
-                self.caches[name] = RowCache(nbytes, spec.dim, np_dtype(spec.dtype))
+                self.caches[name] = RowCache(nbytes, spec.storage_dim, spec.storage_dtype)
         self.tier = None
         if node_local:
             from engram_mem.nodelocal import NodeLocalTier
@@ -111,7 +110,7 @@ class RowFetcher:
         t0 = time.perf_counter()
         t = self.client.view.table(name)
         uniq, inverse = np.unique(ids, return_inverse=True)
-        out = np.empty((uniq.size, t.spec.dim), dtype=np_dtype(t.spec.dtype))
+        out = np.empty((uniq.size, t.spec.storage_dim), dtype=t.spec.storage_dtype)
         self.client.flush(name)  # read-your-writes, also for the shared-memory path
         rest = np.arange(uniq.size)
         if self.tier is not None and uniq.size:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from engram_mem.table import np_dtype
 
 log = logging.getLogger("engram_mem.nodelocal")
 
@@ -47,11 +47,15 @@ class _ShardMap:
 def _map_rows(path: str, dtype: np.dtype, n_rows: int, dim: int) -> np.ndarray:
     """Map a shard's rows read-only, with the page tables filled at once (MAP_POPULATE): a worker's
     first read of each page would otherwise take a page fault, which is most of the cost of random
-    row reads from a table this process has not touched yet."""
+    row reads from a table this process has not touched yet. A disk-backed file (storage.py) is
+    mapped without it (populating would read the whole table from disk) and with no read-ahead."""
     nbytes = n_rows * dim * dtype.itemsize
+    on_disk = not os.path.realpath(path).startswith("/dev/shm/")
     with open(path, "rb") as f:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        flags = mmap.MAP_SHARED | (0 if on_disk else getattr(mmap, "MAP_POPULATE", 0))
         mm = mmap.mmap(f.fileno(), nbytes, flags=flags, prot=mmap.PROT_READ)
+    if on_disk:
+        mm.madvise(mmap.MADV_RANDOM)
     return np.frombuffer(mm, dtype=dtype, count=n_rows * dim).reshape(n_rows, dim)
 
 
@@ -77,10 +81,12 @@ class NodeLocalTier:
             return None
         layout = np.memmap(d.layout_path, dtype="<u8", mode="r", shape=(1,))
         m = _ShardMap(address, d.layout_version, layout)
+        tables = self.client.view.tables
         for t in d.tables:
-            if not t.shm_path or t.frames == 0:
+            if not t.shm_path or t.frames == 0 or t.name not in tables:
                 continue
-            rows = _map_rows(t.shm_path, np_dtype(t.dtype), t.frames * t.slot_rows, t.dim)
+            spec = tables[t.name].spec  # its stored row width (fp8 rows: values + scale bytes)
+            rows = _map_rows(t.shm_path, spec.storage_dtype, t.frames * t.slot_rows, spec.storage_dim)
             m.tables[t.name] = _TableMap(rows, np.frombuffer(t.frame_of, "<i4"), t.slot_rows, t.shm_path)
         return m
 

@@ -33,12 +33,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engram_mem.errors import (InvalidArgument, NonFiniteGradient, NotReady, RequestTooLarge, RowOutOfRange,
-                               StaleEpoch, TableExists, UnknownTable)
+from engram_mem.errors import (InvalidArgument, NonFiniteGradient, NotReady, ReadOnlyTable, RequestTooLarge,
+                               RowOutOfRange, StaleEpoch, TableExists, UnknownTable)
 from engram_mem.optim import OptimizerSpec, RowOptimizer, make_optimizer
 from engram_mem.table import TableSpec, as_torch, from_float32, np_dtype, to_float32
 
 _PAGE = mmap.PAGESIZE
+
+
+def is_disk(path: str) -> bool:
+    """A rows file outside /dev/shm is disk-backed (storage.py)."""
+    return not os.path.realpath(path).startswith("/dev/shm/")
+
+
+def rows_path(shm_dir: str | None, shard_id: int, spec: TableSpec, storage: str) -> str | None:
+    """Where a table's rows file lives: in shm_dir (shared memory), or in the table's or the
+    cluster's disk directory ("disk:/path")."""
+    where = spec.storage or storage or "shm"
+    if where.startswith("disk:"):
+        cluster = os.path.basename(shm_dir.rstrip("/")) if shm_dir else "local"
+        return os.path.join(where[5:], cluster, f"shard-{shard_id}", f"{spec.name}.rows")
+    return os.path.join(shm_dir, f"shard-{shard_id}", f"{spec.name}.rows") if shm_dir else None
 
 
 def _unlink(path: str) -> None:
@@ -149,15 +164,18 @@ class TableShard:
 
 
 class ShardStore:
-    def __init__(self, shard_id: int = 0, shm_dir: str | None = None, max_request_bytes: int = 256 << 20):
+    def __init__(self, shard_id: int = 0, shm_dir: str | None = None, max_request_bytes: int = 256 << 20,
+                 storage: str = "shm", memory_budget: int = 0):
         self.shard_id = shard_id
         self.shm_dir = shm_dir
+        self.storage, self.memory_budget = storage, memory_budget  # disk-backed rows: storage.py
         self.max_request_bytes = max_request_bytes
         self.epoch = 0
         self.ready = True
         self.not_ready_reason = ""
         self.writes_frozen = False
         self.tables: dict[str, TableShard] = {}
+        self.budgets: dict = {}  # table -> storage.PageBudget, for disk-backed tables
         self._lock = threading.Lock()  # guards the tables dict
         self.layout = _Layout(os.path.join(shm_dir, f"shard-{shard_id}", "layout") if shm_dir else None)
 
@@ -170,9 +188,9 @@ class ShardStore:
             if spec.name in self.tables:
                 raise TableExists(f"table {spec.name!r} already exists on shard {self.shard_id}")
             opt_spec = optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.from_dict(optimizer)
-            path = os.path.join(self.shm_dir, f"shard-{self.shard_id}", f"{spec.name}.rows") if self.shm_dir else None
+            path = rows_path(self.shm_dir, self.shard_id, spec, self.storage)
             ts = TableShard(spec=spec, optimizer_spec=opt_spec, optimizer=make_optimizer(opt_spec),
-                            buffer=_Buffer(path, spec.slot_rows, spec.dim, np_dtype(spec.dtype)),
+                            buffer=_Buffer(path, spec.slot_rows, spec.storage_dim, spec.storage_dtype),
                             frame_of=np.full(spec.n_slots, -1, dtype=np.int32),
                             dirty=np.zeros(spec.n_slots, dtype=bool))
             self.tables[spec.name] = ts
@@ -190,6 +208,12 @@ class ShardStore:
         if ts is None:
             raise UnknownTable(f"unknown table {name!r} on shard {self.shard_id}")
         ts.buffer.close()
+        if name in self.budgets:
+            self.budgets.pop(name).close()
+            try:
+                os.rmdir(os.path.dirname(ts.buffer.path))
+            except OSError:
+                pass
 
     def _fill_slots(self, ts: TableShard, slots: np.ndarray, restore=None, data: dict | None = None) -> None:
         """Give `slots` frames and fill them: from `data`, else restore(slot, out), else initial values."""
@@ -219,6 +243,7 @@ class ShardStore:
                 elif restore is None or not restore(ts, slot, frame, out):
                     spec.init_range(a, b, out=out)
                 ts.frame_of[slot] = frame
+        self._attach_budget(ts)
 
     def add_slots(self, name: str, data: dict[int, dict]) -> None:
         """Receive slots moved from another shard: data[slot] = {"rows": array, "state": {...}}."""
@@ -338,20 +363,23 @@ class ShardStore:
         if dtype not in ("float32", spec.dtype):
             raise InvalidArgument(f"table {spec.name!r}: field {field_name!r} has dtype {dtype!r}; "
                                   f"expected 'float32' or the table's {spec.dtype!r}")
-        dt = np_dtype(dtype)
+        if spec.is_bytes and dtype != spec.dtype:
+            raise InvalidArgument(f"table {spec.name!r}: field {field_name!r} has dtype {dtype!r}; a {spec.dtype!r} "
+                                  f"table takes its stored rows ({spec.storage_dim} bytes each, dtype {spec.dtype!r})")
+        dt, width = np_dtype(dtype), (spec.storage_dim if dtype == spec.dtype else spec.dim)
         if isinstance(data, (bytes, bytearray, memoryview)):
             if len(data) > self.max_request_bytes:
                 raise RequestTooLarge(f"table {spec.name!r}: field {field_name!r} is {len(data)} bytes, over the "
                                       f"{self.max_request_bytes}-byte request limit; split the batch")
-            expect = n * spec.dim * dt.itemsize
+            expect = n * width * dt.itemsize
             if len(data) != expect:
                 raise InvalidArgument(f"table {spec.name!r}: field {field_name!r} has {len(data)} bytes; "
-                                      f"{n} ids x dim {spec.dim} x {dtype} needs {expect}")
-            return np.frombuffer(data, dtype=dt).reshape(n, spec.dim)
+                                      f"{n} ids x dim {width} x {dtype} needs {expect}")
+            return np.frombuffer(data, dtype=dt).reshape(n, width)
         arr = np.asarray(data)
-        if arr.shape != (n, spec.dim):
+        if arr.shape != (n, width):
             raise InvalidArgument(f"table {spec.name!r}: field {field_name!r} has shape {arr.shape}; "
-                                  f"expected ({n}, {spec.dim})")
+                                  f"expected ({n}, {width})")
         return arr.astype(dt, copy=False)
 
     def _check_writable(self, name: str) -> None:
@@ -364,9 +392,11 @@ class ShardStore:
         self.check_ready(epoch)
         ts, ids = self.parse_ids(name, ids)
         local = self._local_rows(ts, ids)
+        self._touch(ts, local)
         return np.take(ts.rows, local, axis=0)
 
     def gather_into(self, ts: TableShard, local: np.ndarray, out: np.ndarray) -> None:
+        self._touch(ts, local)
         np.take(ts.rows, local, axis=0, out=out)
 
     def write(self, name: str, ids, rows, dtype: str | None = None, epoch: int = 0) -> int:
@@ -388,6 +418,9 @@ class ShardStore:
         """Apply a sparse gradient with the table's optimizer. Duplicate ids are summed. Returns unique rows."""
         self.check_ready(epoch)
         ts, ids = self.parse_ids(name, ids)
+        if ts.spec.is_bytes:
+            raise ReadOnlyTable(f"table {name!r} holds {ts.spec.dtype} rows, which take Write (import) but not Push; "
+                                f"train a float32 or bfloat16 table and quantize it on export")
         grads = self._parse_rows(ts, ids.size, grads, dtype, "grads")
         g32 = to_float32(grads, dtype) if dtype != "float32" else grads
         g = torch.from_numpy(g32 if g32.flags.writeable else g32.copy())  # request bytes are read-only
@@ -411,6 +444,41 @@ class ShardStore:
             ts.optimizer.apply(weight, ts.state, uniq, g, lr)
             ts.dirty[ids // ts.spec.slot_rows] = True
         return int(uniq.numel())
+
+    def import_rows(self, name: str, start: int, rows: np.ndarray) -> int:
+        """Set stored rows [start, start + len(rows)) (all in owned slots) from an import: rows are
+        [n, storage_dim] in the storage dtype. Marks their slots dirty for the next snapshot."""
+        ts = self._table(name)
+        spec = ts.spec
+        if rows.ndim != 2 or rows.shape[1] != spec.storage_dim or rows.dtype != spec.storage_dtype:
+            raise InvalidArgument(f"table {name!r}: imported rows are {rows.dtype} {rows.shape}; expected "
+                                  f"[n, {spec.storage_dim}] {spec.storage_dtype}")
+        self._check_writable(name)
+        ids = np.arange(start, start + rows.shape[0], dtype=np.int64)
+        local = self._local_rows(ts, ids)
+        with ts.lock:
+            ts.rows[local] = rows
+            ts.dirty[ids // spec.slot_rows] = True
+        self._touch(ts, local, write=True)
+        return int(rows.shape[0])
+
+    # ---- disk-backed rows (storage.py) -----------------------------------------------------
+    def _attach_budget(self, ts: TableShard) -> None:
+        if ts.buffer.path and is_disk(ts.buffer.path):
+            from engram_mem.storage import PageBudget
+
+            b = self.budgets.get(ts.spec.name)
+            if b is None:
+                n_disk = 1 + sum(1 for t in self.tables.values() if t.buffer.path and is_disk(t.buffer.path))
+                b = self.budgets[ts.spec.name] = PageBudget(self.memory_budget // max(1, n_disk))
+            b.attach(ts.buffer)
+            b.written = True
+            b.trim(ts.buffer)  # the initial fill wrote every page: start cold
+
+    def _touch(self, ts: TableShard, local: np.ndarray, write: bool = False) -> None:
+        b = self.budgets.get(ts.spec.name) if self.budgets else None
+        if b is not None:
+            b.touched(ts.buffer, local, write)
 
     # ---- introspection ---------------------------------------------------------------------
     def describe(self) -> dict:

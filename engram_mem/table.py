@@ -1,6 +1,9 @@
 """TableSpec: what a hashed embedding table is, independent of where its rows live.
 
-A table is a named `rows x dim` array (float32, bfloat16 or float16) with a seed. Its row space
+A table is a named `rows x dim` array (float32, bfloat16 or float16) with a seed. Two more dtypes
+hold rows the service does not do arithmetic on: "fp8_e4m3" (dim FP8 E4M3 values plus one ue8m0
+power-of-two scale byte per `block` values, quant.py) and "bytes" (an opaque fixed-width row of dim
+bytes). Both are stored, sent and cached as `storage_dim` uint8 values a row. Its row space
 is cut into `num_slots` contiguous ranges of `slot_rows` rows; placement (placement.py) maps
 slots to shards. The initial value of row r is a function of (seed, dim, r) alone, so a table
 that is re-sharded, restarted from nothing, or built in-process by the model starts from the
@@ -25,7 +28,11 @@ DTYPES = {
     "float32": (np.dtype("<f4"), torch.float32),
     "float16": (np.dtype("<f2"), torch.float16),
     "bfloat16": (np.dtype("<u2"), torch.bfloat16),
+    # Rows kept as raw bytes: [rows, storage_dim] uint8 in storage and on the wire.
+    "fp8_e4m3": (np.dtype("u1"), torch.uint8),
+    "bytes": (np.dtype("u1"), torch.uint8),
 }
+BYTE_DTYPES = ("fp8_e4m3", "bytes")  # no arithmetic at the shard: Write (import) yes, Push no
 DEFAULT_SLOTS = 4096
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 # Rows are initialized in blocks of this many values; each block has its own counter-keyed
@@ -70,6 +77,8 @@ class TableSpec:
     seed: int = 0
     init_std: float = 1.0
     num_slots: int = DEFAULT_SLOTS
+    block: int = 0          # fp8_e4m3: values per ue8m0 scale byte (V4.1-Flash: 32); 0 for other dtypes
+    storage: str = ""       # "" = the cluster's storage; "shm" or "disk:/path" (storage.py)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -80,6 +89,15 @@ class TableSpec:
             raise InvalidArgument(f"table {self.name!r}: dim must be positive, got {self.dim}")
         if self.dtype not in DTYPES:
             raise InvalidArgument(f"table {self.name!r}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.dtype == "fp8_e4m3":
+            if int(self.block) <= 0 or int(self.dim) % int(self.block):
+                raise InvalidArgument(f"table {self.name!r}: fp8_e4m3 needs block > 0 dividing dim {self.dim} "
+                                      f"(values per scale, e.g. 32), got block={self.block}")
+        elif int(self.block) != 0:
+            raise InvalidArgument(f"table {self.name!r}: block={self.block} applies only to dtype 'fp8_e4m3'")
+        if self.storage and not (self.storage == "shm" or self.storage.startswith("disk:/")):
+            raise InvalidArgument(f"table {self.name!r}: storage {self.storage!r} must be '', 'shm' or "
+                                  f"'disk:/absolute/path'")
         if not 0 <= int(self.seed) < 2**63:
             raise InvalidArgument(f"table {self.name!r}: seed must be in [0, 2**63), got {self.seed}")
         if not (self.init_std >= 0 and np.isfinite(self.init_std)):
@@ -90,16 +108,32 @@ class TableSpec:
         object.__setattr__(self, "rows", int(self.rows))
         object.__setattr__(self, "dim", int(self.dim))
         object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "block", int(self.block))
         object.__setattr__(self, "num_slots", min(int(self.num_slots), int(self.rows)))
 
     # ---- geometry -------------------------------------------------------------------------
+    @property
+    def is_bytes(self) -> bool:
+        """Rows the shard stores and serves as raw bytes (quantized or opaque): no Push."""
+        return self.dtype in BYTE_DTYPES
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        """The element type of a stored row (uint8 for quantized and opaque rows)."""
+        return np_dtype(self.dtype)
+
+    @property
+    def storage_dim(self) -> int:
+        """Elements of a stored row: dim, or for fp8_e4m3 dim values + dim / block scale bytes."""
+        return self.dim + self.dim // self.block if self.dtype == "fp8_e4m3" else self.dim
+
     @property
     def itemsize(self) -> int:
         return np_dtype(self.dtype).itemsize
 
     @property
     def row_bytes(self) -> int:
-        return self.dim * self.itemsize
+        return self.storage_dim * self.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -150,7 +184,9 @@ class TableSpec:
         if not 0 <= start <= stop <= self.rows:
             raise InvalidArgument(f"table {self.name!r}: row range [{start}, {stop}) outside [0, {self.rows})")
         if out is None:
-            out = np.empty((stop - start, self.dim), dtype=np_dtype(self.dtype))
+            out = np.empty((stop - start, self.storage_dim), dtype=np_dtype(self.dtype))
+        if self.is_bytes:
+            return self._init_bytes(start, stop, out)
         br = self._init_block_rows
         gen = torch.Generator()
         buf = torch.empty(br, self.dim, dtype=torch.float32)
@@ -164,10 +200,24 @@ class TableSpec:
             out_t[lo - start:hi - start] = buf[lo - b0:hi - b0] * self.init_std
         return out
 
+    def _init_bytes(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Opaque rows start as zeros; fp8 rows as the same normal draws as a float32 table, quantized."""
+        if self.dtype == "bytes" or self.init_std == 0:  # zero bytes are fp8 zeros (scale byte 0: 2**-127)
+            out[...] = 0
+            return out
+        from engram_mem.quant import quantize
+
+        f32 = TableSpec(self.name, self.rows, self.dim, "float32", self.seed, self.init_std, self.num_slots)
+        step = max(1, (8 << 20) // (4 * self.dim))
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            out[a - start:b - start] = quantize(f32.init_range(a, b), self.block)
+        return out
+
     def init_rows(self, ids: np.ndarray) -> np.ndarray:
         """Initial values of arbitrary rows (any order, repeats allowed): [len(ids), dim]."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        out = np.empty((ids.size, self.dim), dtype=np_dtype(self.dtype))
+        out = np.empty((ids.size, self.storage_dim), dtype=np_dtype(self.dtype))
         if ids.size == 0:
             return out
         if ids.min() < 0 or ids.max() >= self.rows:

@@ -1,0 +1,156 @@
+"""Disk-backed shard rows: tables larger than RAM, with a memory budget per shard.
+
+By default a shard's rows file lives in /dev/shm (shard.py). With `engram-mem up --storage
+disk:/nvme/engram` (or a table's own `storage="disk:/path"`) the same file of slot frames lives on a
+local disk instead, mapped MAP_SHARED exactly as before: gathers and the same-node tier read rows in
+place, and the OS page cache keeps the pages that were read. What is new is only the bound:
+
+    budget = PageBudget(512 << 20)     # bytes of this table's file the shard lets stay cached
+    budget.attach(buffer)              # after the file grows (MADV_RANDOM: no read-ahead)
+    budget.touched(buffer, local_rows) # after every gather / import
+
+PageBudget counts reads per 4 KiB page (a small uint16 array: 1/2048 of the file). When the rows
+read since the last trim could have brought in more than half the budget, it keeps the most-read
+pages up to half the budget and drops the rest of the file from this process's mapping
+(MADV_DONTNEED) and from the page cache (posix_fadvise DONTNEED, after msync if anything was
+written). Counts then halve, so the hot set follows the traffic. The resident part of the file is
+thus at most about the budget, whatever the table's size; `resident_bytes(path)` measures it (mincore).
+
+Persistence is unchanged (lmdb snapshots of dirty slots); the disk file is a cache of the rows,
+not their durable copy, and is deleted when the table is dropped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import threading
+
+import numpy as np
+
+PAGE = mmap.PAGESIZE
+
+
+def parse_storage(value: str) -> str:
+    """Validate a --storage value: 'shm' or 'disk:/absolute/dir' (returned normalized)."""
+    if value in ("", "shm"):
+        return "shm"
+    if value.startswith("disk:"):
+        path = value[5:]
+        if not path or not os.path.isabs(path):
+            raise ValueError(f"storage {value!r}: give an absolute directory, e.g. disk:/nvme/engram-mem")
+        return "disk:" + os.path.normpath(path)
+    raise ValueError(f"storage {value!r} must be 'shm' or 'disk:/absolute/dir'")
+
+
+class PageBudget:
+    def __init__(self, budget_bytes: int):
+        self.budget = int(budget_bytes)   # 0 = unbounded (the page cache alone decides)
+        self.counts = np.zeros(0, dtype=np.uint16)
+        self.since = 0                    # bytes that reads since the last trim could have paged in
+        self.written = False
+        self.trims = 0
+        self._lock = threading.Lock()
+        self._advised: set[int] = set()
+
+    def attach(self, buffer) -> None:
+        """Turn off read-ahead on the buffer's current mapping (rows are read at random)."""
+        mm = buffer._mm
+        if mm is not None and id(mm) not in self._advised:
+            mm.madvise(mmap.MADV_RANDOM)
+            self._advised = {id(mm)}
+
+    def touched(self, buffer, local: np.ndarray, write: bool = False) -> None:
+        """Count the pages that rows `local` (buffer row indices) live on; trim when over budget."""
+        if local.size == 0:
+            return
+        if self.budget <= 0:
+            self.written |= write
+            return
+        row_bytes = buffer.dim * buffer.dtype.itemsize
+        first = (local.astype(np.int64) * row_bytes) // PAGE
+        last = (local.astype(np.int64) * row_bytes + row_bytes - 1) // PAGE
+        with self._lock:
+            n_pages = -(-buffer.frames * buffer.frame_bytes // PAGE)
+            if self.counts.size < n_pages:
+                grown = np.zeros(n_pages, dtype=np.uint16)
+                grown[: self.counts.size] = self.counts
+                self.counts = grown
+            for pages in (first, last) if row_bytes > 1 else (first,):
+                np.add.at(self.counts, pages, 1)  # saturating is not needed: counts halve at each trim
+            self.since += int(local.size) * PAGE * (1 if row_bytes <= PAGE else -(-row_bytes // PAGE))
+            self.written |= write
+            if self.since > self.budget // 2:
+                self._trim(buffer)
+
+    def trim(self, buffer) -> None:
+        with self._lock:
+            self._trim(buffer)
+
+    def _trim(self, buffer) -> None:
+        mm, fd = buffer._mm, getattr(buffer, "_fd", None)
+        if mm is None or fd is None:
+            return
+        if self.written:
+            mm.flush()  # dirty pages cannot be dropped from the page cache: write them first
+            self.written = False
+        n_pages = min(self.counts.size, -(-len(mm) // PAGE))
+        keep_pages = max(0, self.budget // 2 // PAGE)
+        keep = np.zeros(n_pages, dtype=bool)
+        if keep_pages:
+            hot = np.nonzero(self.counts[:n_pages])[0]
+            if hot.size > keep_pages:
+                hot = hot[np.argpartition(self.counts[hot], -keep_pages)[-keep_pages:]]
+            keep[hot] = True
+        # Runs of pages to drop: starts where keep goes True -> False, ends where it goes False -> True.
+        edges = np.diff(np.concatenate(([True], keep, [True])).astype(np.int8))
+        starts, stops = np.nonzero(edges == -1)[0], np.nonzero(edges == 1)[0]
+        size = len(mm)
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            off, length = a * PAGE, min(b * PAGE, size) - a * PAGE
+            if length > 0:
+                mm.madvise(mmap.MADV_DONTNEED, off, length)
+                os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
+        self.counts >>= 1
+        self.since = 0
+        self.trims += 1
+
+    def close(self) -> None:
+        self.counts = np.zeros(0, dtype=np.uint16)
+
+
+# ---- measuring what is resident (tests and benchmarks) ---------------------------------------
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+
+
+def resident_bytes(path: str) -> int:
+    """Bytes of a file that are in the page cache now (mincore over a fresh read-only mapping)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
+    try:
+        arr = np.frombuffer(mm, dtype=np.uint8)
+        addr = arr.__array_interface__["data"][0]   # a read-only mapping's address, via numpy
+        n = -(-size // PAGE)
+        vec = (ctypes.c_ubyte * n)()
+        rc = _libc.mincore(ctypes.c_void_p(addr), size, vec)
+        del arr
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)) * PAGE
+    finally:
+        mm.close()
+
+
+def drop_cache(path: str) -> None:
+    """Drop a file's clean pages from the page cache (a cold start for benchmarks)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
