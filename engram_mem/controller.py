@@ -96,6 +96,11 @@ class ClusterController:
     def ping(self) -> str:
         return self.cluster_id
 
+    def shard_actors(self) -> dict:
+        """{shard id: actor handle}, for bulk transfers that go to each shard directly (importer.py)."""
+        with self._lock:
+            return {sid: s.actor for sid, s in self.shards.items()}
+
     # ---- what clients read -----------------------------------------------------------------
     def describe(self) -> dict:
         with self._lock:

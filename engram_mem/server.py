@@ -123,6 +123,7 @@ class ShardServicer:
         rows = ts.rows  # one buffer for the whole reply, even if the table grows meanwhile
         for start in range(0, max(local.size, 1), step):
             chunk = np.take(rows, local[start:start + step], axis=0)
+            store._touch(ts, local[start:start + step])  # disk-backed rows: the page budget (storage.py)
             msg = encode_rows_chunk(chunk)
             self.stats.rows_gathered += chunk.shape[0]
             self.stats.bytes_sent += chunk.nbytes

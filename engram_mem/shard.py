@@ -392,12 +392,13 @@ class ShardStore:
         self.check_ready(epoch)
         ts, ids = self.parse_ids(name, ids)
         local = self._local_rows(ts, ids)
+        rows = np.take(ts.rows, local, axis=0)
         self._touch(ts, local)
-        return np.take(ts.rows, local, axis=0)
+        return rows
 
     def gather_into(self, ts: TableShard, local: np.ndarray, out: np.ndarray) -> None:
-        self._touch(ts, local)
         np.take(ts.rows, local, axis=0, out=out)
+        self._touch(ts, local)
 
     def write(self, name: str, ids, rows, dtype: str | None = None, epoch: int = 0) -> int:
         self.check_ready(epoch)

@@ -96,7 +96,9 @@ class PageBudget:
         if self.written:
             mm.flush()  # dirty pages cannot be dropped from the page cache: write them first
             self.written = False
-        n_pages = min(self.counts.size, -(-len(mm) // PAGE))
+        n_pages = -(-len(mm) // PAGE)
+        if self.counts.size < n_pages:
+            self.counts = np.concatenate((self.counts, np.zeros(n_pages - self.counts.size, np.uint16)))
         keep_pages = max(0, self.budget // 2 // PAGE)
         keep = np.zeros(n_pages, dtype=bool)
         if keep_pages:
