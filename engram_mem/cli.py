@@ -5,6 +5,7 @@
     engram-mem scale N [--address RAY_ADDRESS]
     engram-mem checkpoint [--address RAY_ADDRESS]
     engram-mem down [--address RAY_ADDRESS]
+    engram-mem import | export ...    (transfer.py: tables from and to safetensors files)
 
 Without --address, `up` starts an embedded local Ray cluster on a loopback node address and
 keeps it running (in a background process) until `down`. With --address, the memory cluster is
@@ -46,6 +47,15 @@ def _attach(args):
     return ray, ctl
 
 
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1] if t[-1:] in units and t[-1:] else t) * units[t[-1] if t[-1:].isalpha() else ""])
+    except (ValueError, KeyError):
+        sys.exit(f"engram-mem: size {text!r} must look like 512M or 8G")
+
+
 def cmd_up(args) -> int:
     from engram_mem import local
 
@@ -65,6 +75,10 @@ def cmd_up(args) -> int:
             if not sep or not key:
                 sys.exit(f"engram-mem: --shard-resource {item!r} must look like NAME=AMOUNT, e.g. memory_node=1")
         cluster["shard_resources"] = res
+    if args.storage:
+        cluster["storage"] = args.storage
+    if args.memory_budget:
+        cluster["memory_budget"] = _parse_size(args.memory_budget)
     tables = os.path.abspath(args.tables) if args.tables else None
     if args.address:
         import ray
@@ -207,6 +221,8 @@ def main(argv=None) -> int:
     up.add_argument("--shard-resource", action="append", default=[], metavar="NAME=AMOUNT",
                     help="a Ray resource each shard needs, to pin shards to memory nodes (repeatable)")
     up.add_argument("--timeout", type=float, default=180)
+    up.add_argument("--storage", help="where shard rows live: shm (default) or disk:/dir (tables larger than RAM)")
+    up.add_argument("--memory-budget", help="with disk storage: page cache bytes per shard, e.g. 8G (default: no bound)")
     for name, fn in (("status", "show shards, nodes, rows, bytes, requests/s"), ("down", "stop the memory cluster"),
                      ("checkpoint", "snapshot every shard to its data dir")):
         sp = sub.add_parser(name, help=fn)
@@ -218,10 +234,13 @@ def main(argv=None) -> int:
     sc = sub.add_parser("scale", help="change the shard count")
     sc.add_argument("shards", type=int)
     sc.add_argument("--address")
+    from engram_mem import transfer
+
+    transfer_cmds = transfer.add_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "scale": cmd_scale,
-            "checkpoint": cmd_checkpoint}[args.cmd](args)
+            "checkpoint": cmd_checkpoint, **transfer_cmds}[args.cmd](args)
 
 
 if __name__ == "__main__":
