@@ -11,7 +11,8 @@ Streaming: the header is written first (every shape is known up front), then eac
 over its slots in batches of about `batch_bytes` (ShardActor.export_slots: rows and optimizer
 state), and every batch is written straight to its tensors' byte ranges (positioned writes), so
 neither the file nor a table is ever held in memory. With `optimizer_state`, a float table's row
-optimizer state is written as "<values tensor>.<state>" (float32, the values' shape).
+optimizer state is written as "<values tensor>.<state>" (Adam: exp_avg, exp_avg_sq float32 of the
+values' shape, step int32 [rows]).
 fp8 tables are written as F8_E4M3 values and U8 scales (or the mapping's scale_dtype); importing
 the file again gives the same bytes, and exporting an imported file reproduces every tensor's
 bytes (tested).
@@ -24,10 +25,11 @@ import os
 import struct
 
 import numpy as np
+import torch
 
 from engram_mem.errors import InvalidArgument
 from engram_mem.importer import ue8m0_to_f32
-from engram_mem.mapping import ITEMSIZE, TABLE_TENSOR_DTYPE, TensorInfo, index_files, load_mapping, resolve
+from engram_mem.mapping import ITEMSIZE, TABLE_TENSOR_DTYPE, Piece, TensorInfo, index_files, load_mapping, resolve
 
 
 def _layout(entry, spec, like: dict | None) -> list[tuple[str, str, tuple[int, int]]]:
@@ -88,14 +90,15 @@ def export_tables(client, mapping: str, out: str, *, like: list[str] | None = No
             raise InvalidArgument(f"table {e.table!r} is {spec.dtype}; the mapping says {e.dtype}")
         lay = _layout(e, spec, like_index)
         tensors += lay
-        state_names = []
-        if optimizer_state and not spec.is_bytes and view.table(e.table).optimizer.name != "sgd":
+        state = {}  # state name -> (safetensors dtype, numpy dtype, per-row shape)
+        if optimizer_state and not spec.is_bytes:
             from engram_mem.optim import make_optimizer
 
-            state_names = sorted(make_optimizer(view.table(e.table).optimizer).init_state(1, spec.dim))
-            for name, _, shape in lay[:len(e.values)]:
-                tensors += [(f"{name}.{k}", "F32", shape) for k in state_names]
-        jobs.append((e, spec, state_names))
+            for k, v in make_optimizer(view.table(e.table).optimizer).init_state(1, spec.dim).items():
+                state[k] = (_ST_DTYPE[v.dtype], v.numpy().dtype, tuple(v.shape[1:]))
+            for name, _, (r, d) in lay[:len(e.values)]:
+                tensors += [(f"{name}.{k}", st, (r, d) if shp else (r,)) for k, (st, _, shp) in state.items()]
+        jobs.append((e, spec, state))
     head, infos = _header(tensors, out)
     tmp = out + ".partial"
     total = sum(spec.rows for _, spec, _ in jobs)
@@ -106,9 +109,9 @@ def export_tables(client, mapping: str, out: str, *, like: list[str] | None = No
     try:
         os.write(fd, head)
         os.ftruncate(fd, len(head) + sum(i.end - i.start for i in infos.values()))
-        for e, spec, state_names in jobs:
+        for e, spec, state in jobs:
             _, _, pieces = resolve(e, infos)
-            state_pieces = {k: resolve(_state_entry(e, k), infos)[2] for k in state_names}
+            state_pieces = {k: _state_pieces(e, k, infos) for k in state}
             t = view.table(e.table)
             per_batch = max(1, batch_bytes // max(1, spec.slot_rows * spec.row_bytes))
             for rank, sid in enumerate(view.shard_ids):
@@ -120,10 +123,12 @@ def export_tables(client, mapping: str, out: str, *, like: list[str] | None = No
                         rows = np.ascontiguousarray(d["rows"]).view(np.uint8).reshape(b - a, spec.row_bytes)
                         written += _write_rows(fd, pieces, a, b, rows)
                         for k, sp in state_pieces.items():
+                            _, dt, shp = state[k]
                             st = d["state"].get(k)
                             if st is None:  # no push yet: the optimizer state is still zeros
-                                st = np.zeros((b - a, spec.dim), np.float32)
-                            written += _write_rows(fd, sp, a, b, np.ascontiguousarray(st, np.float32).view(np.uint8))
+                                st = np.zeros((b - a, *shp), dt)
+                            st = np.ascontiguousarray(st, dt).view(np.uint8).reshape(b - a, -1)
+                            written += _write_rows(fd, sp, a, b, st)
                         bar.update(b - a)
         os.fsync(fd)
     finally:
@@ -133,10 +138,21 @@ def export_tables(client, mapping: str, out: str, *, like: list[str] | None = No
     return {"tensors": len(tensors), "bytes": written, "path": out}
 
 
-def _state_entry(e, k: str):
-    from engram_mem.mapping import MappingTable
+_ST_DTYPE = {torch.float32: "F32", torch.int32: "I32", torch.int64: "I64"}
 
-    return MappingTable(e.table, "float32", [f"{n}.{k}" for n in e.values], concat=e.concat)
+
+def _state_pieces(e, k: str, infos: dict) -> list[Piece]:
+    """Where optimizer state `k` of each head goes: rows [R, d] (per value) or [R] (per row)."""
+    out, r, c = [], 0, 0
+    for name in e.values:
+        t, v = infos[f"{name}.{k}"], infos[name]
+        width = t.row_bytes
+        out.append(Piece(t, r if e.concat == "rows" else 0, t.shape[0], c if len(t.shape) == 2 else 0, width))
+        if e.concat == "rows":
+            r += v.shape[0]
+        elif len(t.shape) == 2:
+            c += width
+    return out
 
 
 def _write_rows(fd: int, pieces, a: int, b: int, rows: np.ndarray) -> int:

@@ -1,0 +1,255 @@
+"""Real Engram tables in a real local cluster: FP8 rows with block scales imported from safetensors,
+served through every tier, exported back; imports that check first and resume after kill -9;
+a disk-backed shard under a memory budget smaller than its table."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import engram_mem
+from engram_mem.errors import InvalidArgument, ReadOnlyTable
+from engram_mem.exporter import export_tables
+from engram_mem.fetcher import RowFetcher
+from engram_mem.importer import import_tables
+from engram_mem.pb.v1 import memory_pb2 as pb
+from engram_mem.pb.v1 import memory_pb2_grpc
+from engram_mem.quant import dequantize_reference, quantize
+from engram_mem.storage import resident_bytes
+from engram_mem.synthetic import write_demo, write_v41
+from engram_mem.table import TableSpec
+from engram_mem.wire import ids_bytes
+
+ROWS = 20_000
+NAME = "tables-io"
+
+
+@pytest.fixture(scope="module")
+def mem(ray_local):
+    with engram_mem.connect(shards=2, name=NAME) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def v41(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("v41"))
+    paths = write_v41(d, ROWS)
+    src = {}
+    for layer, vf, sf in ((1, 0, 1), (14, 1, 2)):
+        with safe_open(paths[vf], "pt") as f:
+            v = f.get_tensor(f"model.layers.{layer}.engram.embed.weight").view(torch.uint8).numpy()
+        with safe_open(paths[sf], "pt") as f:
+            s = f.get_tensor(f"model.layers.{layer}.engram.embed.weight_scale").numpy()
+        src[layer] = (v, s)
+    return d, paths, src
+
+
+def _tensors(path):
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_fp8_table_imported_from_safetensors_serves_its_dequantized_rows_through_every_tier(mem, v41, tmp_path):
+    d, paths, src = v41
+    r = import_tables(mem, "v41-flash", [d], sha256=os.path.join(d, "SHA256SUMS"), journal=str(tmp_path / "j"),
+                      progress=False)
+    assert r["rows"] == 2 * ROWS and r["skipped_rows"] == 0 and r["bytes"] == 2 * ROWS * 264
+    spec = mem.tables()["engram.l1"]
+    assert (spec.dtype, spec.block, spec.row_bytes) == ("fp8_e4m3", 32, 264)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, ROWS, 6000)
+    for layer, (v, s) in src.items():
+        name = f"engram.l{layer}"
+        want_raw = np.concatenate([v, s], axis=1)[ids]                     # [n, 264]: values then scales
+        want = torch.from_numpy(dequantize_reference(v, s, 32)[ids])       # [n, 256] float32
+        # gRPC: the wire carries 264-byte rows; the worker dequantizes them on its device.
+        assert np.array_equal(mem.gather(name, ids), want_raw)
+        assert torch.equal(mem.gather(name, ids, as_torch=True), want)
+        # Same-node tier (shared memory, read in place).
+        f = RowFetcher(mem, node_local=True)
+        try:
+            uniq, rows, inv = f.fetch(name, ids)
+            assert np.array_equal(rows[inv], want_raw)
+            assert f.summary()["node_local_rows"] == uniq.size
+        finally:
+            f.close()
+        # Hot-row cache in front of gRPC: a second fetch is served from the cache.
+        f = RowFetcher(mem, node_local=False, cache_bytes={name: 8 << 20})
+        try:
+            for _ in range(3):
+                uniq, rows, inv = f.fetch(name, ids)
+                assert np.array_equal(rows[inv], want_raw)
+            assert f.summary()["cache_hits"] > 0
+        finally:
+            f.close()
+
+
+def test_quantized_tables_take_writes_but_refuse_pushes(mem):
+    mem.create_table_spec(TableSpec("fp8.rw", 1000, 64, dtype="fp8_e4m3", block=32))
+    x = np.random.default_rng(1).standard_normal((10, 64)).astype(np.float32) * 5
+    ids = np.arange(100, 110)
+    mem.write("fp8.rw", ids, x)                       # float32 rows are quantized by the client
+    got = mem.gather("fp8.rw", ids, as_torch=True)
+    q = quantize(x, 32)
+    assert torch.equal(got, torch.from_numpy(dequantize_reference(q[:, :64], q[:, 64:], 32)))
+    assert np.abs(got.numpy() - x).max() <= np.abs(x).max() / 8  # E4M3: 3 mantissa bits
+    with pytest.raises(ReadOnlyTable, match="not push"):
+        mem.push("fp8.rw", ids, np.zeros((10, 64), np.float32))
+    # The shard refuses too, whoever sends the push, and keeps serving.
+    view = mem.refresh()
+    with grpc.insecure_channel(view.address(int(view.table("fp8.rw").placement[0]))) as ch:
+        stub = memory_pb2_grpc.MemoryStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Push(pb.PushRequest(table="fp8.rw", ids=ids_bytes(np.array([0])), grads=bytes(256),
+                                     dtype="float32"))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "Push" in e.value.details()
+    assert mem.gather("fp8.rw", ids).shape == (10, 66)
+    mem.drop_table("fp8.rw")
+
+
+def test_import_checks_everything_before_writing(mem, v41, tmp_path):
+    d, paths, src = v41
+    v, s = src[1]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    mapping = {"format": "engram-mem/mapping/1", "tables": [
+        {"table": "chk.a", "dtype": "fp8_e4m3", "block": 32, "values": "a.v", "scales": "a.s"},
+        {"table": "chk.b", "dtype": "fp8_e4m3", "block": 32, "values": "b.v", "scales": "b.s"}]}
+    (tmp_path / "m.json").write_text(json.dumps(mapping))
+    good_a = {"a.v": torch.from_numpy(v[:100]).view(torch.float8_e4m3fn), "a.s": torch.from_numpy(s[:100])}
+    cases = {
+        "wrong scales shape": {"b.v": good_a["a.v"], "b.s": torch.from_numpy(s[:99])},
+        "wrong values dtype": {"b.v": torch.zeros(100, 256), "b.s": good_a["a.s"]},
+        "missing tensor": {"b.v": good_a["a.v"]},
+    }
+    for what, b in cases.items():
+        for f in bad.glob("*"):
+            f.unlink()
+        save_file(good_a, str(bad / "a.safetensors"))
+        save_file(b, str(bad / "b.safetensors"))
+        with pytest.raises(InvalidArgument):
+            import_tables(mem, str(tmp_path / "m.json"), [str(bad)], journal=str(tmp_path / "j"), progress=False)
+        # chk.a was fine, but nothing was created or written: the check comes first.
+        assert "chk.a" not in mem.tables() and "chk.b" not in mem.tables(), what
+    # A file that does not match its sha256 stops the import before anything is written.
+    save_file({"b.v": good_a["a.v"], "b.s": good_a["a.s"]}, str(bad / "b.safetensors"))
+    (bad / "SUMS").write_text(f"{'0' * 64}  a.safetensors\n{'0' * 64}  b.safetensors\n")
+    with pytest.raises(InvalidArgument, match="sha256"):
+        import_tables(mem, str(tmp_path / "m.json"), [str(bad)], sha256=str(bad / "SUMS"), progress=False,
+                      journal=str(tmp_path / "j"))
+    assert "chk.a" not in mem.tables()
+    # A table that exists with another shape is refused, not overwritten.
+    mem.create_table("chk.a", rows=5, dim=8)
+    with pytest.raises(InvalidArgument, match="exists"):
+        import_tables(mem, str(tmp_path / "m.json"), [str(bad)], progress=False, journal=str(tmp_path / "j"))
+    mem.drop_table("chk.a")
+
+
+def test_an_import_killed_with_sigkill_continues_where_it_stopped(mem, ray_local, tmp_path):
+    d = str(tmp_path / "src")
+    paths = write_v41(d, ROWS, seed=7)
+    for name in ("engram.l1", "engram.l14"):
+        if name in mem.tables():
+            mem.drop_table(name)
+    journal = str(tmp_path / "journal.jsonl")
+    address = ray_local.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "engram_mem.cli", "--name", NAME, "import", "--address", address,
+           "--mapping", "v41-flash", d, "--journal", journal, "--batch-mb", "1", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    # Throttled so that it is surely still running when it is killed.
+    proc = subprocess.Popen(cmd + ["--max-gbps", "0.002"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and (not os.path.exists(journal) or len(open(journal).readlines()) < 3):
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_before = sum(len(json.loads(x).get("slots", [])) for x in open(journal).readlines())
+    assert done_before > 0
+    out = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["skipped_rows"] > 0 and r["rows"] + r["skipped_rows"] == 2 * ROWS
+    mem.refresh()
+    for layer, (vf, sf) in ((1, (0, 1)), (14, (1, 2))):
+        v = _tensors(paths[vf])[f"model.layers.{layer}.engram.embed.weight"].view(torch.uint8).numpy()
+        s = _tensors(paths[sf])[f"model.layers.{layer}.engram.embed.weight_scale"].numpy()
+        assert np.array_equal(mem.gather(f"engram.l{layer}", np.arange(ROWS)), np.concatenate([v, s], axis=1))
+
+
+def test_export_round_trips_every_tensor_byte_for_byte(mem, v41, tmp_path):
+    d, paths, _ = v41
+    for name in ("engram.l1", "engram.l14"):
+        if name in mem.tables():
+            mem.drop_table(name)
+    import_tables(mem, "v41-flash", [d], journal=str(tmp_path / "j1"), progress=False)
+    out = str(tmp_path / "out.safetensors")
+    export_tables(mem, "v41-flash", out, progress=False)
+    got = _tensors(out)
+    want = {k: t for p in paths for k, t in _tensors(p).items()}
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+    # The DeepSeek demo layout (float32 multi-head embedding), with the optimizer state alongside.
+    for name in ("engram.l1", "engram.l14"):
+        mem.drop_table(name)
+    demo = write_demo(str(tmp_path / "demo"), 3000)
+    import_tables(mem, "deepseek-engram-demo", [str(tmp_path / "demo")], journal=str(tmp_path / "j2"), progress=False)
+    src = _tensors(demo[0])
+    w = src["layers.1.engram.multi_head_embedding.embedding.weight"]
+    assert np.array_equal(mem.gather("engram.l1", np.arange(3000)), w.numpy())
+    mem.set_optimizer("engram.l1", "adam")
+    mem.push("engram.l1", np.array([5, 7]), np.ones((2, 32), np.float32), lr=0.1)
+    out2 = str(tmp_path / "demo-out.safetensors")
+    export_tables(mem, "deepseek-engram-demo", out2, optimizer_state=True, progress=False)
+    back = _tensors(out2)
+    assert torch.equal(back["layers.15.engram.multi_head_embedding.embedding.weight"],
+                       src["layers.15.engram.multi_head_embedding.embedding.weight"])
+    moved = back["layers.1.engram.multi_head_embedding.embedding.weight"]
+    assert torch.equal(moved[:5], w[:5]) and not torch.equal(moved[5], w[5])
+    state = [k for k in back if k.startswith("layers.1.") and k != "layers.1.engram.multi_head_embedding.embedding.weight"]
+    assert sorted(k.rsplit(".", 1)[1] for k in state) == ["exp_avg", "exp_avg_sq", "step"]
+    assert all(back[k].shape[0] == w.shape[0] for k in state)
+    assert all(float(back[k][5].abs().sum()) > 0 for k in state) and all(float(back[k][4].abs().sum()) == 0 for k in state)
+    for layer in (1, 15):
+        mem.drop_table(f"engram.l{layer}")
+
+
+def test_a_disk_backed_shard_serves_correct_rows_within_a_memory_budget_smaller_than_its_table(ray_local, tmp_path):
+    budget = 2 << 20
+    with engram_mem.connect(shards=1, name="disk-io", storage=f"disk:{tmp_path}", memory_budget=budget) as dm:
+        spec = TableSpec("big", 64_000, 256, dtype="fp8_e4m3", block=32)   # 16.9 MB of rows
+        dm.create_table_spec(spec)
+        x = np.random.default_rng(3).standard_normal((spec.rows, 256)).astype(np.float32)
+        q = quantize(x, 32)
+        for a in range(0, spec.rows, 16_000):
+            dm.write("big", np.arange(a, a + 16_000), q[a:a + 16_000])
+        files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".rows")]
+        assert len(files) == 1 and not files[0].startswith("/dev/shm")
+        assert os.path.getsize(files[0]) >= spec.nbytes > 4 * budget
+        rng = np.random.default_rng(4)
+        zipf = (rng.zipf(1.2, 200_000) - 1) % spec.rows
+        for i in range(20):
+            ids = zipf[i * 2000:(i + 1) * 2000]
+            assert np.array_equal(dm.gather("big", ids), q[ids])            # gRPC
+        # Resident pages of the file stay within the budget plus one request's pages.
+        assert resident_bytes(files[0]) <= budget + 2000 * 4096, (resident_bytes(files[0]), budget)
+        f = RowFetcher(dm, node_local=True)                                   # same-node tier reads the file
+        try:
+            uniq, rows, inv = f.fetch("big", zipf[:5000])
+            assert np.array_equal(rows[inv], q[zipf[:5000]])
+            assert f.summary()["node_local_rows"] == uniq.size
+        finally:
+            f.close()
