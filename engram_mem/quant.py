@@ -76,7 +76,7 @@ def rows_to_float(rows: np.ndarray, spec, device=None) -> torch.Tensor:
         raise ValueError(f"table {spec.name!r} holds opaque byte rows; they have no float value")
     from engram_mem.table import as_torch
 
-    t = as_torch(np.ascontiguousarray(rows), spec.dtype)
+    t = rows if isinstance(rows, torch.Tensor) else as_torch(np.ascontiguousarray(rows), spec.dtype)
     if device is not None:
         t = t.to(device, non_blocking=True)
     return t.float()

@@ -34,6 +34,7 @@ import torch
 
 from engram_mem.errors import NonFiniteGradient
 from engram_mem.fetcher import RowFetcher
+from engram_mem.quant import rows_to_float
 from engram_mem.table import TableSpec, as_torch
 from engram_model.rows import TABLE_OPTIMIZER, RowSource, table_name, table_specs
 
@@ -93,13 +94,13 @@ class ClusterRows(RowSource):
             uniq, rows_np, inverse = self.fetcher.fetch(self.specs[layer].name, ids)
         self.wait_s += time.perf_counter() - t0
         spec = self.specs[layer]
-        rows_u = as_torch(rows_np, spec.dtype)                               # [U, D] host
+        rows_u = as_torch(rows_np, spec.dtype)                               # [U, D] host (fp8: [U, D + D/block] bytes)
         if self.device.type == "cuda":
             rows_u = rows_u.pin_memory().to(self.device, non_blocking=True)
             inv = torch.from_numpy(inverse).pin_memory().to(self.device, non_blocking=True)
         else:
             inv = torch.from_numpy(inverse)
-        rows = rows_u.float()[inv].view(*row_ids.shape, spec.dim)            # [B, T, K, D]
+        rows = rows_to_float(rows_u, spec)[inv].view(*row_ids.shape, spec.dim)  # [B, T, K, D], fp8 dequantized here
         if self.train_mode and torch.is_grad_enabled():
             rows = rows.detach().requires_grad_(True)
             self._leaves.append((layer, uniq, inv, rows))
@@ -155,8 +156,9 @@ class ClusterRows(RowSource):
             w = state.get(f"{spec.name}.weight")
             if w is None:
                 raise ValueError(f"no rows for table {spec.name!r} in the state (keys: {sorted(state)[:6]}...)")
-            if tuple(w.shape) != (spec.rows, spec.dim):
-                raise ValueError(f"{spec.name}.weight has shape {tuple(w.shape)}; the table is ({spec.rows}, {spec.dim})")
+            if tuple(w.shape) != (spec.rows, spec.storage_dim):
+                raise ValueError(f"{spec.name}.weight has shape {tuple(w.shape)}; the table is "
+                                 f"({spec.rows}, {spec.storage_dim})")
             per = max(1, (64 << 20) // spec.row_bytes)
             for a in range(0, spec.rows, per):
                 b = min(a + per, spec.rows)

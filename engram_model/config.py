@@ -40,7 +40,9 @@ class EngramConfig:
     kernel_size: int = 4                 # ShortConv kernel; its dilation is max_ngram_size
     hc_mult: int = 1                     # hyper-connection branches (the backbone here has one)
     seed: int = 0                        # hash multipliers and table init
-    table_dtype: str = "float32"         # storage dtype of the rows: float32 | bfloat16 | float16
+    table_dtype: str = "float32"         # storage dtype of the rows: float32 | bfloat16 | float16 | fp8_e4m3
+    table_block: int = 0                 # fp8_e4m3: values per ue8m0 scale (V4.1-Flash: 32); else 0
+    short_conv: bool = True              # False: V4.1's variant, the gated value is the output (no ShortConv)
     init_std: float = 1.0                # rows start as N(0, init_std^2), like nn.Embedding
 
     def __post_init__(self):
@@ -57,8 +59,12 @@ class EngramConfig:
         _check(self.kernel_size >= 1, f"engram.kernel_size must be >= 1, got {self.kernel_size}")
         _check(self.hc_mult >= 1, f"engram.hc_mult must be >= 1, got {self.hc_mult}")
         _check(0 <= self.seed < 2**32, f"engram.seed must be in [0, 2**32), got {self.seed}")
-        _check(self.table_dtype in ("float32", "bfloat16", "float16"),
-               f"engram.table_dtype must be float32, bfloat16 or float16, got {self.table_dtype!r}")
+        _check(self.table_dtype in ("float32", "bfloat16", "float16", "fp8_e4m3"),
+               f"engram.table_dtype must be float32, bfloat16, float16 or fp8_e4m3, got {self.table_dtype!r}")
+        _check((self.table_dtype == "fp8_e4m3") == (self.table_block > 0)
+               and (self.table_block == 0 or self.head_dim % self.table_block == 0),
+               f"engram.table_block must divide head_dim {self.head_dim} for fp8_e4m3 tables and be 0 otherwise, "
+               f"got {self.table_block}")
         _check(self.init_std >= 0 and math.isfinite(self.init_std), f"engram.init_std must be finite and >= 0, got {self.init_std}")
         self.layer_ids = [int(x) for x in self.layer_ids]
         self.engram_vocab_size = [int(x) for x in self.engram_vocab_size]
@@ -147,8 +153,8 @@ class ModelConfig:
         if self.engram is not None:
             bad = [x for x in self.engram.layer_ids if x >= self.n_layers]
             _check(not bad, f"engram.layer_ids {bad} are not layers of a {self.n_layers}-layer model")
-            # The backbone keeps one residual stream; the Engram module itself handles hc_mult > 1.
-            _check(self.engram.hc_mult == 1, "engram.hc_mult must be 1: this backbone has no hyper-connections")
+            # The backbone keeps one residual stream; with hc_mult > 1 the Engram module gates G copies
+            # of it separately over one shared value and averages them back (engram.py).
 
     @property
     def head_dim(self) -> int:

@@ -73,7 +73,9 @@ class Engram(nn.Module):
         self.key_projs = nn.ModuleList([nn.Linear(cfg.memory_dim, dim) for _ in range(cfg.hc_mult)])
         self.key_norms = nn.ModuleList([nn.RMSNorm(dim, eps=norm_eps) for _ in range(cfg.hc_mult)])
         self.query_norms = nn.ModuleList([nn.RMSNorm(dim, eps=norm_eps) for _ in range(cfg.hc_mult)])
-        self.short_conv = ShortConv(dim, cfg.kernel_size, dilation=cfg.max_ngram_size, hc_mult=cfg.hc_mult, eps=norm_eps)
+        # V4.1's variant has no ShortConv: the gated value is the output.
+        self.short_conv = ShortConv(dim, cfg.kernel_size, dilation=cfg.max_ngram_size, hc_mult=cfg.hc_mult,
+                                    eps=norm_eps) if cfg.short_conv else None
 
     def init_weights(self, std: float) -> None:
         """Key projections like any projection; the value projection and the conv kernel start at zero.
@@ -89,7 +91,8 @@ class Engram(nn.Module):
             nn.init.zeros_(proj.bias)
         nn.init.zeros_(self.value_proj.weight)
         nn.init.zeros_(self.value_proj.bias)
-        nn.init.zeros_(self.short_conv.conv.weight)
+        if self.short_conv is not None:
+            nn.init.zeros_(self.short_conv.conv.weight)
 
     def gates(self, hidden: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, G, D], e [B, T, K*d] -> gate in (0, 1), [B, T, G, 1]."""
@@ -110,12 +113,19 @@ class Engram(nn.Module):
         mask bool [B, T]: False at left-padding positions, kept out of the ShortConv (None: all real).
         """
         flat = hidden.ndim == 3
-        h = hidden.unsqueeze(2) if flat else hidden                                         # [B, T, G, D]
+        # One residual stream and hc_mult G > 1 (a backbone without hyper-connections): every branch
+        # sees the same hidden state, gates it with its own key projection, and the G outputs are averaged.
+        h = hidden.unsqueeze(2).expand(-1, -1, self.hc_mult, -1) if flat else hidden       # [B, T, G, D]
         assert h.shape[2] == self.hc_mult, f"hidden has {h.shape[2]} branches, Engram expects {self.hc_mult}"
         assert memory.shape[-2:] == (self.n_rows, self.head_dim), \
             f"memory rows {tuple(memory.shape[-2:])} != (K={self.n_rows}, d={self.head_dim})"
         e = memory.flatten(-2).to(self.value_proj.weight.dtype)                             # [B, T, K*d]
         value = self.gates(h, e) * self.value_proj(e).unsqueeze(2)                          # [B, T, G, D]
-        conv, state = self.short_conv(value, conv_state, mask)
-        out = value + conv
-        return (out.squeeze(2) if flat else out), state
+        if self.short_conv is None:
+            out, state = value, None
+        else:
+            conv, state = self.short_conv(value, conv_state, mask)
+            out = value + conv
+        if flat:
+            out = out.squeeze(2) if self.hc_mult == 1 else out.mean(2)
+        return out, state

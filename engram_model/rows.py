@@ -26,7 +26,8 @@ from collections import defaultdict
 
 import torch
 
-from engram_mem.errors import NonFiniteGradient
+from engram_mem.errors import NonFiniteGradient, ReadOnlyTable
+from engram_mem.quant import rows_to_float
 from engram_mem.optim import make_optimizer
 from engram_mem.table import TableSpec, as_torch
 from engram_model.config import ModelConfig
@@ -56,7 +57,8 @@ def table_specs(cfg: ModelConfig, hasher: NgramHasher | None = None) -> dict[int
     e, hasher = cfg.engram, hasher or make_hasher(cfg)
     # A distinct init seed per layer, so two layers' tables do not start identical.
     return {layer: TableSpec(name=table_name(layer), rows=hasher.table_rows(layer), dim=e.head_dim,
-                             dtype=e.table_dtype, seed=e.seed * 1_000_003 + layer + 1, init_std=e.init_std)
+                             dtype=e.table_dtype, seed=e.seed * 1_000_003 + layer + 1, init_std=e.init_std,
+                             block=e.table_block)
             for layer in cfg.engram_layers}
 
 
@@ -106,7 +108,9 @@ class LocalRows(RowSource):
         for layer, spec in self.specs.items():
             # The same deterministic init as a table created in the memory cluster.
             self.weights[layer] = as_torch(spec.init_range(0, spec.rows), spec.dtype).to(self.device)
-            self.opt_state[layer] = self.optimizer.init_state(spec.rows, spec.dim, self.device) if self.optimizer else {}
+            # fp8 tables are read-only (quantized rows take no gradient): no optimizer state.
+            self.opt_state[layer] = self.optimizer.init_state(spec.rows, spec.dim, self.device) \
+                if self.optimizer and not spec.is_bytes else {}
         self._leaves: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (layer, uniq, inv, leaf)
 
     def prefetch(self, layer: int, row_ids: torch.Tensor) -> None:
@@ -119,8 +123,9 @@ class LocalRows(RowSource):
         uniq, inv = torch.unique(row_ids.reshape(-1), return_inverse=True)  # [U], [B*T*K]
         if uniq.numel() and (int(uniq[0]) < 0 or int(uniq[-1]) >= w.shape[0]):
             raise ValueError(f"layer {layer}: row ids must be in [0, {w.shape[0]}), got [{int(uniq[0])}, {int(uniq[-1])}]")
-        rows = w[uniq.to(w.device)].float().to(row_ids.device)[inv]       # [B*T*K, D]
-        rows = rows.view(*row_ids.shape, w.shape[1])                      # [B, T, K, D]
+        spec = self.specs[layer]
+        rows = rows_to_float(w[uniq.to(w.device)], spec).to(row_ids.device)[inv]  # [B*T*K, D]; fp8 dequantized
+        rows = rows.view(*row_ids.shape, spec.dim)                        # [B, T, K, D]
         if torch.is_grad_enabled():
             rows = rows.detach().requires_grad_(True)
             self._leaves.append((layer, uniq, inv, rows))
@@ -144,6 +149,9 @@ class LocalRows(RowSource):
                 grads = torch.zeros(ids.numel(), grads.shape[1], device=grads.device).index_add_(0, inv, grads)
             if not torch.isfinite(grads).all():
                 raise NonFiniteGradient(f"table {table_name(layer)}: gradient holds NaN or Inf; nothing applied")
+            if self.specs[layer].is_bytes:
+                raise ReadOnlyTable(f"table {table_name(layer)} holds {self.specs[layer].dtype} rows, which take no "
+                                    f"gradient; train with a float32/bfloat16 table_dtype")
             w = self.weights[layer]
             self.optimizer.apply(w, self.opt_state[layer], ids.to(w.device), grads.to(w.device), lr)
 

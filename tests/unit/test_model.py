@@ -155,7 +155,11 @@ def test_config_validation():
     with pytest.raises(ValueError, match="engram_vocab_size"):
         EngramConfig(max_ngram_size=3, engram_vocab_size=[100])
     with pytest.raises(ValueError, match="hc_mult"):
-        tiny_cfg(engram=EngramConfig(layer_ids=[1], hc_mult=2))
+        EngramConfig(layer_ids=[1], hc_mult=0)
+    with pytest.raises(ValueError, match="table_block"):
+        EngramConfig(layer_ids=[1], head_dim=32, table_dtype="fp8_e4m3", table_block=24)
+    with pytest.raises(ValueError, match="table_block"):
+        EngramConfig(layer_ids=[1], head_dim=32, table_dtype="float32", table_block=32)
     with pytest.raises(ValueError, match="dtype"):
         TrainConfig(dtype="fp16")
     with pytest.raises(ValueError, match="unknown"):
