@@ -56,7 +56,11 @@ class ClusterRows(RowSource):
                 client.create_table_spec(spec, optimizer=optimizer, exist_ok=True)
         have = client.tables()
         for layer, spec in self.specs.items():
-            if have.get(spec.name) != spec:
+            got = have.get(spec.name)
+            # Tables the model did not create (e.g. imported: engram-mem import) need only the same geometry.
+            same_shape = got is not None and (got.rows, got.dim, got.dtype, got.block) == \
+                (spec.rows, spec.dim, spec.dtype, spec.block)
+            if got != spec and (create or not same_shape):
                 raise ValueError(f"layer {layer}: the cluster's table {spec.name!r} is {have.get(spec.name)}, "
                                  f"the model needs {spec}")
         self.fetcher = RowFetcher(client, cache_bytes={s.name: cache_bytes for s in self.specs.values()},

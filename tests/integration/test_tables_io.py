@@ -253,3 +253,48 @@ def test_a_disk_backed_shard_serves_correct_rows_within_a_memory_budget_smaller_
             assert f.summary()["node_local_rows"] == uniq.size
         finally:
             f.close()
+
+
+def test_v41_shaped_model_generates_the_same_tokens_from_the_cluster_as_in_process(mem, ray_local, tmp_path):
+    from engram_model.checkpoint import load_model
+    from engram_model.cluster_rows import load_for_inference
+    from engram_model.generate import generate
+    from engram_model.v41 import build
+
+    ckpt = build(tmp_path / "v41")
+    prompts = ["def __init__(self", "class Counter(dict):", "return"]
+    model, tok = load_model(ckpt)
+    assert model.cfg.engram.hc_mult == 4 and not model.cfg.engram.short_conv
+    assert model.rows.specs[14].row_bytes == 264
+    local = generate(model, tok, prompts, max_new_tokens=24, stop_at_eos=False)
+    # The tables matter: zeroed rows give other logits.
+    x = torch.tensor([tok.encode(prompts[0])])
+    with torch.no_grad():
+        logits, _ = model(x)
+        saved = {k: w.clone() for k, w in model.rows.weights.items()}
+        for w in model.rows.weights.values():
+            w.zero_()
+        zeroed, _ = model(x)
+        for k, w in model.rows.weights.items():
+            w.copy_(saved[k])
+    assert not torch.allclose(logits, zeroed)
+
+    for name in ("engram.l1", "engram.l14"):
+        if name in mem.tables():
+            mem.drop_table(name)
+    import_tables(mem, "v41-flash", [str(ckpt / "engram_tables.safetensors")], journal=str(tmp_path / "j"),
+                  progress=False)
+    remote_model, tok2 = load_for_inference(str(ckpt), mem)
+    try:
+        remote = generate(remote_model, tok2, prompts, max_new_tokens=24, stop_at_eos=False)
+    finally:
+        remote_model.rows.close()
+    assert remote == local and all(len(t) > 0 for t in local)
+    # The same through `engram-generate --memory`, as a user runs it.
+    address = ray_local.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, "-m", "engram_model.generate", "--checkpoint", str(ckpt), "--memory", address,
+                          "--memory-name", NAME, "--prompt", prompts[1], "--max-new-tokens", "24"],
+                         env=dict(os.environ, PYTHONPATH=os.getcwd()), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = generate(model, tok, [prompts[1]], max_new_tokens=24, seed=0)[0]
+    assert f"{prompts[1]}{want}" in out.stdout
