@@ -9,9 +9,10 @@ place, and the OS page cache keeps the pages that were read. What is new is only
     budget.attach(buffer)              # after the file grows (MADV_RANDOM: no read-ahead)
     budget.touched(buffer, local_rows) # after every gather / import
 
-PageBudget counts reads per 4 KiB page (a small uint16 array: 1/2048 of the file). When the rows
-read since the last trim could have brought in more than half the budget, it keeps the most-read
-pages up to half the budget and drops the rest of the file from this process's mapping
+PageBudget counts reads per 4 KiB page (a uint16 count and a bit per page: ~1/1300 of the file) and
+tracks which pages it may have brought into memory (those kept at the last trim, plus every page
+touched since). When those exceed the budget, it keeps the most-read pages up to half the budget
+and drops the rest of the file from this process's mapping
 (MADV_DONTNEED) and from the page cache (posix_fadvise DONTNEED, after msync if anything was
 written). Counts then halve, so the hot set follows the traffic. The resident part of the file is
 thus at most about the budget, whatever the table's size; `resident_bytes(path)` measures it (mincore).
@@ -49,7 +50,8 @@ class PageBudget:
     def __init__(self, budget_bytes: int):
         self.budget = int(budget_bytes)   # 0 = unbounded (the page cache alone decides)
         self.counts = np.zeros(0, dtype=np.uint16)
-        self.since = 0                    # bytes that reads since the last trim could have paged in
+        self.resident = np.zeros(0, dtype=bool)   # pages kept at the last trim or touched since
+        self.n_resident = 0
         self.written = False
         self.trims = 0
         self._lock = threading.Lock()
@@ -70,20 +72,27 @@ class PageBudget:
             self.written |= write
             return
         row_bytes = buffer.dim * buffer.dtype.itemsize
-        first = (local.astype(np.int64) * row_bytes) // PAGE
-        last = (local.astype(np.int64) * row_bytes + row_bytes - 1) // PAGE
+        start = local.astype(np.int64) * row_bytes
+        pages = np.concatenate((start // PAGE, (start + row_bytes - 1) // PAGE))
+        if row_bytes > PAGE:  # a row spanning more than two pages: count its middle pages too
+            pages = np.concatenate([pages] + [start // PAGE + k for k in range(1, -(-row_bytes // PAGE))])
         with self._lock:
-            n_pages = -(-buffer.frames * buffer.frame_bytes // PAGE)
-            if self.counts.size < n_pages:
-                grown = np.zeros(n_pages, dtype=np.uint16)
-                grown[: self.counts.size] = self.counts
-                self.counts = grown
-            for pages in (first, last) if row_bytes > 1 else (first,):
-                np.add.at(self.counts, pages, 1)  # saturating is not needed: counts halve at each trim
-            self.since += int(local.size) * PAGE * (1 if row_bytes <= PAGE else -(-row_bytes // PAGE))
+            self._grow(-(-buffer.frames * buffer.frame_bytes // PAGE))
+            np.add.at(self.counts, pages, 1)
+            new = pages[~self.resident[pages]]
+            if new.size:
+                new = np.unique(new)
+                self.resident[new] = True   # pages this shard may have brought into the page cache
+                self.n_resident += int(new.size)
             self.written |= write
-            if self.since > self.budget // 2:
+            if self.n_resident * PAGE > self.budget:
                 self._trim(buffer)
+
+    def _grow(self, n_pages: int) -> None:
+        if self.counts.size < n_pages:
+            extra = n_pages - self.counts.size
+            self.counts = np.concatenate((self.counts, np.zeros(extra, np.uint16)))
+            self.resident = np.concatenate((self.resident, np.zeros(extra, bool)))
 
     def trim(self, buffer) -> None:
         with self._lock:
@@ -97,8 +106,7 @@ class PageBudget:
             mm.flush()  # dirty pages cannot be dropped from the page cache: write them first
             self.written = False
         n_pages = -(-len(mm) // PAGE)
-        if self.counts.size < n_pages:
-            self.counts = np.concatenate((self.counts, np.zeros(n_pages - self.counts.size, np.uint16)))
+        self._grow(n_pages)
         keep_pages = max(0, self.budget // 2 // PAGE)
         keep = np.zeros(n_pages, dtype=bool)
         if keep_pages:
@@ -116,7 +124,9 @@ class PageBudget:
                 mm.madvise(mmap.MADV_DONTNEED, off, length)
                 os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
         self.counts >>= 1
-        self.since = 0
+        self.resident[:] = False
+        self.resident[:n_pages] = keep
+        self.n_resident = int(keep.sum())
         self.trims += 1
 
     def close(self) -> None:
