@@ -184,8 +184,10 @@ def cmd_status(args) -> int:
               f"{s.get('restarts', 0):>8}")
     for name, t in d["tables"].items():
         spec = t["spec"]
+        from engram_mem.table import TableSpec
+
         print(f"table {name}: {spec['rows']:,} x {spec['dim']} {spec['dtype']}, "
-              f"{_fmt_bytes(spec['rows'] * spec['dim'] * (4 if spec['dtype'] == 'float32' else 2))}, "
+              f"{_fmt_bytes(TableSpec.from_dict(spec).nbytes)}, "
               f"optimizer {t['optimizer']['name']}")
     ray.shutdown()
     return 0
