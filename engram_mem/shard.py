@@ -41,11 +41,6 @@ from engram_mem.table import TableSpec, as_torch, from_float32, np_dtype, to_flo
 _PAGE = mmap.PAGESIZE
 
 
-def is_disk(path: str) -> bool:
-    """A rows file outside /dev/shm is disk-backed (storage.py)."""
-    return not os.path.realpath(path).startswith("/dev/shm/")
-
-
 def rows_path(shm_dir: str | None, shard_id: int, spec: TableSpec, storage: str) -> str | None:
     """Where a table's rows file lives: in shm_dir (shared memory), or in the table's or the
     cluster's disk directory ("disk:/path")."""
@@ -465,16 +460,19 @@ class ShardStore:
 
     # ---- disk-backed rows (storage.py) -----------------------------------------------------
     def _attach_budget(self, ts: TableShard) -> None:
-        if ts.buffer.path and is_disk(ts.buffer.path):
+        if ts.buffer.path and self._on_disk(ts.spec):
             from engram_mem.storage import PageBudget
 
             b = self.budgets.get(ts.spec.name)
             if b is None:
-                n_disk = 1 + sum(1 for t in self.tables.values() if t.buffer.path and is_disk(t.buffer.path))
+                n_disk = 1 + len(self.budgets)  # the budget is shared out among this shard's disk tables
                 b = self.budgets[ts.spec.name] = PageBudget(self.memory_budget // max(1, n_disk))
             b.attach(ts.buffer)
             b.written = True
             b.trim(ts.buffer)  # the initial fill wrote every page: start cold
+
+    def _on_disk(self, spec: TableSpec) -> bool:
+        return (spec.storage or self.storage or "shm").startswith("disk:")
 
     def _touch(self, ts: TableShard, local: np.ndarray, write: bool = False) -> None:
         b = self.budgets.get(ts.spec.name) if self.budgets else None
