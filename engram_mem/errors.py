@@ -40,11 +40,27 @@ class NonFiniteGradient(InvalidArgument):
     """A pushed gradient holds NaN or Inf; nothing from that push was applied."""
 
 
+class NonFiniteUpdate(InvalidArgument):
+    """A write or push would make a row or its optimizer state NaN or Inf; nothing was applied."""
+
+
+class SequenceTooOld(InvalidArgument):
+    """A request's sequence number is too far behind its client's newest one to tell whether it was applied."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class ReadOnlyTable(EngramMemError):
     """A push to a table whose rows are quantized or opaque bytes: such tables take Write (import),
     not gradients. Train a float32/bfloat16 table and quantize it on export instead."""
 
     code = "FAILED_PRECONDITION"
+
+
+class CorruptData(EngramMemError):
+    """A snapshot, log or cluster file is missing, truncated or fails its checksum; the message names it."""
+
+    code = "DATA_LOSS"
 
 
 class RequestTooLarge(EngramMemError):
@@ -72,5 +88,6 @@ class ShardUnavailable(EngramMemError):
 ERROR_CLASSES = {
     cls.__name__: cls
     for cls in (EngramMemError, InvalidArgument, UnknownTable, TableExists, RowOutOfRange,
-                NonFiniteGradient, ReadOnlyTable, RequestTooLarge, StaleEpoch, NotReady, ShardUnavailable)
+                NonFiniteGradient, NonFiniteUpdate, SequenceTooOld, CorruptData, ReadOnlyTable, RequestTooLarge,
+                StaleEpoch, NotReady, ShardUnavailable)
 }
