@@ -34,6 +34,17 @@ def test_quantize_round_trip_is_within_e4m3_precision_and_dequantize_is_exact():
     assert np.all(blocks[..., 0] / s <= E4M3_MAX) and np.all(blocks[..., 0] / s > E4M3_MAX / 2)
 
 
+def test_cpu_lookup_dequantize_matches_torch_float8_for_every_byte_pair():
+    v, sc = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    rows = np.zeros((65536, 40), np.uint8)           # dim 32, block 32: one value byte varies, one scale byte
+    rows[:, 0], rows[:, 32] = v.ravel(), sc.ravel()
+    got = dequantize(rows, 32, 32).numpy()
+    t = torch.from_numpy(rows)
+    want = (t[:, :32].contiguous().view(torch.float8_e4m3fn).float()
+            * t[:, 32:].contiguous().view(torch.float8_e8m0fnu).float()).numpy()
+    assert np.array_equal(got, want, equal_nan=True)
+
+
 def test_fp8_and_byte_table_specs():
     s = TableSpec("t", 10_000, 256, dtype="fp8_e4m3", block=32)
     assert (s.storage_dim, s.row_bytes, s.storage_dtype, s.is_bytes) == (264, 264, np.uint8, True)
