@@ -36,7 +36,7 @@ def test_quantize_round_trip_is_within_e4m3_precision_and_dequantize_is_exact():
 
 def test_cpu_lookup_dequantize_matches_torch_float8_for_every_byte_pair():
     v, sc = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
-    rows = np.zeros((65536, 40), np.uint8)           # dim 32, block 32: one value byte varies, one scale byte
+    rows = np.zeros((65536, 33), np.uint8)           # dim 32, block 32: value byte 0 and the scale byte vary
     rows[:, 0], rows[:, 32] = v.ravel(), sc.ravel()
     got = dequantize(rows, 32, 32).numpy()
     t = torch.from_numpy(rows)
