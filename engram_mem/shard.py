@@ -224,10 +224,11 @@ class ShardStore:
         ts.buffer.close()
         if name in self.budgets:
             self.budgets.pop(name).close()
-            try:
-                os.rmdir(os.path.dirname(ts.buffer.path))
-            except OSError:
-                pass
+            for d in (os.path.dirname(ts.buffer.path), os.path.dirname(os.path.dirname(ts.buffer.path))):
+                try:
+                    os.rmdir(d)  # the shard's, then the cluster's directory on disk, once empty
+                except OSError:
+                    break
 
     def _fill_slots(self, ts: TableShard, slots: np.ndarray, restore=None, data: dict | None = None) -> None:
         """Give `slots` frames and fill them: from `data`, else restore(slot, out), else initial values."""
