@@ -285,7 +285,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
             history["val_loss"].append(val)
             history["val_elapsed"].append(time.time() - t0)
             log(f"[{name}] step {step + 1}/{tc.steps}: train {loss_sum:.4f}  val {val:.4f}  ({time.time() - t0:.0f}s)")
-        if out is not None and ((tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or last):
+        checkpointing = (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or last
+        if checkpointing and hasattr(rows, "flush") and distributed.is_distributed():
+            rows.flush()  # every worker's pushes of this step are in before rank 0 takes the tables' cut
+            torch.distributed.barrier()
+        if out is not None and checkpointing:
             save_checkpoint(out / "ckpt", model, rows, opt, tokenizer, tc, step=step + 1,
                             extra={"history": history, "data_rng": data_rng.bit_generator.state})
     bar.close()
