@@ -6,7 +6,8 @@
     client.chat.completions.create(model="engram", messages=[{"role": "user", "content": "hi"}], stream=True)
 
 POST /v1/completions       prompt (a string or a list of them), max_tokens, temperature, top_p, top_k,
-                           stop, seed, n, stream (server-sent events), stream_options.include_usage
+                           stop, seed, n, stream (server-sent events), stream_options.include_usage,
+                           and vLLM's ignore_eos (fixed-length outputs, for load tests)
 POST /v1/chat/completions  the same with messages, put through CHAT_TEMPLATE
 GET  /v1/models, GET /health, GET /stats (the engine's counters and the memory-cluster rows' stats)
 
@@ -69,6 +70,7 @@ class _Sampling(BaseModel):
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False                           # vLLM's extension: fixed-length outputs for load tests
 
     @field_validator("stop")
     @classmethod
@@ -94,7 +96,8 @@ class _Sampling(BaseModel):
         seed = None if self.seed is None else self.seed + choice     # n choices: different draws
         return SamplingParams(max_tokens=self.max_tokens or default_max, temperature=self.temperature,
                               top_p=self.top_p if self.top_p < 1 else None, top_k=self.top_k,
-                              stop=list(self.stop or []) + list(extra_stop), seed=seed)
+                              stop=list(self.stop or []) + list(extra_stop), seed=seed,
+                              stop_at_eos=not self.ignore_eos)
 
 
 class CompletionRequest(_Sampling):
@@ -253,7 +256,7 @@ def make_app(engine: Engine, model_name: str = "engram", default_max_tokens: int
 
     @app.get("/stats")
     async def stats():
-        return engine.summary()
+        return {**engine.summary(), "replica": fingerprint}
 
     @app.get("/v1/models")
     async def models():
