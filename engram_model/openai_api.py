@@ -232,6 +232,8 @@ def make_app(engine: Engine, model_name: str = "engram", default_max_tokens: int
         param = ".".join(loc) or None
         msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}: {er.get('msg')}"
                         for er in errs[:5])
+        if not param:   # the body itself: not JSON, or sent without Content-Type: application/json
+            msg += " (the body must be a JSON object, sent with Content-Type: application/json)"
         return JSONResponse(error_body(f"invalid request: {msg}", "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
