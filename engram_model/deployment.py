@@ -46,8 +46,7 @@ class ServeSpec:
     def __post_init__(self):
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
-        if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] or \
-                self.autoscale is not None and self.autoscale[1] < 1:
+        if self.autoscale is not None and not (0 <= self.autoscale[0] <= self.autoscale[1] and self.autoscale[1] >= 1):
             raise ValueError(f"autoscale must be MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {self.autoscale}")
 
 

@@ -167,3 +167,19 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         assert doc["error"]["message"]
     r = client.completions.create(model="tiny", prompt="def f1(x):", max_tokens=4, temperature=0)
     assert r.choices[0].text == alone(model, tok, "def f1(x):", 4)
+
+
+def test_command_line_and_deployment_spec():
+    from engram_model.deployment import ServeSpec
+    from engram_model.serve import build_parser
+
+    args = build_parser().parse_args(["--checkpoint", "c", "--autoscale", "1:3", "--replica-resources", '{"gpu_node": 1}'])
+    assert args.autoscale == (1, 3) and args.replicas is None and args.replica_resources == {"gpu_node": 1}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--checkpoint", "c", "--autoscale", "3"])
+    with pytest.raises(SystemExit):    # one or the other
+        build_parser().parse_args(["--checkpoint", "c", "--autoscale", "1:2", "--replicas", "2"])
+    with pytest.raises(ValueError, match="autoscale"):
+        ServeSpec(checkpoint="c", autoscale=(3, 1))
+    with pytest.raises(ValueError, match="replicas"):
+        ServeSpec(checkpoint="c", replicas=0)
