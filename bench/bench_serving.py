@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--table-gb", type=float, default=0.25)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=64)
     p.add_argument("--cache-mb", type=int, default=16, help="hot-row cache per table and replica")
     p.add_argument("--setups", nargs="+", default=["1:continuous", "2:continuous", "1:static"],
                    help="REPLICAS:POLICY pairs")
@@ -175,6 +176,7 @@ def main(argv=None) -> int:
             n, policy = setup.split(":")
             spec = ServeSpec(checkpoint=str(ckpt), memory_address=ray.get_runtime_context().gcs_address,
                              memory_name="bench-serving", replicas=int(n), policy=policy, max_batch=args.max_batch,
+                             prefill_chunk=args.prefill_chunk,
                              cache_mb=args.cache_mb, num_cpus=1, replica_resources={"node_a": 1}, port=port,
                              app_name="engram")
             t0 = time.time()

@@ -33,6 +33,7 @@ class ServeSpec:
     autoscale: tuple[int, int] | None = None   # (min, max) replicas; overrides replicas
     max_batch: int = 16
     policy: str = "continuous"
+    prefill_chunk: int = 64
     cache_mb: int = 64
     device: str = "cpu"
     num_cpus: float = 1.0
@@ -67,7 +68,8 @@ class EngramReplica:
             from engram_model.checkpoint import load_model
 
             model, tok = load_model(spec.checkpoint, device=spec.device)
-        self.engine = Engine(model, tok, EngineConfig(max_batch=spec.max_batch, policy=spec.policy))
+        self.engine = Engine(model, tok, EngineConfig(max_batch=spec.max_batch, policy=spec.policy,
+                                                         prefill_chunk=spec.prefill_chunk))
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside Serve (not expected)

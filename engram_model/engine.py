@@ -6,9 +6,11 @@
     engine.close()
 
 One thread owns the model. Each loop turn is one token boundary:
-  1. admit: waiting requests (up to max_batch running) are prefilled together, left-padded, and
-     their first token is sampled (time to first token); those not already done are merged into
-     the running batch's cache (batch_cache.merge_caches);
+  1. admit: waiting requests (up to max_batch running) are prefilled together, left-padded, in
+     chunks of prefill_chunk positions, one chunk per turn, so that a long prompt does not stall
+     the running sequences' next token for its whole prefill; after the last chunk their first
+     token is sampled (time to first token) and those not already done are merged into the
+     running batch's cache (batch_cache.merge_caches);
   2. decode: one forward of every running sequence's last token, one new token each;
   3. leave: finished (EOS, a stop string, max_tokens, context full) or cancelled sequences are
      dropped from the cache, so the batch shrinks at once instead of padding out to the longest.
@@ -70,10 +72,13 @@ class SamplingParams:
 class EngineConfig:
     max_batch: int = 16            # running sequences at most
     policy: str = "continuous"     # or "static": admit only into an empty batch (the baseline)
+    prefill_chunk: int = 64        # prompt positions prefilled per turn (between two decode steps)
 
     def __post_init__(self):
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.policy not in ("continuous", "static"):
             raise ValueError(f"policy must be 'continuous' or 'static', got {self.policy!r}")
 
@@ -102,6 +107,14 @@ class Sequence:
         return self.finish_reason is not None
 
 
+@dataclass(eq=False)
+class _Prefill:
+    seqs: list[Sequence]
+    prompt: torch.Tensor            # int64 [b, T0], left-padded
+    n_pad: torch.Tensor             # int64 [b]
+    cache: object                   # model.Cache, cache.pos = positions prefilled so far
+
+
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.model, self.tok = model.eval(), tokenizer
@@ -110,6 +123,7 @@ class Engine:
         self.waiting: queue.Queue[Sequence | None] = queue.Queue()
         self.running: list[Sequence] = []
         self.cache = None
+        self.prefilling: _Prefill | None = None      # joining requests, part-way through their prompts
         self._ids = itertools.count()
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "prefills": 0, "decode_steps": 0,
                       "decode_rows": 0, "new_tokens": 0, "busy_s": 0.0}
@@ -183,18 +197,22 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            new = self._admit()
+            new = self._admit() if self.prefilling is None else []
             if new is None:
                 return
             t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
                     if new:
-                        self._prefill(new)
+                        self.prefilling = self._start_prefill(new)
+                    if self.prefilling is not None:
+                        self._prefill_chunk()
                     if self.running:
                         self._decode()
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
-                self._fail(self.running + [s for s in new if not s.done], e)
+                joining = self.prefilling.seqs if self.prefilling is not None else []
+                self.prefilling = None
+                self._fail(self.running + [s for s in joining if not s.done], e)
             self.stats["busy_s"] += time.perf_counter() - t0
 
     def _admit(self) -> list[Sequence] | None:
@@ -216,15 +234,27 @@ class Engine:
             new.append(seq)
         return new
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _start_prefill(self, seqs: list[Sequence]) -> "_Prefill":
         T0 = max(len(s.prompt_ids) for s in seqs)
         prompt = torch.full((len(seqs), T0), self.tok.pad_id, dtype=torch.int64)              # [b, T0]
         for row, s in enumerate(seqs):
             prompt[row, T0 - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
         n_pad = torch.tensor([T0 - len(s.prompt_ids) for s in seqs], dtype=torch.int64)       # [b]
         cache = self.model.new_cache(len(seqs), max_len=T0)
-        logits, _ = self.model(prompt.to(self.device), cache=cache, n_pad=n_pad.to(self.device))  # [b, T0, V]
         self.stats["prefills"] += 1
+        return _Prefill(seqs, prompt.to(self.device), n_pad.to(self.device), cache)
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the joining requests' prompts; after the last, they join the batch."""
+        pf = self.prefilling
+        T0, start = pf.prompt.shape[1], pf.cache.pos
+        end = min(T0, start + self.cfg.prefill_chunk)
+        logits, _ = self.model(pf.prompt[:, start:end], cache=pf.cache,
+                               n_pad=pf.n_pad if start == 0 else None)                       # [b, chunk, V]
+        if end < T0:
+            return
+        self.prefilling = None
+        seqs, cache = pf.seqs, pf.cache
         self._sample(seqs, logits[:, -1])
         keep_new = [i for i, s in enumerate(seqs) if not s.done]
         keep_old = [i for i, s in enumerate(self.running) if not s.done]

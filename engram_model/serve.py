@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="running sequences per engine (replica)")
     p.add_argument("--policy", choices=["continuous", "static"], default="continuous",
                    help="static: admit a new batch only when the running one has finished (the baseline)")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt positions prefilled between two decode steps of the running requests")
     p.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request gives none")
     p.add_argument("--device", default="cpu")
     g = p.add_mutually_exclusive_group()
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
     spec = ServeSpec(checkpoint=str(Path(args.checkpoint).resolve()), memory_address=address,
                      memory_name=args.memory_name, model_name=args.model_name, replicas=args.replicas or 1,
                      autoscale=args.autoscale, max_batch=args.max_batch, policy=args.policy, cache_mb=args.cache_mb,
+                     prefill_chunk=args.prefill_chunk,
                      device=args.device, num_cpus=args.replica_cpus, num_gpus=args.replica_gpus,
                      replica_resources=args.replica_resources, host=args.host, port=args.port,
                      default_max_tokens=args.default_max_tokens)
@@ -161,7 +164,8 @@ def _serve_in_process(args, mem) -> int:
         from engram_model.checkpoint import load_model
 
         model, tok = load_model(args.checkpoint, device=args.device)
-    engine = Engine(model, tok, EngineConfig(max_batch=args.max_batch, policy=args.policy))
+    engine = Engine(model, tok, EngineConfig(max_batch=args.max_batch, policy=args.policy,
+                                                  prefill_chunk=args.prefill_chunk))
     app = make_app(engine, args.model_name, args.default_max_tokens)
     print(f"engram-serve: http://{args.host}:{args.port}/v1 (rows from "
           f"{'the memory cluster' if mem is not None else 'in-process tables'})", flush=True)

@@ -1,5 +1,5 @@
 """Continuous batching: requests that join and leave a running decode batch get, greedy, exactly the
-tokens each gets decoded alone; seeded sampling does not depend on the batch; stop strings, limits,
+tokens each gets decoded alone (prefilled whole or in chunks between decode steps); seeded sampling does not depend on the batch; stop strings, limits,
 cancellation and a failing model.
 
     pytest tests/unit/test_engine.py -q
@@ -43,9 +43,10 @@ PROMPTS = ["def f1(x):", "x", "def f22(x):\n    return x * 22 +", " + 1\n", "def
 BUDGETS = [12, 5, 20, 9, 15, 7]
 
 
-def test_join_and_leave_give_the_tokens_of_decoding_alone(model_tok):
+@pytest.mark.parametrize("chunk", [128, 3])     # whole prompts, or prefills spread over turns
+def test_join_and_leave_give_the_tokens_of_decoding_alone(model_tok, chunk):
     model, tok = model_tok
-    engine = Engine(model, tok, EngineConfig(max_batch=4))
+    engine = Engine(model, tok, EngineConfig(max_batch=4, prefill_chunk=chunk))
     try:
         seqs, lock, events = [], threading.Lock(), {}
         first_two_started = threading.Event()
