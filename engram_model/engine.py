@@ -137,6 +137,9 @@ class Engine:
         if self._closed:
             raise RuntimeError("the engine is closed")
         ids = [self.tok.eos_id] + (self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt))
+        bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size}), got {bad[0]}")
         limit = self.model.cfg.max_seq_len
         if len(ids) > limit:
             raise PromptTooLong(f"the prompt is {len(ids) - 1} tokens (+1 for the start token); this model's "

@@ -5,7 +5,7 @@
     client.completions.create(model="engram", prompt="def main(", max_tokens=32, temperature=0)
     client.chat.completions.create(model="engram", messages=[{"role": "user", "content": "hi"}], stream=True)
 
-POST /v1/completions       prompt (a string or a list of them), max_tokens, temperature, top_p, top_k,
+POST /v1/completions       prompt (a string, a list of them, token ids or lists of them), max_tokens, temperature, top_p, top_k,
                            stop, seed, n, stream (server-sent events), stream_options.include_usage,
                            and vLLM's ignore_eos (fixed-length outputs, for load tests)
 POST /v1/chat/completions  the same with messages, put through CHAT_TEMPLATE
@@ -101,7 +101,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]     # text, texts, token ids, lists of token ids
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -268,7 +268,8 @@ def make_app(engine: Engine, model_name: str = "engram", default_max_tokens: int
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         check_model(req)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
         jobs = [(p, req.sampling(default_max_tokens, choice=j)) for p in prompts for j in range(req.n)]
         run = Run(engine, jobs, "prompt")
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())

@@ -75,6 +75,12 @@ def test_completions_and_streaming_with_the_openai_client(server):
     r = client.completions.create(model="tiny", prompt=["def f1(x):", "x"], max_tokens=6, temperature=0, n=2)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert [c.text for c in r.choices] == [alone(model, tok, p, 6) for p in ("def f1(x):", "def f1(x):", "x", "x")]
+    # token ids as the prompt (as load generators send them)
+    ids = tok.encode("def f1(x):")
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert r.choices[0].text == alone(model, tok, "def f1(x):", 8)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model="tiny", prompt=[10**6], max_tokens=2)
     # streaming: the chunks add up to the same text, the last carries the finish reason
     chunks = list(client.completions.create(model="tiny", prompt="def f1(x):", max_tokens=8, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
