@@ -10,5 +10,6 @@ rows.py (RowSource: where Engram table rows come from; LocalRows in-process), en
 Engram module), attention.py, moe.py, model.py (EngramModel), data.py (the stdlib corpus),
 documents.py (the user's files for --data), train.py, generate.py, checkpoint.py; serving:
 engine.py (continuous batching) with batch_cache.py, openai_api.py (FastAPI app), serve.py (the
-CLI), deployment.py (Ray Serve). Only cluster_rows.py and deployment.py need Ray.
+CLI), deployment.py (Ray Serve). Ray and gRPC are needed only by cluster_rows.py, deployment.py
+and serve.py's --memory and --replicas paths.
 """
