@@ -27,6 +27,10 @@ from engram_model.rows import LocalRows, table_specs
 from engram_model.tokenizer import CompressedTokenizer
 
 
+# Ray Serve's own config models use pydantic features pydantic deprecates: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
