@@ -151,7 +151,7 @@ def test_bad_input_raises_typed_errors_and_the_cluster_keeps_serving(mem):
         mem.push("e", [1, 2], np.ones((2, 3), np.float32))
     with pytest.raises(InvalidArgument, match="dtype int32"):
         mem.write("e", [1], np.ones((1, 4), np.int32))
-    with pytest.raises(NonFiniteGradient, match="nothing was pushed"):
+    with pytest.raises(NonFiniteGradient, match="nothing from this push was applied"):
         mem.push("e", [1, 99], np.array([[1, 1, 1, 1], [0, 0, np.inf, 0]], np.float32))
     with pytest.raises(TableExists):
         mem.create_table("e", rows=100, dim=4, seed=5)
