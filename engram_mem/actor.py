@@ -40,14 +40,18 @@ class ShardActor:
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        self.server = ShardServer(self.store, host=self.node_ip, node_id=self.node_id)
+        self.server = ShardServer(self.store, host=self.node_ip, node_id=self.node_id, security=cfg.security)
         self.address = self.server.start()
 
     # ---- control plane, called by the controller ------------------------------------------
     def info(self) -> dict:
         return {"shard_id": self.shard_id, "address": self.address, "node_id": self.node_id,
                 "node_ip": self.node_ip, "pid": os.getpid(), "ready": self.store.ready,
-                "epoch": self.store.epoch, "shm_dir": self.store.shm_dir or ""}
+                "epoch": self.store.epoch, "shm_dir": self.store.shm_dir or "",
+                "metrics_address": self.server.metrics_address}
+
+    def __repr__(self) -> str:  # how the Ray dashboard and log prefixes name this actor
+        return f"ShardActor({self.cfg.name} shard {self.shard_id})"
 
     def add_table(self, spec: dict, optimizer: dict, slots: np.ndarray, epoch: int) -> int:
         t0 = time.time()

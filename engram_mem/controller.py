@@ -96,6 +96,17 @@ class ClusterController:
     def ping(self) -> str:
         return self.cluster_id
 
+    def client_security(self, read_only: bool = False) -> dict:
+        """The credential (and TLS files) a client attaching through Ray uses; Ray's token auth guards this call."""
+        from engram_mem.auth import Security
+
+        return Security.from_dict(self.cfg.security).client(read_only)
+
+    def metrics_endpoints(self) -> dict:
+        """Prometheus endpoints of the shards: {shard_id: "host:port"} (see engram_mem/metrics.py)."""
+        with self._lock:
+            return {sid: s.info.get("metrics_address", "") for sid, s in self.shards.items()}
+
     # ---- what clients read -----------------------------------------------------------------
     def describe(self) -> dict:
         with self._lock:
@@ -103,7 +114,7 @@ class ClusterController:
                 "name": self.cfg.name,
                 "cluster_id": self.cluster_id,
                 "epoch": self.epoch,
-                "config": self.cfg.to_dict(),
+                "config": self.cfg.public_dict(),
                 "shards": {i: dict(s.info, restarts=s.restarts) for i, s in self.shards.items()},
                 "tables": {n: {"spec": t.spec.to_dict(), "optimizer": t.optimizer.to_dict(),
                                "placement": t.placement.copy()} for n, t in self.tables.items()},
