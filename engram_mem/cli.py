@@ -65,6 +65,7 @@ def cmd_up(args) -> int:
             if not sep or not key:
                 sys.exit(f"engram-mem: --shard-resource {item!r} must look like NAME=AMOUNT, e.g. memory_node=1")
         cluster["shard_resources"] = res
+    security = _security(args)
     tables = os.path.abspath(args.tables) if args.tables else None
     if args.address:
         import ray
@@ -75,7 +76,8 @@ def cmd_up(args) -> int:
         local.attach_ray(args.address)
         if get_controller(args.name) is not None:
             sys.exit(f"engram-mem: a memory cluster {args.name!r} already runs in {args.address}")
-        ctl = start_controller(ClusterConfig(name=args.name, shards=args.shards, **cluster), detached=True)
+        ctl = start_controller(ClusterConfig(name=args.name, shards=args.shards, security=security, **cluster),
+                               detached=True)
         if tables:
             local.create_tables_from_file(ctl, tables)
         print(f"memory cluster {args.name!r} is up in the Ray cluster at {args.address} with {args.shards} shards")
@@ -87,8 +89,9 @@ def cmd_up(args) -> int:
     cmd = [sys.executable, "-m", "engram_mem.local", "serve", "--name", args.name, "--shards", str(args.shards),
            "--cluster", json.dumps(cluster)] + (["--tables", tables] if tables else [])
     with open(log_path, "ab") as log:
+        env = dict(os.environ, **({local.SECURITY_ENV: json.dumps(security)} if security else {}))  # not argv: ps shows it
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     deadline = time.time() + args.timeout
     while time.time() < deadline:
         state = local.read_state(args.name)
@@ -101,6 +104,23 @@ def cmd_up(args) -> int:
         time.sleep(0.5)
     proc.terminate()
     sys.exit(f"engram-mem: the cluster did not come up within {args.timeout}s; see {log_path}")
+
+
+def _security(args) -> dict | None:
+    """The Security dict `up` was given (files, environment), or None: the cluster makes new credentials."""
+    from engram_mem.auth import ENV_CREDENTIAL, ENV_READ_ONLY_CREDENTIAL, load_security
+    from engram_mem.errors import InvalidArgument
+
+    given = (args.credential_file, args.read_only_credential_file, args.tls_cert, args.tls_key, args.tls_ca,
+             args.mtls, args.tls_client_cert, args.tls_client_key)
+    if not any(given) and not os.environ.get(ENV_CREDENTIAL) and not os.environ.get(ENV_READ_ONLY_CREDENTIAL):
+        return None
+    try:
+        return load_security(args.credential_file, args.read_only_credential_file, tls_cert=args.tls_cert,
+                             tls_key=args.tls_key, tls_ca=args.tls_ca, mtls=args.mtls, client_cert=args.tls_client_cert,
+                             client_key=args.tls_client_key, server_name=args.tls_server_name or "").to_dict()
+    except InvalidArgument as e:
+        sys.exit(f"engram-mem: {e}")
 
 
 def cmd_down(args) -> int:
@@ -138,41 +158,27 @@ def _fmt_bytes(n: float) -> str:
 
 def cmd_status(args) -> int:
     from engram_mem.client import MemoryClient
+    from engram_mem.status import render, shard_rows
 
     ray, ctl = _attach(args)
     with MemoryClient(ctl) as mem:
         d = mem.describe()
-        stats = {int(s["shard_id"]) if "shard_id" in s else i: s for i, s in enumerate(mem.stats())}
+        stats = mem.stats()
+    rows = shard_rows(d, ray.get(ctl.metrics_endpoints.remote()), interval=args.interval)
+    ray.shutdown()
     if args.json:
         out = {"describe": {k: v for k, v in d.items() if k != "tables"},
-               "tables": {n: t["spec"] for n, t in d["tables"].items()}, "stats": list(stats.values())}
+               "tables": {n: t["spec"] for n, t in d["tables"].items()}, "stats": stats, "shards": rows}
         print(json.dumps(out, indent=1, default=str))
         return 0
-    nodes = sorted({s["node_ip"] for s in d["shards"].values()})
-    print(f"memory cluster {d['name']!r} (id {d['cluster_id']}), epoch {d['epoch']}, "
-          f"{len(d['shards'])} shards on {len(nodes)} node(s): {', '.join(nodes)}")
-    print(f"{'shard':>5} {'address':<22} {'rows':>14} {'table bytes':>12} {'rss':>10} {'req/s':>8} "
-          f"{'GB/s out':>8} {'restarts':>8}")
-    rows_by_shard = {}
-    for name, t in d["tables"].items():
-        spec = t["spec"]
-        slot_rows = -(-spec["rows"] // min(spec["num_slots"], spec["rows"]))
-        import numpy as np
+    print(render(d, rows))
+    return 0
 
-        counts = np.bincount(np.asarray(t["placement"]), minlength=len(d["shards"]))
-        for rank, sid in enumerate(sorted(d["shards"])):
-            rows_by_shard[sid] = rows_by_shard.get(sid, 0) + int(counts[rank]) * slot_rows
-    for sid in sorted(d["shards"]):
-        s, st = d["shards"][sid], stats.get(sid, {})
-        print(f"{sid:>5} {s['address']:<22} {rows_by_shard.get(sid, 0):>14,} "
-              f"{_fmt_bytes(int(st.get('table_bytes', 0))):>12} {_fmt_bytes(int(st.get('rss_bytes', 0))):>10} "
-              f"{float(st.get('requests_per_s', 0)):>8.1f} {float(st.get('gather_gbps', 0)):>8.3f} "
-              f"{s.get('restarts', 0):>8}")
-    for name, t in d["tables"].items():
-        spec = t["spec"]
-        print(f"table {name}: {spec['rows']:,} x {spec['dim']} {spec['dtype']}, "
-              f"{_fmt_bytes(spec['rows'] * spec['dim'] * (4 if spec['dtype'] == 'float32' else 2))}, "
-              f"optimizer {t['optimizer']['name']}")
+
+def cmd_credential(args) -> int:
+    """Print the cluster credential for clients outside Ray (connect(credential=...))."""
+    ray, ctl = _attach(args)
+    print(ray.get(ctl.client_security.remote(args.read_only))["credential"])
     ray.shutdown()
     return 0
 
@@ -207,21 +213,36 @@ def main(argv=None) -> int:
     up.add_argument("--shard-resource", action="append", default=[], metavar="NAME=AMOUNT",
                     help="a Ray resource each shard needs, to pin shards to memory nodes (repeatable)")
     up.add_argument("--timeout", type=float, default=180)
+    sec = up.add_argument_group("security", "credentials (default: new random ones; or $ENGRAM_MEM_CREDENTIAL, "
+                                "$ENGRAM_MEM_READONLY_CREDENTIAL) and optional TLS / mutual TLS (PEM files)")
+    sec.add_argument("--credential-file", help="full-access credentials, one per line; the first is handed out")
+    sec.add_argument("--read-only-credential-file", help="read-only credentials (Gather, Describe, Stats, Health)")
+    sec.add_argument("--tls-cert", help="shard certificate chain (must name the node IPs, or see --tls-server-name)")
+    sec.add_argument("--tls-key", help="its private key")
+    sec.add_argument("--tls-ca", help="CA certificate clients verify the shards with")
+    sec.add_argument("--mtls", action="store_true", help="shards require client certificates signed by --tls-ca")
+    sec.add_argument("--tls-client-cert", help="client certificate handed to clients attaching through Ray (mTLS)")
+    sec.add_argument("--tls-client-key", help="its private key")
+    sec.add_argument("--tls-server-name", help="the name the shard certificate holds, if not the node IPs")
     for name, fn in (("status", "show shards, nodes, rows, bytes, requests/s"), ("down", "stop the memory cluster"),
                      ("checkpoint", "snapshot every shard to its data dir")):
         sp = sub.add_parser(name, help=fn)
         sp.add_argument("--address")
         if name == "status":
             sp.add_argument("--json", action="store_true")
+            sp.add_argument("--interval", type=float, default=1.0, help="seconds between the two reads for rates")
         if name == "down":
             sp.add_argument("--timeout", type=float, default=120)
+    cr = sub.add_parser("credential", help="print the cluster credential for clients outside Ray")
+    cr.add_argument("--read-only", action="store_true")
+    cr.add_argument("--address")
     sc = sub.add_parser("scale", help="change the shard count")
     sc.add_argument("shards", type=int)
     sc.add_argument("--address")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "scale": cmd_scale,
-            "checkpoint": cmd_checkpoint}[args.cmd](args)
+            "checkpoint": cmd_checkpoint, "credential": cmd_credential}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import sys
 import threading
 
 LOCAL_NODE_IP = "127.0.0.2"
+SECURITY_ENV = "ENGRAM_MEM_SECURITY"  # JSON of auth.Security from `engram-mem up` (kept off the command line)
 STATE_DIR = os.path.expanduser(os.environ.get("ENGRAM_MEM_HOME", "~/.engram-mem"))
 
 
@@ -86,6 +87,8 @@ def serve(name: str, shards: int, tables: str | None, cluster: dict) -> None:
     from engram_mem.config import ClusterConfig
     from engram_mem.controller import get_controller, start_controller
 
+    if os.environ.get(SECURITY_ENV):
+        cluster = dict(cluster, security=json.loads(os.environ.pop(SECURITY_ENV)))
     init_embedded_ray(shards=shards)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

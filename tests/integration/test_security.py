@@ -1,0 +1,220 @@
+"""Who may call a shard: credentials, read-only credentials, TLS and mutual TLS, over real loopback gRPC.
+
+Each test starts a ShardServer (no Ray: the server is what decides) and calls it as an outside
+client would, with the stub generated from proto/engram_mem/v1/memory.proto. A throwaway CA and
+certificates are made with `cryptography`.
+
+    pytest -q tests/integration/test_security.py
+"""
+
+import datetime
+import ipaddress
+import tempfile
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from engram_mem.auth import ClientSecurity, Security, authorized_stub, load_security, same_host
+from engram_mem.errors import InvalidArgument
+from engram_mem.metrics import summarize
+from engram_mem.pb.v1 import memory_pb2 as pb
+from engram_mem.pb.v1 import memory_pb2_grpc
+from engram_mem.server import ShardServer
+from engram_mem.shard import ShardStore
+from engram_mem.table import TableSpec
+
+HOST = "127.0.0.2"
+FULL, READ = "full-credential-0123456789abcdef", "read-credential-0123456789abcdef"
+
+
+# ---- a throwaway CA --------------------------------------------------------------------------
+def _key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem(key) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+def _cert(subject: str, key, issuer_cert=None, issuer_key=None, ca=False, ips=(), client=False):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    b = (x509.CertificateBuilder().subject_name(name)
+         .issuer_name(issuer_cert.subject if issuer_cert else name).public_key(key.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+         .not_valid_after(now + datetime.timedelta(days=1))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ips:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(i)) for i in ips]),
+                            critical=False)
+    if client:
+        b = b.add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    cert = b.sign(issuer_key or key, hashes.SHA256())
+    return cert, cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@pytest.fixture(scope="module")
+def pki():
+    ca_key = _key()
+    ca, ca_pem = _cert("engram-mem test CA", ca_key, ca=True)
+    srv_key = _key()
+    _, srv_pem = _cert("shard", srv_key, ca, ca_key, ips=[HOST])
+    cli_key = _key()
+    _, cli_pem = _cert("trainer", cli_key, ca, ca_key, client=True)
+    other_key = _key()
+    other_ca, _ = _cert("someone else's CA", other_key, ca=True)
+    rogue_key = _key()
+    _, rogue_pem = _cert("rogue", rogue_key, other_ca, other_key, client=True)
+    return {"ca": ca_pem, "cert": srv_pem, "key": _pem(srv_key), "client_cert": cli_pem, "client_key": _pem(cli_key),
+            "rogue_cert": rogue_pem, "rogue_key": _pem(rogue_key)}
+
+
+def _serve(security: Security):
+    store = ShardStore(0, shm_dir=tempfile.mkdtemp(dir="/dev/shm"), max_request_bytes=1 << 20)
+    spec = TableSpec("t", rows=1000, dim=8, seed=3, num_slots=4)
+    store.add_table(spec, range(4), epoch=1)
+    server = ShardServer(store, host=HOST, security=security, metrics_port=None)
+    return store, spec, server, server.start()
+
+
+@pytest.fixture(scope="module")
+def plain():
+    store, spec, server, address = _serve(Security(credentials=(FULL,), read_only_credentials=(READ,)))
+    yield store, spec, server, address
+    server.stop(grace=0.5)
+    store.close()
+
+
+def _ids(*ids):
+    return np.asarray(ids, "<i8").tobytes()
+
+
+CALLS = {
+    "Gather": lambda s: list(s.Gather(pb.GatherRequest(table="t", ids=_ids(1, 2)))),
+    "Write": lambda s: s.Write(pb.WriteRequest(table="t", ids=_ids(5), rows=np.full(8, 667, np.float32).tobytes(),
+                                               dtype="float32")),
+    "Push": lambda s: s.Push(pb.PushRequest(table="t", ids=_ids(5), grads=np.ones(8, np.float32).tobytes(),
+                                            dtype="float32", step=pb.StepInfo(lr=1.0))),
+    "Describe": lambda s: s.Describe(pb.DescribeRequest()),
+    "Stats": lambda s: s.Stats(pb.StatsRequest()),
+    "Health": lambda s: s.Health(pb.HealthRequest()),
+}
+
+
+def _code(call, stub):
+    try:
+        call(stub)
+        return "OK", None
+    except grpc.RpcError as e:
+        return e.code().name, e
+
+
+@pytest.mark.parametrize("presented", [None, "wrong-credential-0123456789", READ + "x", FULL[:-1]])
+def test_missing_or_wrong_credential_is_refused_on_every_rpc_and_counted(plain, presented):
+    store, spec, server, address = plain
+    before = store.gather("t", [5]).copy()
+    refused0 = summarize(server.servicer.metrics.registry.collect())["errors_by_code"].get("UNAUTHENTICATED", 0)
+    with grpc.insecure_channel(address) as ch:
+        stub = authorized_stub(ch, presented) if presented else memory_pb2_grpc.MemoryStub(ch)
+        for rpc, call in CALLS.items():
+            code, err = _code(call, stub)
+            assert code == "UNAUTHENTICATED", (rpc, code)
+            assert dict(err.trailing_metadata())["engram-error"] == "Unauthenticated"
+            assert rpc in err.details()
+    assert np.array_equal(store.gather("t", [5]), before)  # the Write and Push did nothing
+    m = summarize(server.servicer.metrics.registry.collect())
+    assert m["errors_by_code"]["UNAUTHENTICATED"] == refused0 + len(CALLS)
+
+
+def test_full_credential_may_do_everything_read_only_may_not_write_or_push(plain):
+    store, spec, server, address = plain
+    with grpc.insecure_channel(address) as ch:
+        full, ro = authorized_stub(ch, FULL), authorized_stub(ch, READ)
+        assert all(_code(call, full)[0] == "OK" for call in CALLS.values())
+        before = store.gather("t", [5]).copy()
+        for rpc, call in CALLS.items():
+            code, err = _code(call, ro)
+            if rpc in ("Write", "Push"):
+                assert code == "PERMISSION_DENIED", (rpc, code)
+                assert dict(err.trailing_metadata())["engram-error"] == "PermissionDenied"
+                assert "read-only" in err.details()
+            else:
+                assert code == "OK", (rpc, code, err)
+        assert np.array_equal(store.gather("t", [5]), before)
+
+
+def test_describe_reveals_shm_paths_only_to_same_host_peers(plain):
+    store, spec, server, address = plain
+    with grpc.insecure_channel(address) as ch:
+        d = authorized_stub(ch, READ).Describe(pb.DescribeRequest())
+    assert d.tables[0].shm_path.startswith("/dev/shm/")  # loopback: same machine
+    assert same_host("ipv4:127.0.0.1:5000") and same_host("ipv6:[::1]:5000")
+    assert not same_host("ipv4:203.0.113.9:5000", local=frozenset()) and not same_host("", local=frozenset())
+
+
+def test_credentials_from_files_and_environment(tmp_path):
+    f = tmp_path / "cred"
+    f.write_text(FULL + "\nprevious-credential-0123456789\n")
+    s = load_security(str(f), env={"ENGRAM_MEM_READONLY_CREDENTIAL": READ})
+    assert s.credentials == (FULL, "previous-credential-0123456789") and s.read_only_credentials == (READ,)
+    assert s.level("previous-credential-0123456789") == "full" and s.client()["credential"] == FULL
+    assert load_security(env={"ENGRAM_MEM_CREDENTIAL": FULL}).credentials == (FULL,)
+    assert len(load_security(env={}).credentials[0]) >= 32  # none given: a new random one
+    with pytest.raises(InvalidArgument, match="16 printable"):
+        Security(credentials=("short",))
+    with pytest.raises(InvalidArgument, match="--tls-ca"):
+        Security(credentials=(FULL,), tls_cert="x", tls_key="y")
+
+
+def _tls_call(address, sec: ClientSecurity):
+    import asyncio
+
+    async def run():
+        ch = sec.channel(address, [])
+        try:
+            stub = ch.unary_unary("/engram_mem.v1.Memory/Health", request_serializer=lambda m: m.SerializeToString(),
+                                  response_deserializer=pb.HealthReply.FromString)
+            return (await sec.wrap(stub)(pb.HealthRequest(), timeout=10)).status
+        finally:
+            await ch.close()
+
+    try:
+        return asyncio.run(run())
+    except grpc.RpcError as e:
+        return e.code().name
+
+
+def test_tls_round_trip_and_client_verifies_the_server(pki):
+    sec = Security(credentials=(FULL,), tls_cert=pki["cert"], tls_key=pki["key"], tls_ca=pki["ca"])
+    store, spec, server, address = _serve(sec)
+    try:
+        assert _tls_call(address, ClientSecurity(**sec.client())) == pb.HealthReply.SERVING
+        # the credential is still required inside TLS
+        assert _tls_call(address, ClientSecurity(tls_ca=pki["ca"])) == "UNAUTHENTICATED"
+        # a client that trusts another CA refuses the server; a plaintext client cannot talk to it
+        assert _tls_call(address, ClientSecurity(credential=FULL, tls_ca=pki["rogue_cert"])) == "UNAVAILABLE"
+        assert _tls_call(address, ClientSecurity(credential=FULL)) == "UNAVAILABLE"
+    finally:
+        server.stop(grace=0.5)
+        store.close()
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki):
+    sec = Security(credentials=(FULL,), tls_cert=pki["cert"], tls_key=pki["key"], tls_ca=pki["ca"], mtls=True,
+                   client_cert=pki["client_cert"], client_key=pki["client_key"])
+    store, spec, server, address = _serve(sec)
+    try:
+        assert _tls_call(address, ClientSecurity(**sec.client())) == pb.HealthReply.SERVING
+        assert _tls_call(address, ClientSecurity(credential=FULL, tls_ca=pki["ca"])) == "UNAVAILABLE"
+        rogue = ClientSecurity(credential=FULL, tls_ca=pki["ca"], client_cert=pki["rogue_cert"],
+                               client_key=pki["rogue_key"])
+        assert _tls_call(address, rogue) == "UNAVAILABLE"
+    finally:
+        server.stop(grace=0.5)
+        store.close()
