@@ -11,6 +11,7 @@ unchanged. Also: reply size is bounded before any copy (RequestTooLarge) and chu
 """
 
 import asyncio
+import shutil
 import tempfile
 
 import grpc
@@ -43,6 +44,7 @@ def shard():
     yield store, server, address
     server.stop(grace=0.5)
     store.close()
+    shutil.rmtree(store.shm_dir, ignore_errors=True)
 
 
 def _valid(rng, rpc: str) -> bytes:

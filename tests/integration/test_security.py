@@ -9,6 +9,7 @@ certificates are made with `cryptography`.
 
 import datetime
 import ipaddress
+import shutil
 import tempfile
 
 import grpc
@@ -76,19 +77,24 @@ def pki():
 
 
 def _serve(security: Security):
-    store = ShardStore(0, shm_dir=tempfile.mkdtemp(dir="/dev/shm"), max_request_bytes=1 << 20)
+    store = ShardStore(0, shm_dir=tempfile.mkdtemp(dir="/dev/shm"), max_request_bytes=1 << 20)  # _stop removes it
     spec = TableSpec("t", rows=1000, dim=8, seed=3, num_slots=4)
     store.add_table(spec, range(4), epoch=1)
     server = ShardServer(store, host=HOST, security=security, metrics_port=None)
     return store, spec, server, server.start()
 
 
+def _stop(server, store):
+    server.stop(grace=0.5)
+    store.close()
+    shutil.rmtree(store.shm_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def plain():
     store, spec, server, address = _serve(Security(credentials=(FULL,), read_only_credentials=(READ,)))
     yield store, spec, server, address
-    server.stop(grace=0.5)
-    store.close()
+    _stop(server, store)
 
 
 def _ids(*ids):
@@ -201,8 +207,7 @@ def test_tls_round_trip_and_client_verifies_the_server(pki):
         assert _tls_call(address, ClientSecurity(credential=FULL, tls_ca=pki["rogue_cert"])) == "UNAVAILABLE"
         assert _tls_call(address, ClientSecurity(credential=FULL)) == "UNAVAILABLE"
     finally:
-        server.stop(grace=0.5)
-        store.close()
+        _stop(server, store)
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki):
@@ -216,5 +221,4 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki):
                                client_key=pki["rogue_key"])
         assert _tls_call(address, rogue) == "UNAVAILABLE"
     finally:
-        server.stop(grace=0.5)
-        store.close()
+        _stop(server, store)

@@ -1,6 +1,7 @@
 """One shard's gRPC server over real loopback gRPC, spoken to with the generated protobuf stub."""
 
 import os
+import shutil
 import tempfile
 
 import grpc
@@ -30,6 +31,7 @@ def served():
     channel.close()
     server.stop(grace=1.0)
     store.close()
+    shutil.rmtree(shm, ignore_errors=True)
 
 
 def _ids(*ids):
