@@ -180,3 +180,22 @@ def test_yaml_start_commands_make_a_cluster_whose_shards_all_land_on_the_memory_
             except ProcessLookupError:
                 pass
         subprocess.run(["rm", "-rf", temp_dir])
+
+
+def test_grafana_dashboard_queries_only_metrics_a_shard_exports():
+    from prometheus_client import generate_latest
+
+    from engram_mem.metrics import ShardMetrics
+
+    with open(os.path.join(DEPLOY, "grafana-engram-mem.json")) as f:
+        dash = json.load(f)
+    m = ShardMetrics(0)
+    for rpc in ("Gather", "Push"):
+        m.request(rpc)
+        m.observe(rpc, 0.001)
+        m.error(rpc, "INVALID_ARGUMENT", "InvalidArgument")
+    m.moved("gathered", 1, 4)
+    exported = set(re.findall(r"^([a-z_]+)[{ ]", generate_latest(m.registry).decode(), re.M))
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"\b((?:engram_mem|process)_[a-z_]+)", e)}
+    assert len(dash["panels"]) >= 8 and used and used <= exported, used - exported
