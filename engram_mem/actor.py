@@ -80,6 +80,9 @@ class ShardActor:
         if self.persist:
             self.persist.delete(name, slots)
 
+    def set_credentials(self, security: dict) -> None:
+        self.server.set_credentials(security)
+
     def set_epoch(self, epoch: int) -> None:
         self.store.set_epoch(epoch)
 

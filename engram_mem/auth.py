@@ -128,6 +128,20 @@ class Security:
         return server.add_secure_port(address, creds)
 
 
+def rotated(sec: Security, credentials=None, read_only_credentials=None, finish: bool = False) -> Security:
+    """Step 1 (finish=False): new credentials (given, or fresh) first, the old ones still accepted.
+    Step 2 (finish=True): only the current (first) ones are accepted."""
+    import dataclasses
+
+    if finish:
+        return dataclasses.replace(sec, credentials=sec.credentials[:1],
+                                   read_only_credentials=sec.read_only_credentials[:1])
+    full = tuple(credentials or (new_credential(),))
+    ro = tuple(read_only_credentials or (new_credential(),))
+    return dataclasses.replace(sec, credentials=full + tuple(c for c in sec.credentials if c not in full),
+                               read_only_credentials=ro + tuple(c for c in sec.read_only_credentials if c not in ro))
+
+
 def redact(security: dict | None) -> dict | None:
     """security with its secrets blanked, for describe() and status output."""
     if not security:
@@ -135,7 +149,7 @@ def redact(security: dict | None) -> dict | None:
     return {k: ("<redacted>" if k in _SECRET_FIELDS and v else v) for k, v in security.items()}
 
 
-def _read(path: str | None, what: str) -> str:
+def read_pem_or_text(path: str | None, what: str) -> str:
     if not path:
         return ""
     try:
@@ -145,7 +159,7 @@ def _read(path: str | None, what: str) -> str:
         raise InvalidArgument(f"cannot read the {what} file {path!r}: {e.strerror}") from None
 
 
-def _tokens(text: str) -> tuple:
+def split_credentials(text: str) -> tuple:
     return tuple(t.strip() for t in text.replace(",", "\n").splitlines() if t.strip())
 
 
@@ -156,14 +170,16 @@ def load_security(credential_file: str | None = None, read_only_credential_file:
     """Security for `engram-mem up`: credentials from files (one per line, the first is current),
     else from ENGRAM_MEM_CREDENTIAL / ENGRAM_MEM_READONLY_CREDENTIAL (comma-separated), else new."""
     env = os.environ if env is None else env
-    full = _tokens(_read(credential_file, "credential")) or _tokens(env.get(ENV_CREDENTIAL, ""))
-    ro = _tokens(_read(read_only_credential_file, "read-only credential")) or _tokens(env.get(ENV_READ_ONLY_CREDENTIAL, ""))
+    text = lambda path, what: read_pem_or_text(path, what)  # noqa: E731
+    full = split_credentials(text(credential_file, "credential")) or split_credentials(env.get(ENV_CREDENTIAL, ""))
+    ro = (split_credentials(text(read_only_credential_file, "read-only credential"))
+          or split_credentials(env.get(ENV_READ_ONLY_CREDENTIAL, "")))
     if credential_file and not full:
         raise InvalidArgument(f"the credential file {credential_file!r} holds no credential")
     return Security(credentials=full or (new_credential(),), read_only_credentials=ro or (new_credential(),),
-                    tls_cert=_read(tls_cert, "TLS certificate"), tls_key=_read(tls_key, "TLS key"),
-                    tls_ca=_read(tls_ca, "TLS CA"), mtls=mtls, client_cert=_read(client_cert, "TLS client certificate"),
-                    client_key=_read(client_key, "TLS client key"), server_name=server_name)
+                    tls_cert=text(tls_cert, "TLS certificate"), tls_key=text(tls_key, "TLS key"),
+                    tls_ca=text(tls_ca, "TLS CA"), mtls=mtls, client_cert=text(client_cert, "TLS client certificate"),
+                    client_key=text(client_key, "TLS client key"), server_name=server_name)
 
 
 # ---- the shard's interceptor -------------------------------------------------------------------
@@ -271,8 +287,9 @@ def client_security(credential: str | None, tls: dict | None = None) -> dict:
     if tls.get("cert") and not tls.get("ca"):
         raise InvalidArgument("tls needs 'ca' (the CA that signed the shards' certificate) to verify the shards")
     return {"credential": _check_credential(credential, "the credential") if credential else "",
-            "tls_ca": _read(tls.get("ca"), "TLS CA"), "client_cert": _read(tls.get("cert"), "TLS client certificate"),
-            "client_key": _read(tls.get("key"), "TLS client key"), "server_name": tls.get("server_name", "")}
+            "tls_ca": read_pem_or_text(tls.get("ca"), "TLS CA"),
+            "client_cert": read_pem_or_text(tls.get("cert"), "TLS client certificate"),
+            "client_key": read_pem_or_text(tls.get("key"), "TLS client key"), "server_name": tls.get("server_name", "")}
 
 
 # ---- who is on this node -----------------------------------------------------------------------

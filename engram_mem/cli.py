@@ -175,6 +175,20 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_rotate_credential(args) -> int:
+    """Two steps: new credentials (old ones still accepted) ... reconnect clients ... --finish."""
+    from engram_mem.auth import read_pem_or_text, split_credentials
+
+    ray, ctl = _attach(args)
+    full = split_credentials(read_pem_or_text(args.credential_file, "credential")) or None
+    ro = split_credentials(read_pem_or_text(args.read_only_credential_file, "read-only credential")) or None
+    r = ray.get(ctl.rotate_credentials.remote(full, ro, args.finish))
+    print(f"credentials rotated: {r['accepted']} full and {r['read_only_accepted']} read-only credential(s) accepted"
+          + ("" if args.finish else "; reconnect clients, then run `engram-mem rotate-credential --finish`"))
+    ray.shutdown()
+    return 0
+
+
 def cmd_credential(args) -> int:
     """Print the cluster credential for clients outside Ray (connect(credential=...))."""
     ray, ctl = _attach(args)
@@ -236,13 +250,19 @@ def main(argv=None) -> int:
     cr = sub.add_parser("credential", help="print the cluster credential for clients outside Ray")
     cr.add_argument("--read-only", action="store_true")
     cr.add_argument("--address")
+    ro = sub.add_parser("rotate-credential", help="new credentials, the old still accepted until --finish")
+    ro.add_argument("--credential-file")
+    ro.add_argument("--read-only-credential-file")
+    ro.add_argument("--finish", action="store_true", help="accept only the current credentials from now on")
+    ro.add_argument("--address")
     sc = sub.add_parser("scale", help="change the shard count")
     sc.add_argument("shards", type=int)
     sc.add_argument("--address")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "scale": cmd_scale,
-            "checkpoint": cmd_checkpoint, "credential": cmd_credential}[args.cmd](args)
+            "checkpoint": cmd_checkpoint, "credential": cmd_credential,
+            "rotate-credential": cmd_rotate_credential}[args.cmd](args)
 
 
 if __name__ == "__main__":

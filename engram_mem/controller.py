@@ -102,6 +102,22 @@ class ClusterController:
 
         return Security.from_dict(self.cfg.security).client(read_only)
 
+    def rotate_credentials(self, credentials: list | None = None, read_only_credentials: list | None = None,
+                           finish: bool = False) -> dict:
+        """Credential rotation (auth.rotated): start = new credentials first, old ones still accepted;
+        finish = only the current ones. Shards apply it at once; restarted shards get it from the config."""
+        import dataclasses
+
+        import ray
+
+        from engram_mem.auth import Security, rotated
+
+        with self._lock:
+            sec = rotated(Security.from_dict(self.cfg.security), credentials, read_only_credentials, finish)
+            self.cfg = dataclasses.replace(self.cfg, security=sec.to_dict())
+            ray.get([s.actor.set_credentials.remote(self.cfg.security) for s in self.shards.values()], timeout=60)
+            return {"accepted": len(sec.credentials), "read_only_accepted": len(sec.read_only_credentials)}
+
     def metrics_endpoints(self) -> dict:
         """Prometheus endpoints of the shards: {shard_id: "host:port"} (see engram_mem/metrics.py)."""
         with self._lock:

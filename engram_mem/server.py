@@ -1,19 +1,23 @@
 """The gRPC face of a shard: a thin grpc.aio servicer over a ShardStore, on uvloop.
 
-    server = ShardServer(store, host="127.0.0.2")
+    server = ShardServer(store, host="127.0.0.2", security=Security.create())
     address = server.start()          # "127.0.0.2:PORT"; serves from a background thread
+    server.metrics_address            # "127.0.0.2:PORT" of its Prometheus endpoint (metrics.py)
     ...
     server.stop(grace=2.0)
 
-Protobuf in, plain calls on ShardStore, protobuf out. Errors are mapped to gRPC status codes in
-one place (`_rpc`): the status message is the error's sentence and the trailing metadata
-`engram-error` names its class, so the client re-raises the same exception. A bad request never
-stops the server.
+Every call passes the credential check of auth.AuthInterceptor first (UNAUTHENTICATED /
+PERMISSION_DENIED); TLS when the Security holds certificates. Handlers get raw bytes and parse
+them in `_rpc`, so any bytes get a defined status: undecodable ones are InvalidArgument. Errors
+are mapped to gRPC status codes in that one place: the status message is the error's sentence and
+the trailing metadata `engram-error` names its class, so the client re-raises the same exception.
+Every call is counted and timed (metrics.py). A bad request never stops the server.
 
-Gather is the hot path. Its reply streams as `RowsChunk` messages of about 1 MB, encoded here by
-hand (field tag + length + raw rows: one copy after the gather, none through protobuf objects),
-which is byte-for-byte the `RowsChunk` of proto/engram_mem/v1/memory.proto, so any gRPC client
-can read it.
+Gather is the hot path. Its reply streams as `RowsChunk` messages of about 1 MB (at most
+wire.MAX_CHUNK_BYTES whatever `chunk_rows` asks), encoded here by hand (field tag + length + raw
+rows: one copy after the gather, none through protobuf objects), which is byte-for-byte the
+`RowsChunk` of proto/engram_mem/v1/memory.proto, so any gRPC client can read it. A Gather whose
+reply would exceed wire.max_reply_bytes is refused (RequestTooLarge) before any row is copied.
 """
 
 from __future__ import annotations
@@ -204,7 +208,8 @@ def _auth_interceptor(server: "ShardServer") -> AuthInterceptor:
         m.request(rpc)
         m.error(rpc, code, error)
 
-    return AuthInterceptor(server.security, refused, what=f"shard {server.store.shard_id}")
+    server._auth = AuthInterceptor(server.security, refused, what=f"shard {server.store.shard_id}")
+    return server._auth
 
 
 class ShardServer:
@@ -263,6 +268,11 @@ class ShardServer:
         if self.metrics_port is not None:
             self.metrics_address = self.servicer.metrics.serve(self.host, self.metrics_port)
         return self.address
+
+    def set_credentials(self, security: Security | dict) -> None:
+        """Accept a new set of credentials from the next call on (TLS files take effect on restart)."""
+        self.security = security if isinstance(security, Security) else Security.from_dict(security)
+        self._auth.security = self.security
 
     def stop(self, grace: float = 2.0) -> None:
         if self._loop is None or self._loop.is_closed() or self._thread is None:

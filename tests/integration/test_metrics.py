@@ -104,3 +104,20 @@ def test_status_prints_the_same_numbers(mem, ray_local):
     table = render(d, out["shards"])
     assert "gather p50/p99 ms" in table and "table m: 20,000 x 16 float32" in table
     assert all(row["metrics_address"] in table for row in out["shards"])
+
+
+def test_credential_rotation_through_the_controller(mem, ray_local):
+    """Last in this module: it retires the credential the `mem` client holds."""
+    old = ray_local.get(mem.controller.client_security.remote())["credential"]
+    r = ray_local.get(mem.controller.rotate_credentials.remote())
+    assert r["accepted"] == 2
+    fresh = engram_mem.connect(name="test-metrics")
+    try:
+        assert fresh._chans.security.credential != old
+        assert np.array_equal(fresh.gather("m", [7]), mem.gather("m", [7]))  # old and new both accepted
+        ray_local.get(mem.controller.rotate_credentials.remote(finish=True))
+        assert fresh.gather("m", [7]).shape == (1, 16)
+        with pytest.raises(Unauthenticated):
+            mem.gather("m", [7])
+    finally:
+        fresh.close()

@@ -222,3 +222,20 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki):
         assert _tls_call(address, rogue) == "UNAVAILABLE"
     finally:
         _stop(server, store)
+
+
+def test_credential_rotation_accepts_old_and_new_until_finished(plain):
+    from engram_mem.auth import rotated
+
+    store, spec, server, address = plain
+    new = "new-credential-0123456789abcdefgh"
+    health = CALLS["Health"]
+    with grpc.insecure_channel(address) as ch:
+        old_stub, new_stub = authorized_stub(ch, FULL), authorized_stub(ch, new)
+        assert _code(health, new_stub)[0] == "UNAUTHENTICATED"
+        server.set_credentials(rotated(server.security, [new]))           # step 1: both accepted
+        assert _code(health, old_stub)[0] == "OK" and _code(CALLS["Push"], new_stub)[0] == "OK"
+        assert server.security.client()["credential"] == new              # handed out from now on
+        server.set_credentials(rotated(server.security, finish=True))     # step 2: only the new one
+        assert _code(health, old_stub)[0] == "UNAUTHENTICATED" and _code(health, new_stub)[0] == "OK"
+        server.set_credentials(Security(credentials=(FULL,), read_only_credentials=(READ,)))  # as the module began
