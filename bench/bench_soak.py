@@ -129,7 +129,8 @@ def main(argv=None) -> None:
                           "rss_bound_ok": bound_ok, "loadavg_start": load0, "loadavg_end": load1})
     labels = [f"{r['rpc']} {q}" for r in rows for q in ("p50", "p99", "p999")]
     values = [r[f"{q}_ms"] for r in rows for q in ("p50", "p99", "p999")]
-    print(bar_plot("soak", labels, values, "ms", title[:110]))
+    print(bar_plot("soak", labels, values, "ms", f"soak: {args.clients} clients x {args.seconds:.0f} s, 2 shards, "
+                                                 f"errors {len(client_errors)}, load avg {load1[0]:.1f}"))
 
 
 if __name__ == "__main__":
