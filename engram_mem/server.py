@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import logging
 import math
@@ -81,7 +82,8 @@ def _rpc(method):
         t0 = time.perf_counter()
         self.metrics.request(name)
         try:
-            return method(self, decode_request(name, raw), context)
+            out = method(self, decode_request(name, raw), context)
+            return (await out) if inspect.isawaitable(out) else out
         except Exception as e:  # noqa: BLE001
             await abort(self, context, e)
         finally:
@@ -109,20 +111,27 @@ class ShardServicer:
             self.metrics.moved("gathered", chunk.shape[0], chunk.nbytes)
             yield msg
 
+    # Write and Push are applied at once and acknowledged only when their log record is written
+    # (the log's group commit: every request that arrives meanwhile shares the next write).
     @_rpc
-    def Write(self, request: pb.WriteRequest, context):
-        n = self.store.write(request.table, request.ids, request.rows, dtype=request.dtype or None,
-                             epoch=request.epoch)
+    async def Write(self, request: pb.WriteRequest, context):
+        n, lsn = self.store.write(request.table, request.ids, request.rows, dtype=request.dtype or None,
+                                  epoch=request.epoch, client=request.client, seq=request.seq)
+        if self.store.log is not None:
+            await self.store.log.wait(lsn)
         self.metrics.moved("written", n, len(request.rows))
         return pb.WriteReply(rows_written=n)
 
     @_rpc
-    def Push(self, request: pb.PushRequest, context):
+    async def Push(self, request: pb.PushRequest, context):
         step = request.step
         lr = step.lr if step.HasField("lr") else None
         _check_lr(request.table, lr)
-        n = self.store.push(request.table, request.ids, request.grads, dtype=request.dtype or "float32",
-                            lr=lr, step=step.step, epoch=request.epoch)
+        n, lsn = self.store.push(request.table, request.ids, request.grads, dtype=request.dtype or "float32",
+                                 lr=lr, step=step.step, epoch=request.epoch, client=request.client,
+                                 seq=request.seq)
+        if self.store.log is not None:
+            await self.store.log.wait(lsn)
         self.metrics.moved("pushed", n, len(request.grads))
         return pb.PushReply(rows_updated=n)
 
