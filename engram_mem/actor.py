@@ -63,6 +63,9 @@ class ShardActor:
             self.error = f"{type(e).__name__}: {e}"
             self.store.set_ready(False, f"restore failed: {self.error}")
         self.restore_stats["seconds"] = time.time() - t0
+        self.server.servicer.metrics.watch(  # exported as engram_mem_log_bytes / _snapshot_age_seconds
+            log_bytes=lambda: self.wal.size_bytes() if self.wal else -1,
+            snapshot_time=lambda: self.last_snapshot if self.snapshots else None)
         if cfg.data_dir and cfg.snapshot_interval_s:
             threading.Thread(target=self._snapshot_loop, name="engram-snapshots", daemon=True).start()
 

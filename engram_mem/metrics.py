@@ -14,7 +14,8 @@ Each shard process has its own registry, served over HTTP on the shard's node ad
     process_resident_memory_bytes, process_cpu_seconds_total, ...  (prometheus_client's ProcessCollector)
 
 Hooks for the durability work: `set_log_bytes(n)`, `set_snapshot_time(t)`, `set_replica_lag(s)`
-(-1 until set, so "never set" is distinguishable from 0).
+(-1 until set, so "never set" is distinguishable from 0), or `watch(log_bytes=fn, snapshot_time=fn)`
+to read them at scrape time (the shard actor watches its write-ahead log and snapshots).
 
     m = ShardMetrics(shard_id=0, store=store)
     m.serve("127.0.0.2")                 # -> "127.0.0.2:PORT"
@@ -62,8 +63,9 @@ class ShardMetrics:
         self.log_bytes = g("engram_mem_log_bytes", "write-ahead log size (-1: no log)")
         self.log_bytes.set(-1)
         self._snapshot_time = None
+        self._snapshot_fn = None
         g("engram_mem_snapshot_age_seconds", "seconds since the last snapshot (-1: none yet)").set_function(
-            lambda: -1.0 if self._snapshot_time is None else time.time() - self._snapshot_time)
+            self._snapshot_age)
         self.replica_lag = g("engram_mem_replica_lag_seconds", "how far a replica trails its primary (-1: none)")
         self.replica_lag.set(-1)
         self._http = None
@@ -104,6 +106,17 @@ class ShardMetrics:
     def set_replica_lag(self, seconds: float) -> None:
         self.replica_lag.set(seconds)
 
+    def watch(self, log_bytes=None, snapshot_time=None) -> None:
+        """Read these at every scrape instead: log_bytes() -> int, snapshot_time() -> unix time or None."""
+        if log_bytes is not None:
+            self.log_bytes.set_function(lambda: _safe(log_bytes))
+        if snapshot_time is not None:
+            self._snapshot_fn = snapshot_time
+
+    def _snapshot_age(self) -> float:
+        t = _safe(self._snapshot_fn, None) if self._snapshot_fn is not None else self._snapshot_time
+        return -1.0 if t is None else time.time() - t
+
     # ---- export ------------------------------------------------------------------------------
     def serve(self, host: str, port: int = 0) -> str:
         from prometheus_client import start_http_server
@@ -120,6 +133,15 @@ class ShardMetrics:
 
     def summary(self) -> dict:
         return summarize(self.registry.collect())
+
+
+def _safe(fn, default=math.nan):
+    """fn() for a scrape; a failure (a log segment removed while being measured) reads as `default`."""
+    try:
+        v = fn()
+        return v if v is None else float(v)
+    except Exception:  # noqa: BLE001
+        return default
 
 
 def scrape(address: str, timeout: float = 10.0) -> list:

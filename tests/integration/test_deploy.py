@@ -195,6 +195,9 @@ def test_grafana_dashboard_queries_only_metrics_a_shard_exports():
         m.observe(rpc, 0.001)
         m.error(rpc, "INVALID_ARGUMENT", "InvalidArgument")
     m.moved("gathered", 1, 4)
+    m.watch(log_bytes=lambda: 4096, snapshot_time=lambda: time.time() - 30)  # as the shard actor does
+    got = m.summary()
+    assert got["log_bytes"] == 4096 and 29 <= got["snapshot_age_seconds"] < 120
     exported = set(re.findall(r"^([a-z_]+)[{ ]", generate_latest(m.registry).decode(), re.M))
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {n for e in exprs for n in re.findall(r"\b((?:engram_mem|process)_[a-z_]+)", e)}
