@@ -83,8 +83,9 @@ class ShardActor:
 
         state = ClusterState.load(cfg.data_dir, missing_ok=cfg.reinit_missing)
         known = state is not None and self.shard_id < state.shards
+        holds = known and any(bool((t.placement == self.shard_id).any()) for t in state.tables.values())
         if read_manifest(cfg.data_dir, self.shard_id, missing_ok=True) is None:
-            if known and not cfg.reinit_missing:
+            if holds and not cfg.reinit_missing:
                 from engram_mem.errors import CorruptData
                 from engram_mem.snapshot import shard_dir
 

@@ -32,11 +32,12 @@ import numpy as np
 
 from engram_mem.auth import ClientSecurity, client_security
 from engram_mem.config import DEFAULT_NAME, ClusterConfig
-from engram_mem.errors import (ERROR_CLASSES, EngramMemError, InvalidArgument, NonFiniteGradient, NotReady,
-                               RequestTooLarge, RowOutOfRange, ShardUnavailable, StaleEpoch, UnknownTable)
+from engram_mem.errors import (ERROR_CLASSES, EngramMemError, InvalidArgument, NotReady, RequestTooLarge,
+                               ShardUnavailable, StaleEpoch, UnknownTable)
 from engram_mem.optim import OptimizerSpec
 from engram_mem.pb.v1 import memory_pb2 as pb
-from engram_mem.table import TableSpec, np_dtype
+from engram_mem.table import TableSpec, from_float32, np_dtype
+from engram_mem.validate import check_grads, check_ids, check_lr, check_rows_finite
 from engram_mem.wire import SERVICE, decode_rows_chunk, ids_bytes, max_reply_bytes
 
 log = logging.getLogger("engram_mem.client")
@@ -296,18 +297,8 @@ class MemoryClient:
 
     # ---- data plane: requests --------------------------------------------------------------
     def _ids(self, spec: TableSpec, ids) -> tuple[np.ndarray, tuple]:
-        if hasattr(ids, "detach"):  # torch tensor
-            ids = ids.detach().cpu().numpy()
-        ids = np.asarray(ids)
-        if ids.dtype.kind not in "iu":
-            raise InvalidArgument(f"table {spec.name!r}: row ids must be integers, got dtype {ids.dtype}")
-        flat = ids.reshape(-1).astype(np.int64, copy=False)
-        if flat.size:
-            lo, hi = int(flat.min()), int(flat.max())
-            if lo < 0 or hi >= spec.rows:
-                raise RowOutOfRange(f"table {spec.name!r}: field 'ids' holds row id {lo if lo < 0 else hi}, "
-                                    f"outside [0, {spec.rows})")
-        return flat, ids.shape
+        shape = tuple(ids.shape) if hasattr(ids, "shape") else np.shape(ids)
+        return check_ids(spec, ids), shape
 
     @staticmethod
     def _split(t: TableView, uniq: np.ndarray, n_shards: int):
@@ -474,6 +465,7 @@ class MemoryClient:
         flat, _ = self._ids(t.spec, ids)
         rows, dtype = self._rows(t.spec, rows, flat.size, "rows")
         # Last write wins among duplicates: keep each id's last occurrence.
+        check_rows_finite(t.spec, flat, from_float32(rows, t.spec.dtype) if dtype != t.spec.dtype else rows)
         rev_uniq, rev_idx = np.unique(flat[::-1], return_index=True)
         keep = flat.size - 1 - rev_idx
         return self._send(name, "write", rev_uniq, rows[keep], dtype, None, 0, key=key)
@@ -496,8 +488,10 @@ class MemoryClient:
         if g.shape != (flat.size, t.spec.dim):
             raise InvalidArgument(f"table {name!r}: field 'grads' has shape {tuple(g.shape)}; "
                                   f"expected ({flat.size}, {t.spec.dim})")
-        if not bool(torch.isfinite(g).all()):
-            raise NonFiniteGradient(f"table {name!r}: field 'grads' holds NaN or Inf; nothing was pushed")
+        # The whole request is checked here, before it is split: no shard applies a part another refuses.
+        check_grads(t.spec, flat, g.numpy(), self._view.raw["config"]["max_grad_abs"])
+        if lr is not None:
+            check_lr(t.spec, lr, self._view.raw["config"]["max_lr"])
         if flat.size > 1 and not bool(np.all(flat[1:] > flat[:-1])):  # not already sorted and distinct
             uniq, inv = np.unique(flat, return_inverse=True)
             if uniq.size != flat.size:

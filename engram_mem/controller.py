@@ -93,6 +93,9 @@ class ClusterController:
                 persisted.cluster_id = self.cluster_id
                 self.state = persisted
             n_start = persisted.shards if persisted is not None else self.cfg.shards
+            if self.cfg.data_dir and persisted is None:  # a new data directory: its cluster file comes first
+                self.state.shards = n_start
+                self.state.save(self.cfg.data_dir, fsync=self.cfg.durability == "fsync")
             self.shards = self.sup.start_shards(list(range(n_start)))
             self._refresh_infos()
             self._save()

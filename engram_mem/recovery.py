@@ -109,7 +109,6 @@ def _replay_from(store, data_dir: str, src: int, plan_of: dict[str, TablePlan]) 
     """Replay shard src's log into the slots sourced from it. Returns records applied."""
     masks = {}
     for name, t in plan_of.items():
-        ts = store.tables[name]
         m = np.zeros(t.spec.n_slots, dtype=bool)
         m[t.slots] = t.source[t.slots] == src
         masks[name] = m

@@ -27,7 +27,6 @@ import functools
 import inspect
 import json
 import logging
-import math
 import threading
 import time
 
@@ -36,7 +35,7 @@ import numpy as np
 import psutil
 
 from engram_mem.auth import AuthInterceptor, Security, same_host
-from engram_mem.errors import EngramMemError, InvalidArgument, RequestTooLarge
+from engram_mem.errors import EngramMemError, RequestTooLarge
 from engram_mem.metrics import ShardMetrics
 from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.shard import ShardStore
@@ -126,7 +125,6 @@ class ShardServicer:
     async def Push(self, request: pb.PushRequest, context):
         step = request.step
         lr = step.lr if step.HasField("lr") else None
-        _check_lr(request.table, lr)
         n, lsn = self.store.push(request.table, request.ids, request.grads, dtype=request.dtype or "float32",
                                  lr=lr, step=step.step, epoch=request.epoch, client=request.client,
                                  seq=request.seq)
@@ -180,11 +178,6 @@ def _check_reply_size(store: ShardStore, ts, n_ids: int) -> None:
     if n_ids * ts.spec.row_bytes > limit:
         raise RequestTooLarge(f"table {ts.spec.name!r}: a reply of {n_ids} rows x {ts.spec.row_bytes} bytes is over "
                               f"the {limit}-byte reply limit; ask for at most {limit // ts.spec.row_bytes} ids per Gather")
-
-
-def _check_lr(table: str, lr: float | None) -> None:
-    if lr is not None and not (math.isfinite(lr) and lr >= 0):
-        raise InvalidArgument(f"table {table!r}: field 'step.lr' is {lr}; it must be a finite number >= 0")
 
 
 def _handlers(servicer: ShardServicer) -> grpc.GenericRpcHandler:

@@ -41,10 +41,11 @@ import torch
 
 from engram_mem import dedup as dedup_codec
 from engram_mem.dedup import DedupWindow
-from engram_mem.errors import (InvalidArgument, NonFiniteGradient, NonFiniteUpdate, NotReady, RequestTooLarge,
-                               RowOutOfRange, StaleEpoch, TableExists, UnknownTable)
+from engram_mem.errors import (InvalidArgument, NonFiniteUpdate, NotReady, RequestTooLarge, StaleEpoch, TableExists,
+                               UnknownTable)
 from engram_mem.optim import MAX_GRAD_ABS, MAX_LR, OptimizerSpec, RowOptimizer, make_optimizer
 from engram_mem.table import TableSpec, as_torch, from_float32, np_dtype, to_float32
+from engram_mem.validate import check_grads, check_ids, check_lr, check_rows_finite
 from engram_mem.wal import KIND_DROP, KIND_INSTALL, KIND_PUSH, KIND_WRITE, Record
 
 _PAGE = mmap.PAGESIZE
@@ -362,18 +363,7 @@ class ShardStore:
                 raise RequestTooLarge(f"table {name!r}: field {field_name!r} is {len(ids)} bytes, over the "
                                       f"{self.max_request_bytes}-byte request limit; split the batch")
             ids = np.frombuffer(ids, dtype="<i8")
-        else:
-            ids = np.asarray(ids)
-            if ids.dtype.kind not in "iu":
-                raise InvalidArgument(f"table {name!r}: row ids must be integers, got dtype {ids.dtype}")
-            ids = ids.astype(np.int64, copy=False).reshape(-1)
-        if ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= ts.spec.rows:
-                bad = lo if lo < 0 else hi
-                raise RowOutOfRange(f"table {name!r}: field {field_name!r} holds row id {bad}, "
-                                    f"outside [0, {ts.spec.rows})")
-        return ts, ids
+        return ts, check_ids(ts.spec, ids, field_name)
 
     def _local_rows(self, ts: TableShard, ids: np.ndarray) -> np.ndarray:
         slot_rows = ts.spec.slot_rows
@@ -430,11 +420,7 @@ class ShardStore:
         rows = self._parse_rows(ts, ids.size, rows, dtype, "rows")
         self._check_writable(name)
         stored = from_float32(rows, ts.spec.dtype) if dtype != ts.spec.dtype else rows
-        vals = to_float32(stored, ts.spec.dtype) if ts.spec.dtype != "float32" else stored
-        if vals.size and not bool(np.isfinite(vals).all()):
-            bad = int(np.argwhere(~np.isfinite(vals))[0][0])
-            raise NonFiniteUpdate(f"table {name!r}: field 'rows' holds NaN or Inf in {ts.spec.dtype} (row id "
-                                  f"{int(ids[bad])}); nothing from this write was applied")
+        check_rows_finite(ts.spec, ids, stored)
         self._local_rows(ts, ids)  # ownership check before anything is applied
         with self.order:
             keep = self._not_applied(ts, ids, client, seq)
@@ -457,18 +443,8 @@ class ShardStore:
         grads = self._parse_rows(ts, ids.size, grads, dtype, "grads")
         g32 = to_float32(grads, dtype) if dtype != "float32" else grads
         g = torch.from_numpy(g32 if g32.flags.writeable else g32.copy())  # request bytes are read-only
-        if not bool(torch.isfinite(g).all()):
-            bad = int(np.argwhere(~np.isfinite(g.numpy()))[0][0])
-            raise NonFiniteGradient(f"table {name!r}: field 'grads' holds NaN or Inf (row id {int(ids[bad])}); "
-                                    f"nothing from this push was applied")
-        if g.numel() and float(g.abs().max()) > self.max_grad_abs:
-            bad = int(torch.nonzero(g.abs().amax(dim=1) > self.max_grad_abs)[0, 0])
-            raise NonFiniteGradient(f"table {name!r}: field 'grads' holds {float(g[bad].abs().max()):.3g} (row id "
-                                    f"{int(ids[bad])}), above the limit {self.max_grad_abs:.0e}: its square would "
-                                    f"overflow the optimizer state; nothing from this push was applied")
-        lr = ts.optimizer_spec.lr if lr is None else float(lr)
-        if not (np.isfinite(lr) and 0 <= lr <= self.max_lr):
-            raise InvalidArgument(f"table {name!r}: field 'lr' is {lr}; must be finite, >= 0 and <= {self.max_lr:g}")
+        check_grads(ts.spec, ids, g.numpy(), self.max_grad_abs)
+        lr = check_lr(ts.spec, ts.optimizer_spec.lr if lr is None else lr, self.max_lr)
         self._check_writable(name)
         self._local_rows(ts, ids)  # ownership check before anything is applied
         with self.order:
