@@ -203,7 +203,8 @@ def main(argv=None) -> int:
         import engram_mem
         from engram_model.cluster_rows import load_for_inference
 
-        mem = engram_mem.connect(args.memory, name=args.memory_name)
+        mem = engram_mem.connect(args.memory, name=args.memory_name,
+                                 read_only=not args.import_tables)  # inference only reads rows
         model, tok = load_for_inference(args.checkpoint, mem, device=args.device, cache_bytes=args.cache_mb << 20,
                                         import_tables=args.import_tables)
     else:
