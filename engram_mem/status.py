@@ -23,6 +23,10 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def _ms(v: float) -> str:
+    return "-" if v != v else f"{v:.2f}"  # NaN: no calls yet
+
+
 def _read(endpoints: dict) -> dict:
     out = {}
     for sid, addr in endpoints.items():
@@ -81,7 +85,8 @@ def render(describe: dict, rows: list[dict]) -> str:
             f"{r['shard']:>5} {r['address']:<21} {r['metrics_address']:<21} {r['rows_held']:>13,} "
             f"{_fmt_bytes(r['table_bytes']):>10} {_fmt_bytes(r['optimizer_state_bytes']):>10} "
             f"{_fmt_bytes(r['rss_bytes']):>10} {r['requests']:>9,} {r['errors']:>6,} {r['requests_per_s']:>7.1f} "
-            f"{r['gather_bytes_per_s'] / 1e6:>8.1f} {r['gather_p50_ms']:>8.2f}/{r['gather_p99_ms']:<8.2f} {r['restarts']:>8}")
+            f"{r['gather_bytes_per_s'] / 1e6:>8.1f} {_ms(r['gather_p50_ms']):>8}/{_ms(r['gather_p99_ms']):<8} "
+            f"{r['restarts']:>8}")
     for name, t in d["tables"].items():
         spec = t["spec"]
         out.append(f"table {name}: {spec['rows']:,} x {spec['dim']} {spec['dtype']}, "
