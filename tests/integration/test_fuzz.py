@@ -2,7 +2,8 @@
 
 Random bytes, mutated valid requests (bit flips, truncation, splices), random field values (table
 names, id/row bytes, dtype strings, chunk_rows up to 2^32-1, NaN/negative learning rates) and
-invalid UTF-8, across all six RPCs, with the cluster credential, over real loopback gRPC. Every
+invalid UTF-8, across all six RPCs, over real loopback gRPC; 1 in 12 without the credential or with
+a wrong one (each must be UNAUTHENTICATED), the rest with the cluster credential. Every
 reply must be OK or a status with the project's error class in `engram-error` (never UNKNOWN or
 INTERNAL); afterwards the shard is healthy, counted every error, and the rows written before are
 unchanged. Also: reply size is bounded before any copy (RequestTooLarge) and chunk_rows is clamped.
@@ -100,34 +101,40 @@ def _request(rng, rpc: str) -> bytes:
 
 async def _fuzz(address: str, credential: str, n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    sec = ClientSecurity(credential=credential)
-    ch = sec.channel(address, [])
+    ch = ClientSecurity().channel(address, [])
     ident = lambda b: b  # noqa: E731 - raw bytes in and out
-    calls = {rpc: sec.wrap(ch.unary_stream(f"/engram_mem.v1.Memory/{rpc}", request_serializer=ident,
-                                           response_deserializer=ident) if rpc == "Gather" else
-                           ch.unary_unary(f"/engram_mem.v1.Memory/{rpc}", request_serializer=ident,
-                                          response_deserializer=ident)) for rpc in RPCS}
+    raw = {rpc: ch.unary_stream(f"/engram_mem.v1.Memory/{rpc}", request_serializer=ident, response_deserializer=ident)
+           if rpc == "Gather" else
+           ch.unary_unary(f"/engram_mem.v1.Memory/{rpc}", request_serializer=ident, response_deserializer=ident)
+           for rpc in RPCS}
+    # 1 call in 12 carries no credential or a wrong one (UNAUTHENTICATED); the rest the right one
+    creds = {"right": credential, "none": None, "wrong": "x" * 16 + credential[16:]}
     codes: dict = {}
     unclassified: list = []
     sem = asyncio.Semaphore(32)
 
-    async def one(rpc: str, raw: bytes):
+    async def one(rpc: str, data: bytes, who: str):
+        md = (("authorization", f"Bearer {creds[who]}"),) if creds[who] else ()
         async with sem:
             try:
                 if rpc == "Gather":
-                    async for _ in calls[rpc](raw, timeout=30):
+                    async for _ in raw[rpc](data, timeout=30, metadata=md):
                         pass
                 else:
-                    await calls[rpc](raw, timeout=30)
+                    await raw[rpc](data, timeout=30, metadata=md)
                 code = "OK"
             except grpc.aio.AioRpcError as e:
                 code = e.code().name
                 if not dict(e.trailing_metadata() or ()).get("engram-error"):
                     unclassified.append((rpc, code, e.details()))
             codes[(rpc, code)] = codes.get((rpc, code), 0) + 1
+            if who != "right" and code != "UNAUTHENTICATED":
+                unclassified.append((rpc, code, f"{who} credential was not refused"))
 
+    who = rng.choice(["right"] * 22 + ["none", "wrong"], n)
     try:
-        await asyncio.gather(*(one(rpc, _request(rng, rpc)) for rpc in (RPCS[int(i)] for i in rng.integers(0, 6, n))))
+        await asyncio.gather(*(one(RPCS[int(i)], _request(rng, RPCS[int(i)]), str(w))
+                               for i, w in zip(rng.integers(0, 6, n), who)))
     finally:
         await ch.close()
     return {"codes": codes, "unclassified": unclassified}
