@@ -164,7 +164,14 @@ def cmd_status(args) -> int:
     with MemoryClient(ctl) as mem:
         d = mem.describe()
         stats = mem.stats()
-    rows = shard_rows(d, ray.get(ctl.metrics_endpoints.remote()), interval=args.interval)
+    endpoints = ray.get(ctl.metrics_endpoints.remote())
+    if args.prometheus_sd:
+        from engram_mem.status import prometheus_targets
+
+        print(json.dumps(prometheus_targets(d, endpoints), indent=1))
+        ray.shutdown()
+        return 0
+    rows = shard_rows(d, endpoints, interval=args.interval)
     ray.shutdown()
     if args.json:
         out = {"describe": {k: v for k, v in d.items() if k != "tables"},
@@ -245,6 +252,8 @@ def main(argv=None) -> int:
         if name == "status":
             sp.add_argument("--json", action="store_true")
             sp.add_argument("--interval", type=float, default=1.0, help="seconds between the two reads for rates")
+            sp.add_argument("--prometheus-sd", action="store_true",
+                            help="print the shards' metrics endpoints as a Prometheus file_sd target list")
         if name == "down":
             sp.add_argument("--timeout", type=float, default=120)
     cr = sub.add_parser("credential", help="print the cluster credential for clients outside Ray")

@@ -6,6 +6,7 @@ read. `--json` prints the same rows for scripts.
 
     rows = shard_rows(describe, endpoints, interval=1.0)   # endpoints: controller.metrics_endpoints()
     print(render(describe, rows))
+    json.dump(prometheus_targets(describe, endpoints), open("targets.json", "w"))   # Prometheus file_sd
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def shard_rows(describe: dict, endpoints: dict, interval: float = 1.0) -> list[d
             replica_lag_s=a.get("replica_lag_seconds", -1), **rates(b, a, dt))
         rows.append(row)
     return rows
+
+
+def prometheus_targets(describe: dict, endpoints: dict) -> list[dict]:
+    """Prometheus file_sd targets of the shards' endpoints (`engram-mem status --prometheus-sd`)."""
+    return [{"targets": [addr], "labels": {"cluster": describe["name"], "engram_mem_shard": str(sid)}}
+            for sid, addr in sorted(endpoints.items()) if addr]
 
 
 def render(describe: dict, rows: list[dict]) -> str:

@@ -98,7 +98,11 @@ def test_status_prints_the_same_numbers(mem, ray_local):
     for row in out["shards"]:
         assert row["metrics_address"] and row["rows_held"] == scraped[row["shard"]]["rows_held"]
         assert row["requests"] > 0 and row["errors"] >= 0 and row["rss_bytes"] > 0
-    from engram_mem.status import render  # the table `status` prints without --json, from the same rows
+    from engram_mem.status import prometheus_targets, render  # what `status` prints without --json
+
+    endpoints = ray_local.get(mem.controller.metrics_endpoints.remote())
+    sd = prometheus_targets(mem.describe(), endpoints)
+    assert sorted(t["targets"][0] for t in sd) == sorted(endpoints.values())
 
     d = mem.describe()
     table = render(d, out["shards"])
