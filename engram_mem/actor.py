@@ -72,6 +72,7 @@ class ShardActor:
     # ---- restore -----------------------------------------------------------------------------
     def _restore(self) -> None:
         from engram_mem.cluster_state import ClusterState
+        from engram_mem.errors import CorruptData
         from engram_mem.recovery import TablePlan, restore_tables, wal_dir
         from engram_mem.snapshot import create_empty, read_manifest
 
@@ -84,9 +85,16 @@ class ShardActor:
         state = ClusterState.load(cfg.data_dir, missing_ok=cfg.reinit_missing)
         known = state is not None and self.shard_id < state.shards
         holds = known and any(bool((t.placement == self.shard_id).any()) for t in state.tables.values())
-        if read_manifest(cfg.data_dir, self.shard_id, missing_ok=True) is None:
+        try:
+            manifest = read_manifest(cfg.data_dir, self.shard_id, missing_ok=True)
+        except CorruptData:
+            if not cfg.reinit_missing:
+                raise
+            log.error("shard %d: damaged manifest; its slots start from initial values (--reinit-missing)",
+                      self.shard_id)
+            manifest = None
+        if manifest is None:
             if holds and not cfg.reinit_missing:
-                from engram_mem.errors import CorruptData
                 from engram_mem.snapshot import shard_dir
 
                 raise CorruptData(f"shard directory {shard_dir(cfg.data_dir, self.shard_id)} has no MANIFEST.json "

@@ -75,7 +75,14 @@ def restore_tables(store, data_dir: str | None, tables: list[TablePlan], epoch: 
         r = reader(src) if (data_dir and src >= 0) else None
         if r is None:
             return False
-        got = r.get(ts.spec.name, slot)
+        try:
+            got = r.get(ts.spec.name, slot)
+        except CorruptData:
+            if not reinit_missing:
+                raise
+            log.error("table %r slot %d: damaged snapshot value; initial values (--reinit-missing)",
+                      ts.spec.name, slot)
+            return False
         if got is None:
             return False
         lsn, parts = got

@@ -284,8 +284,8 @@ def test_damaged_snapshot_or_cluster_file_refuses_to_start_naming_the_file(ray_l
     if "cluster.json" not in kind:
         with engram_mem.connect(shards=2, name="dmg3-" + kind.replace(" ", "-").replace(".", ""),
                                 data_dir=str(data), reinit_missing=True) as mem:
-            got = mem.gather("d", [77_777])
-            assert not np.array_equal(got, np.full((1, DIM), 77777.0, np.float32)) or kind == "manifest truncated"
+            assert mem.gather("d", [77_777]).shape == (1, DIM)  # starts and serves (rows may have been lost)
+            assert all(h["status"] == "SERVING" for h in mem.health())
 
 
 def test_values_a_table_can_never_take_are_refused_and_rows_stay(ray_local):
