@@ -89,6 +89,9 @@ def cmd_up(args) -> int:
     from engram_mem.errors import EngramMemError
 
     cluster = _cluster_options(args)
+    security = _security(args)
+    if security:
+        cluster["security"] = security
     tables = os.path.abspath(args.tables) if args.tables else None
     if args.address:
         import ray
@@ -117,6 +120,23 @@ def cmd_up(args) -> int:
     print(f"memory cluster {args.name!r} is up: {args.shards} shards, Ray at {state['ray_address']}; "
           f"{_durability_note(cluster)}")
     return 0
+
+
+def _security(args) -> dict | None:
+    """The Security dict `up` was given (files, environment), or None: the cluster makes new credentials."""
+    from engram_mem.auth import ENV_CREDENTIAL, ENV_READ_ONLY_CREDENTIAL, load_security
+    from engram_mem.errors import InvalidArgument
+
+    given = (args.credential_file, args.read_only_credential_file, args.tls_cert, args.tls_key, args.tls_ca,
+             args.mtls, args.tls_client_cert, args.tls_client_key)
+    if not any(given) and not os.environ.get(ENV_CREDENTIAL) and not os.environ.get(ENV_READ_ONLY_CREDENTIAL):
+        return None
+    try:
+        return load_security(args.credential_file, args.read_only_credential_file, tls_cert=args.tls_cert,
+                             tls_key=args.tls_key, tls_ca=args.tls_ca, mtls=args.mtls, client_cert=args.tls_client_cert,
+                             client_key=args.tls_client_key, server_name=args.tls_server_name or "").to_dict()
+    except InvalidArgument as e:
+        sys.exit(f"engram-mem: {e}")
 
 
 def cmd_down(args) -> int:
@@ -164,41 +184,48 @@ def _fmt_bytes(n: float) -> str:
 
 def cmd_status(args) -> int:
     from engram_mem.client import MemoryClient
+    from engram_mem.status import render, shard_rows
 
     ray, ctl = _attach(args)
     with MemoryClient(ctl) as mem:
         d = mem.describe()
-        stats = {int(s["shard_id"]) if "shard_id" in s else i: s for i, s in enumerate(mem.stats())}
+        stats = mem.stats()
+    endpoints = ray.get(ctl.metrics_endpoints.remote())
+    if args.prometheus_sd:
+        from engram_mem.status import prometheus_targets
+
+        print(json.dumps(prometheus_targets(d, endpoints), indent=1))
+        ray.shutdown()
+        return 0
+    rows = shard_rows(d, endpoints, interval=args.interval)
+    ray.shutdown()
     if args.json:
         out = {"describe": {k: v for k, v in d.items() if k != "tables"},
-               "tables": {n: t["spec"] for n, t in d["tables"].items()}, "stats": list(stats.values())}
+               "tables": {n: t["spec"] for n, t in d["tables"].items()}, "stats": stats, "shards": rows}
         print(json.dumps(out, indent=1, default=str))
         return 0
-    nodes = sorted({s["node_ip"] for s in d["shards"].values()})
-    print(f"memory cluster {d['name']!r} (id {d['cluster_id']}), epoch {d['epoch']}, "
-          f"{len(d['shards'])} shards on {len(nodes)} node(s): {', '.join(nodes)}")
-    print(f"{'shard':>5} {'address':<22} {'rows':>14} {'table bytes':>12} {'rss':>10} {'req/s':>8} "
-          f"{'GB/s out':>8} {'restarts':>8}")
-    rows_by_shard = {}
-    for name, t in d["tables"].items():
-        spec = t["spec"]
-        slot_rows = -(-spec["rows"] // min(spec["num_slots"], spec["rows"]))
-        import numpy as np
+    print(render(d, rows))
+    return 0
 
-        counts = np.bincount(np.asarray(t["placement"]), minlength=len(d["shards"]))
-        for rank, sid in enumerate(sorted(d["shards"])):
-            rows_by_shard[sid] = rows_by_shard.get(sid, 0) + int(counts[rank]) * slot_rows
-    for sid in sorted(d["shards"]):
-        s, st = d["shards"][sid], stats.get(sid, {})
-        print(f"{sid:>5} {s['address']:<22} {rows_by_shard.get(sid, 0):>14,} "
-              f"{_fmt_bytes(int(st.get('table_bytes', 0))):>12} {_fmt_bytes(int(st.get('rss_bytes', 0))):>10} "
-              f"{float(st.get('requests_per_s', 0)):>8.1f} {float(st.get('gather_gbps', 0)):>8.3f} "
-              f"{s.get('restarts', 0):>8}")
-    for name, t in d["tables"].items():
-        spec = t["spec"]
-        print(f"table {name}: {spec['rows']:,} x {spec['dim']} {spec['dtype']}, "
-              f"{_fmt_bytes(spec['rows'] * spec['dim'] * (4 if spec['dtype'] == 'float32' else 2))}, "
-              f"optimizer {t['optimizer']['name']}")
+
+def cmd_rotate_credential(args) -> int:
+    """Two steps: new credentials (old ones still accepted) ... reconnect clients ... --finish."""
+    from engram_mem.auth import read_pem_or_text, split_credentials
+
+    ray, ctl = _attach(args)
+    full = split_credentials(read_pem_or_text(args.credential_file, "credential")) or None
+    ro = split_credentials(read_pem_or_text(args.read_only_credential_file, "read-only credential")) or None
+    r = ray.get(ctl.rotate_credentials.remote(full, ro, args.finish))
+    print(f"credentials rotated: {r['accepted']} full and {r['read_only_accepted']} read-only credential(s) accepted"
+          + ("" if args.finish else "; reconnect clients, then run `engram-mem rotate-credential --finish`"))
+    ray.shutdown()
+    return 0
+
+
+def cmd_credential(args) -> int:
+    """Print the cluster credential for clients outside Ray (connect(credential=...))."""
+    ray, ctl = _attach(args)
+    print(ray.get(ctl.client_security.remote(args.read_only))["credential"])
     ray.shutdown()
     return 0
 
@@ -257,12 +284,26 @@ def main(argv=None) -> int:
     up.add_argument("--shard-resource", action="append", default=[], metavar="NAME=AMOUNT",
                     help="a Ray resource each shard needs, to pin shards to memory nodes (repeatable)")
     up.add_argument("--timeout", type=float, default=180)
+    sec = up.add_argument_group("security", "credentials (default: new random ones; or $ENGRAM_MEM_CREDENTIAL, "
+                                "$ENGRAM_MEM_READONLY_CREDENTIAL) and optional TLS / mutual TLS (PEM files)")
+    sec.add_argument("--credential-file", help="full-access credentials, one per line; the first is handed out")
+    sec.add_argument("--read-only-credential-file", help="read-only credentials (Gather, Describe, Stats, Health)")
+    sec.add_argument("--tls-cert", help="shard certificate chain (must name the node IPs, or see --tls-server-name)")
+    sec.add_argument("--tls-key", help="its private key")
+    sec.add_argument("--tls-ca", help="CA certificate clients verify the shards with")
+    sec.add_argument("--mtls", action="store_true", help="shards require client certificates signed by --tls-ca")
+    sec.add_argument("--tls-client-cert", help="client certificate handed to clients attaching through Ray (mTLS)")
+    sec.add_argument("--tls-client-key", help="its private key")
+    sec.add_argument("--tls-server-name", help="the name the shard certificate holds, if not the node IPs")
     for name, fn in (("status", "show shards, nodes, rows, bytes, requests/s"), ("down", "stop the memory cluster"),
                      ("checkpoint", "a consistent cut of every shard: to the data dir, or to DIR")):
         sp = sub.add_parser(name, help=fn)
         sp.add_argument("--address")
         if name == "status":
             sp.add_argument("--json", action="store_true")
+            sp.add_argument("--interval", type=float, default=1.0, help="seconds between the two reads for rates")
+            sp.add_argument("--prometheus-sd", action="store_true",
+                            help="print the shards' metrics endpoints as a Prometheus file_sd target list")
         if name == "down":
             sp.add_argument("--timeout", type=float, default=120)
         if name == "checkpoint":
@@ -271,13 +312,22 @@ def main(argv=None) -> int:
     rs.add_argument("dir")
     rs.add_argument("--shards", type=int, help="then scale to this many shards")
     rs.add_argument("--address")
+    cr = sub.add_parser("credential", help="print the cluster credential for clients outside Ray")
+    cr.add_argument("--read-only", action="store_true")
+    cr.add_argument("--address")
+    ro = sub.add_parser("rotate-credential", help="new credentials, the old still accepted until --finish")
+    ro.add_argument("--credential-file")
+    ro.add_argument("--read-only-credential-file")
+    ro.add_argument("--finish", action="store_true", help="accept only the current credentials from now on")
+    ro.add_argument("--address")
     sc = sub.add_parser("scale", help="change the shard count")
     sc.add_argument("shards", type=int)
     sc.add_argument("--address")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "scale": cmd_scale,
-            "checkpoint": cmd_checkpoint, "restore": cmd_restore}[args.cmd](args)
+            "checkpoint": cmd_checkpoint, "restore": cmd_restore, "credential": cmd_credential,
+            "rotate-credential": cmd_rotate_credential}[args.cmd](args)
 
 
 if __name__ == "__main__":

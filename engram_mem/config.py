@@ -34,6 +34,7 @@ class ClusterConfig:
     health_interval_s: float = 1.0      # how often the controller checks its shards
     max_request_bytes: int = 256 << 20  # largest ids/rows/grads field a shard accepts
     move_batch_bytes: int = 256 << 20   # slots move between shards in batches of about this size
+    security: dict | None = None        # auth.Security as a dict: credentials, TLS; None = new random credentials
 
     def __post_init__(self):
         if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", self.name):
@@ -55,6 +56,9 @@ class ClusterConfig:
         if self.snapshot_interval_s < 0 or self.health_interval_s <= 0:
             raise InvalidArgument("snapshot_interval_s must be >= 0 and health_interval_s > 0")
         object.__setattr__(self, "shards", int(self.shards))
+        from engram_mem.auth import Security
+
+        object.__setattr__(self, "security", Security.from_dict(self.security).to_dict())  # validated; never None
 
     @property
     def controller_name(self) -> str:
@@ -62,3 +66,9 @@ class ClusterConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def public_dict(self) -> dict:
+        """to_dict() without secrets (credentials, TLS keys), for describe() and status output."""
+        from engram_mem.auth import redact
+
+        return dict(self.to_dict(), security=redact(self.security))

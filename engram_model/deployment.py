@@ -61,7 +61,7 @@ class EngramReplica:
             import engram_mem
             from engram_model.cluster_rows import load_for_inference
 
-            self.mem = engram_mem.connect(spec.memory_address, name=spec.memory_name)
+            self.mem = engram_mem.connect(spec.memory_address, name=spec.memory_name, read_only=True)  # reads rows only
             model, tok = load_for_inference(spec.checkpoint, self.mem, device=spec.device,
                                             cache_bytes=spec.cache_mb << 20)
         else:

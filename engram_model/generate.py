@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         from engram_model.cluster_rows import load_for_inference
         from engram_model.train import _resolve_memory
 
-        mem = engram_mem.connect(_resolve_memory(args.memory, args.memory_name), name=args.memory_name)
+        mem = engram_mem.connect(_resolve_memory(args.memory, args.memory_name), name=args.memory_name,
+                                 read_only=not args.import_tables)  # inference only reads rows
         model, tok = load_for_inference(args.checkpoint, mem, device=args.device, cache_bytes=args.cache_mb << 20,
                                         import_tables=args.import_tables)
     else:

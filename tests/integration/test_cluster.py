@@ -18,15 +18,9 @@ def mem(ray_local):
 
 def _owned_rows(mem):
     """Which shard rank holds each slot, read back from the shards themselves (Describe)."""
-    import grpc
-
-    from engram_mem.pb.v1 import memory_pb2 as pb
-    from engram_mem.pb.v1 import memory_pb2_grpc
-
     out = {}
     for rank, sid in enumerate(mem.view.shard_ids):
-        with grpc.insecure_channel(mem.view.address(rank)) as ch:
-            d = memory_pb2_grpc.MemoryStub(ch).Describe(pb.DescribeRequest())
+        d = mem.describe_shard(mem.view.address(rank))  # the shard's own Describe RPC, with the credential
         for t in d.tables:
             out.setdefault(t.name, {})[rank] = np.frombuffer(t.owned_slots, "<i4")
     return out
