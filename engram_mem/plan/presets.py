@@ -43,6 +43,8 @@ class ModelShape:
     n_routed: int = 0
     n_active: int = 0
     param_bytes: int = 2                # bytes per backbone weight (bf16)
+    vocab: int = 0                      # output head (0: leave the head out of the compute time)
+    row_dim: int = 0                    # values per row (gradients travel as fp32: 4 * row_dim B/row)
     notes: str = ""
 
     def __post_init__(self):
@@ -60,6 +62,10 @@ class ModelShape:
     @property
     def table_bytes(self) -> float:
         return len(self.engram_layers) * self.table_rows * self.row_bytes
+
+    @property
+    def grad_row_bytes(self) -> int:
+        return 4 * self.row_dim if self.row_dim else 2 * self.row_bytes
 
     @property
     def rows_per_token_all(self) -> int:
@@ -121,24 +127,24 @@ MODEL_PRESETS: dict[str, ModelShape] = {m.name: m for m in [
     # memory dim 1280 -> 80 values per row; bf16. 5.7e9 / 2 layers / 80 = 35.6M rows per layer.
     ModelShape(name="engram-27b", hidden=2560, layers=30, engram_layers=(1, 14), rows_per_token=16, row_bytes=160,
                table_rows=35_625_000, block_dense_params=4 * 2560**2 + 3 * 2560 * 1536 * 2, expert_params=3 * 2560 * 1536,
-               n_routed=55, n_active=6,
+               n_routed=55, n_active=6, vocab=129_280,
                notes="tables: paper (5.7B params, layers 2 and 15 1-based, 8 heads x {2,3}, dim 1280); backbone assumed"),
     # Engram-40B: the same backbone with 18.5B Engram params: 115.6M rows per layer.
     ModelShape(name="engram-40b", hidden=2560, layers=30, engram_layers=(1, 14), rows_per_token=16, row_bytes=160,
                table_rows=115_625_000, block_dense_params=4 * 2560**2 + 3 * 2560 * 1536 * 2,
-               expert_params=3 * 2560 * 1536, n_routed=55, n_active=6,
+               expert_params=3 * 2560 * 1536, n_routed=55, n_active=6, vocab=129_280,
                notes="tables: paper (18.5B params); backbone assumed as engram-27b"),
     # The paper's host-memory experiment: a 100B-param table in host DRAM, Engram at block 2 (index 1),
     # 4B dense backbone; rows laid out as the 27B's (16 x 80 bf16): 1.25B rows. One H800.
     ModelShape(name="engram-100b-host", hidden=3072, layers=36, engram_layers=(1,), rows_per_token=16, row_bytes=160,
-               table_rows=1_250_000_000, block_dense_params=4e9 / 36,
+               table_rows=1_250_000_000, block_dense_params=4e9 / 36, vocab=129_280,
                notes="paper: 100B-param table in host DRAM, 4B dense backbone, Engram at block 2; "
                      "row layout and backbone shape assumed"),
     # DeepSeek-V4.1-Flash: Engram at layers 1 and 14, ~384M rows each, 256 FP8 + 8 B scales = 264 B,
     # 24 rows/token/layer (~189 GiB of tables). Backbone assumed: 43 layers, hidden 4096, ~13B active.
     ModelShape(name="v4.1-flash", hidden=4096, layers=43, engram_layers=(1, 14), rows_per_token=24, row_bytes=264,
                table_rows=384_000_000, block_dense_params=4 * 4096**2 + 3 * 4096 * 2048, expert_params=3 * 4096 * 2048,
-               n_routed=256, n_active=8, param_bytes=1,
+               n_routed=256, n_active=8, param_bytes=1, vocab=129_280,
                notes="tables: public docs (2 x ~384M x 264 B, 24 rows/token/layer); backbone assumed (~13B active, FP8)"),
 ]}
 
@@ -179,7 +185,7 @@ def shape_from_config(path_or_cfg, table_rows: int | None = None) -> ModelShape:
     return ModelShape(name="config", hidden=dim, layers=m["n_layers"], engram_layers=tuple(e["layer_ids"]),
                       rows_per_token=k, row_bytes=rb, table_rows=rows, block_dense_params=dense,
                       expert_params=3 * dim * inter, n_routed=m["n_routed_experts"], n_active=m["n_activated_experts"],
-                      param_bytes=4, notes="from an engram_model config")
+                      param_bytes=4, vocab=m["vocab_size"], row_dim=e["head_dim"], notes="from an engram_model config")
 
 
 def resolve_model(name_or_shape, overrides: dict | None = None) -> ModelShape:

@@ -83,6 +83,24 @@ class _Bins:
         """Expected distinct rows among `draws` independent lookups."""
         return float(np.sum(self.n * -np.expm1(draws * np.log1p(-np.minimum(self.p, 1 - 1e-16)))))
 
+    def distinct_missing(self, draws: float, cache_rows: float, policy: str = "lfu") -> float:
+        """Expected distinct rows among `draws` lookups that a cache of `cache_rows` rows does not hold."""
+        seen = self.n * -np.expm1(draws * np.log1p(-np.minimum(self.p, 1 - 1e-16)))   # per bin
+        if cache_rows <= 0:
+            return float(seen.sum())
+        if cache_rows >= self.rows:
+            return 0.0
+        if policy == "lru":   # Che: row i is cached with probability 1 - exp(-p_i T)
+            lo, hi = 0.0, 1.0
+            while self._occupancy(hi) < cache_rows:
+                hi *= 2
+            for _ in range(100):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if self._occupancy(mid) < cache_rows else (lo, mid)
+            return float(np.sum(seen * np.exp(-self.p * 0.5 * (lo + hi))))
+        cached = np.clip(cache_rows - (self.cum_rows - self.n), 0, self.n)                # top rows held
+        return float(np.sum(seen * (1 - cached / self.n)))
+
     def top_probs(self, k: int) -> np.ndarray:
         """Probabilities of the k most frequent rows, one per row."""
         out, left = [], k
@@ -122,11 +140,14 @@ class Zipf:
     def distinct(self, draws: float) -> float:
         return self._b.distinct(draws)
 
+    def distinct_missing(self, draws: float, cache_rows: float, policy: str = "lfu") -> float:
+        return self._b.distinct_missing(draws, cache_rows, policy)
+
     def top_probs(self, k: int) -> np.ndarray:
         return self._b.top_probs(k)
 
     def describe(self) -> str:
-        return f"Zipf s={self.s} over {self.rows:,} rows"
+        return f"Zipf s={self.s} over {self.rows:,} rows (per hash head)"
 
 
 def _zipf_bins(n: int, s: float, bins: int) -> _Bins:
@@ -186,6 +207,9 @@ class TraceDistribution:
 
     def distinct(self, draws: float) -> float:
         return self._bins.distinct(draws)
+
+    def distinct_missing(self, draws: float, cache_rows: float, policy: str = "lfu") -> float:
+        return self._bins.distinct_missing(draws, cache_rows, policy)
 
     def top_probs(self, k: int) -> np.ndarray:
         return self._bins.top_probs(k)
