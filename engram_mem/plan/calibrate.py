@@ -1,0 +1,233 @@
+"""`engram-mem plan --calibrate`: measure this machine's tiers and compute, fit the planner's parameters.
+
+    engram-mem plan --calibrate --out bench/results/tiers-here.json [--quick]
+    engram-mem plan --tiers-file bench/results/tiers-here.json --tier here-grpc --device here-cpu ...
+
+Runs the project's own read paths on this machine, at three batch sizes each, and fits
+time = latency + bytes / bandwidth to each (least squares; the batch sizes are 256..16k distinct
+rows of 256 B, the row size of the serving benchmarks):
+  - here-in-process: LocalRows' read (torch.unique, index, expand) of an in-process table
+  - here-same-node:  RowFetcher over the same-node tier (the shard's shared memory, read in place)
+  - here-grpc:       RowFetcher to a shard on a second local Ray node (127.0.0.3), gRPC on loopback
+  - here-cache:      RowCache.lookup, all hits
+and the read path's CPU per fetch and per row (this process's CPU time over the timed calls; the
+shard's own CPU, in another process, is not counted). Compute: the benchmark models' forwards
+(bench/configs/serving.json at prefill and decode shapes, 2 torch threads and 1; the `small`
+model's bf16 training step) fit a fixed cost per block and an effective FLOP/s per setting.
+Writes the tiers and devices (with the load average before and after) to --out as JSON. Takes
+about 3-6 minutes here (less with --quick); a Ray cluster is started and shut down in `finally`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from engram_mem.plan.presets import Device
+from engram_mem.plan.tiers import GiB, Tier, save_tiers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+ROWS, DIM = 1_000_000, 64                       # 256 MiB fp32 table, 256 B rows
+SIZES = (256, 2048, 16384)
+
+
+def _time(fn, batches, warmup: int = 2) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) per call."""
+    for b in batches[:warmup]:
+        fn(b)
+    wall, cpu = [], []
+    for b in batches[warmup:]:
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn(b)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return float(np.median(wall)), float(np.median(cpu))
+
+
+def fit_latency_bandwidth(nbytes: list[float], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares t = a + bytes / bw over the points; a >= 0. Returns (a seconds, bw GB/s)."""
+    x, y = np.asarray(nbytes, float), np.asarray(seconds, float)
+    slope, a = np.polyfit(x, y, 1, w=1 / y)   # relative error: small batches count as much as large ones
+    if a < 0:   # through the origin
+        a, slope = 0.0, float(np.sum(x * y) / np.sum(x * x))
+    slope = max(slope, 1e-15)
+    return float(a), float(1 / slope / 1e9)
+
+
+def _measure(name: str, fn, rng, reps: int) -> dict:
+    pts = []
+    for n in SIZES:
+        batches = [np.sort(rng.choice(ROWS, n, replace=False)) for _ in range(reps + 2)]
+        wall, cpu = _time(fn, batches)
+        pts.append({"rows": n, "bytes": n * DIM * 4, "wall_s": wall, "cpu_s": cpu})
+        print(f"  {name:<16} {n:>6} rows: {wall * 1e3:8.3f} ms  ({n * DIM * 4 / wall / 1e9:.3f} GB/s, "
+              f"cpu {cpu * 1e3:.3f} ms)", flush=True)
+    return {"name": name, "points": pts}
+
+
+def _tier_from(m: dict, kind: str, source: str, cpu: bool = True) -> Tier:
+    pts = m["points"]
+    lat, bw = fit_latency_bandwidth([p["bytes"] for p in pts], [p["wall_s"] for p in pts])
+    c_lat, c_bw = fit_latency_bandwidth([p["rows"] for p in pts], [p["cpu_s"] for p in pts]) if cpu else (0.0, 1.0)
+    return Tier(name=m["name"], kind=kind, latency_s=lat, link_gbps=bw, aggregate_gbps=bw, capacity_bytes=24 * GiB,
+                cpu_s_per_row=(1 / (c_bw * 1e9)) if cpu else 0.0, cpu_s_per_fetch=c_lat if cpu else 0.0,
+                measured=True, source=source)
+
+
+def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
+    import ray
+    import torch
+    from ray.cluster_utils import Cluster
+
+    import engram_mem
+    from engram_mem.cache import RowCache
+    from engram_mem.fetcher import RowFetcher
+    from engram_mem.table import TableSpec
+
+    rng = np.random.default_rng(0)
+    spec = TableSpec("calib", ROWS, DIM, seed=1)
+    table = torch.from_numpy(spec.init_range(0, ROWS))
+
+    def in_process(ids):   # what LocalRows.get does with a batch
+        t = torch.from_numpy(ids)
+        uniq, inv = torch.unique(t, return_inverse=True)
+        return table[uniq].float()[inv]
+
+    raw = [_measure("here-in-process", in_process, rng, reps)]
+    cache = RowCache(SIZES[-1] * DIM * 4 * 3, DIM, np.float32)
+    hot = np.sort(rng.choice(ROWS, SIZES[-1], replace=False))
+    cache.record(hot)
+    cache.admit(hot, table.numpy()[hot])
+    raw.append(_measure("here-cache", lambda ids: cache.lookup(hot[:ids.size]), rng, reps))
+
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=4, node_ip_address="127.0.0.2", include_dashboard=False, resources={"node_a": 100},
+        object_store_memory=512 << 20))
+    try:
+        cluster.add_node(num_cpus=4, node_ip_address="127.0.0.3", resources={"node_b": 100},
+                         object_store_memory=512 << 20)
+        ray.init(address=cluster.address, log_to_driver=False)
+        for node, name in (("a", "here-same-node"), ("b", "here-grpc")):
+            mem = engram_mem.connect(shards=1, name=f"calib-{node}-{os.getpid()}", shard_resources={f"node_{node}": 1})
+            try:
+                mem.create_table_spec(spec)
+                f = RowFetcher(mem, node_local=True)
+                raw.append(_measure(name, lambda ids: f.fetch("calib", ids), rng, reps))
+                f.close()
+            finally:
+                mem.close()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    by = {m["name"]: m for m in raw}
+    tiers = [_tier_from(by["here-in-process"], "host_dram", "measured here: LocalRows-style unique+index of an in-process table"),
+             _tier_from(by["here-cache"], "cache", "measured here: RowCache.lookup, all hits", cpu=False),
+             _tier_from(by["here-same-node"], "same_node", "measured here: RowFetcher, same-node shared-memory tier"),
+             _tier_from(by["here-grpc"], "remote", "measured here: RowFetcher, gRPC to a shard on another local Ray node")]
+    return tiers, {"tier_points": raw}
+
+
+def _flops(cfg: dict, tokens: int, attended: float) -> tuple[float, float]:
+    """(per-block FLOPs, head FLOPs) of a forward, as the planner counts them."""
+    from engram_mem.plan.presets import shape_from_config
+
+    s = shape_from_config(cfg)
+    return 2 * s.active_params_per_block * tokens + 4 * s.hidden * tokens * attended, 2 * s.hidden * s.vocab * tokens
+
+
+def measure_compute(reps: int) -> tuple[list[Device], dict]:
+    import torch
+
+    from engram_model.config import ModelConfig
+    from engram_model.model import EngramModel
+
+    def model_of(path):
+        with open(path) as f:
+            m = json.load(f)["model"]
+        cfg = ModelConfig.from_dict({**m, "engram": None})
+        torch.manual_seed(0)
+        return m, EngramModel(cfg, rows=None).eval(), cfg
+
+    serving, model, cfg = model_of(os.path.join(REPO, "bench", "configs", "serving.json"))
+    L = cfg.n_layers
+    devices, raw = [], {}
+    default_threads = torch.get_num_threads()
+    for name, threads in (("here-cpu", default_threads), ("here-cpu-1t", 1)):
+        torch.set_num_threads(threads)
+        pts = []
+        with torch.inference_mode():
+            for B, T in ((1, 128), (1, 512), (1, 1024)):
+                x = torch.randint(0, cfg.vocab_size, (B, T))
+                wall, _ = _time(lambda _: model(x), list(range(reps + 2)), warmup=2)
+                pts.append((_flops(serving, B * T, T / 2), wall, f"prefill {B}x{T}"))
+            for B, ctx in ((8, 160), (32, 160)):
+                cache = model.new_cache(B, max_len=ctx + reps + 8)
+                model(torch.randint(0, cfg.vocab_size, (B, ctx)), cache=cache)
+                x = torch.randint(0, cfg.vocab_size, (B, 1))
+                wall, _ = _time(lambda _: model(x, cache=cache), list(range(reps + 2)), warmup=2)
+                pts.append((_flops(serving, B, ctx), wall, f"decode {B}x1"))
+        devices.append(_fit_device(name, pts, L, f"measured here: serving-model forwards, fp32, {threads} torch thread(s)"))
+        raw[name] = [{"shape": p[2], "block_flops": p[0][0], "head_flops": p[0][1], "wall_s": p[1]} for p in pts]
+    torch.set_num_threads(default_threads)
+    small, smodel, scfg = model_of(os.path.join(REPO, "engram_model", "configs", "small.json"))
+    smodel.train()
+    pts = []
+    for B, T in ((4, 128), (16, 128)):
+        x = torch.randint(0, scfg.vocab_size, (B, T))
+
+        def step(_):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits, aux = smodel(x)
+                loss = logits.float().logsumexp(-1).mean() + aux
+            loss.backward()
+            smodel.zero_grad(set_to_none=True)
+        wall, _ = _time(step, list(range(reps + 2)), warmup=2)
+        bf, hf = _flops(small, B * T, T / 2)
+        pts.append(((bf, hf), wall / 3, f"train {B}x{T} (fwd+bwd / 3)"))
+    devices.append(_fit_device("here-cpu-train", pts, scfg.n_layers,
+                               "measured here: small-model bf16 training steps (fwd+bwd)/3, default threads"))
+    raw["here-cpu-train"] = [{"shape": p[2], "block_flops": p[0][0], "head_flops": p[0][1], "wall_s": p[1]} for p in pts]
+    return devices, raw
+
+
+def _fit_device(name: str, pts, layers: int, source: str) -> Device:
+    # wall = layers * c0 + (layers * block_flops + head_flops) / F  -> least squares in (c0, 1/F), both >= 0
+    a = np.array([[layers, layers * p[0][0] + p[0][1]] for p in pts], float)
+    y = np.array([p[1] for p in pts], float)
+    sol, *_ = np.linalg.lstsq(a / y[:, None], np.ones_like(y), rcond=None)   # relative error
+    c0, inv_f = float(sol[0]), float(sol[1])
+    if c0 < 0 or inv_f <= 0:
+        c0 = max(c0, 0.0)
+        inv_f = float(np.sum((y - layers * c0) * a[:, 1]) / np.sum(a[:, 1] ** 2))
+    for p in pts:
+        pred = layers * c0 + (layers * p[0][0] + p[0][1]) * inv_f
+        print(f"  {name:<15} {p[2]:<28} measured {p[1] * 1e3:8.2f} ms, fit {pred * 1e3:8.2f} ms", flush=True)
+    return Device(name=name, peak_flops=1 / inv_f, mfu=1.0, mem_gbps=10.0, block_fixed_s=c0, measured=True, source=source)
+
+
+def calibrate(out: str, quick: bool = False) -> dict:
+    t0 = time.time()
+    load0 = os.getloadavg()
+    reps = 5 if quick else 12
+    print(f"calibrating (load average {load0[0]:.2f}); tiers first", flush=True)
+    tiers, raw_t = measure_tiers(reps)
+    print("compute", flush=True)
+    devices, raw_c = measure_compute(3 if quick else 5)
+    load1 = os.getloadavg()
+    extra = {"machine": {"cpus": os.cpu_count(), "loadavg_before": load0, "loadavg_after": load1,
+                         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": time.time() - t0},
+             "devices": [dataclasses.asdict(d) for d in devices], "raw": {**raw_t, "compute": raw_c}}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_tiers(out, tiers, extra)
+    for t in tiers:
+        print(f"  {t.name:<16} latency {t.latency_s * 1e3:7.3f} ms  {t.link_gbps:6.3f} GB/s  cpu/fetch "
+              f"{t.cpu_s_per_fetch * 1e3:.3f} ms  cpu/row {t.cpu_s_per_row * 1e9:.1f} ns")
+    for d in devices:
+        print(f"  {d.name:<16} {d.peak_flops / 1e9:7.1f} GFLOP/s effective, {d.block_fixed_s * 1e3:.3f} ms fixed per block")
+    print(f"saved {out} in {time.time() - t0:.0f}s (load average {load0[0]:.2f} -> {load1[0]:.2f})", flush=True)
+    return extra
