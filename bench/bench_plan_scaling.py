@@ -4,7 +4,7 @@
 
 Runs engram_mem.plan.simulate (analytic; see its docstring for why) for the V4.1-Flash and the
 100B host-memory presets on H800 workers, rows on a TCP (100 Gb/s), RDMA (400 Gb/s) or CXL pool
-tier, 64-1,024 shards (8 per memory node) and 8-512 workers, prefill (8 x 1,024 tokens per batch)
+tier, 64-1,024 shards (64 per memory node: 1-16 nodes; V4.1-Flash's 189 GiB fits in one) and 8-512 workers, prefill (8 x 1,024 tokens per batch)
 and decode (batch 256 over a 4,096-token context). Marks on the curves name the resource that
 binds (>= 70% busy: network, pool, hot shard, hot node). A third figure shows the busiest shard's
 share of row reads under Zipf traffic against shard count, with 1/2/4 replicas and with a worker
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     dev = DEVICE_PRESETS["h800"]
-    hws = {name: Hardware(device=dev, rows_tier=TIER_PRESETS[t], cache_tier=TIER_PRESETS["hbm"], shards_per_node=8)
+    hws = {name: Hardware(device=dev, rows_tier=TIER_PRESETS[t], cache_tier=TIER_PRESETS["hbm"], shards_per_node=64)
            for name, t in (("TCP 100G", "tcp-100g"), ("RDMA 400G", "rdma-400g"), ("CXL pool", "cxl-pool"))}
     models = ["v4.1-flash", "engram-100b-host"]
     modes = {"prefill": Workload(mode="prefill", batch=8, seq_len=1024, zipf_s=args.zipf),
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         handles = [plt.Line2D([], [], marker=m, ls="", color="k", label=f"binding: {k}") for k, m in MARK.items()]
         axes[0, 0].legend(fontsize=7, loc="lower right")
         axes[1, 0].legend(handles=handles, fontsize=7, loc="upper left")
-        fig.suptitle(f"Engram rows from a memory cluster: H800 workers, Zipf s={args.zipf}, 8 shards per memory node "
+        fig.suptitle(f"Engram rows from a memory cluster: H800 workers, Zipf s={args.zipf}, 64 shards per memory node "
                      f"(analytic model, engram_mem/plan/simulate.py)", fontsize=11)
         fig.tight_layout()
         fig.savefig(os.path.join(RESULTS, f"{fname}.png"), dpi=100)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         for reps, cache, style in ((1, 0, "-"), (2, 0, "-"), (4, 0, "-"), (1, 16_384, "--"), (1, 262_144, ":"),
                                    (2, 262_144, "-.")):
             wl = modes["prefill"].replace(zipf_s=s, replicas=reps, cache_rows=cache)
-            ratios = [hot_shares(m, wl, shards=n, nodes=max(1, n // 8))["max_shard_share"] * n for n in SHARDS]
+            ratios = [hot_shares(m, wl, shards=n, nodes=max(1, n // 64))["max_shard_share"] * n for n in SHARDS]
             ax.plot(SHARDS, ratios, style, marker="o", label=f"replicas {reps}, cache {cache:,} rows/table")
             hot_rows += [{"zipf": s, "replicas": reps, "cache_rows": cache, "shards": n, "hot_vs_mean": round(r, 3)}
                          for n, r in zip(SHARDS, ratios)]

@@ -70,13 +70,51 @@ def _measure(name: str, fn, rng, reps: int) -> dict:
     return {"name": name, "points": pts}
 
 
-def _tier_from(m: dict, kind: str, source: str, cpu: bool = True) -> Tier:
+def _tier_from(m: dict, kind: str, source: str, cpu: bool = True, interference: dict | None = None,
+               suffix: str = "") -> Tier:
+    """Latency/bandwidth from the timed reads; the read path's CPU cost from the interference runs
+    (how much longer the model's compute took with the fetch running beside it), else from this
+    process's CPU time."""
     pts = m["points"]
     lat, bw = fit_latency_bandwidth([p["bytes"] for p in pts], [p["wall_s"] for p in pts])
-    c_lat, c_bw = fit_latency_bandwidth([p["rows"] for p in pts], [p["cpu_s"] for p in pts]) if cpu else (0.0, 1.0)
-    return Tier(name=m["name"], kind=kind, latency_s=lat, link_gbps=bw, aggregate_gbps=bw, capacity_bytes=24 * GiB,
-                cpu_s_per_row=(1 / (c_bw * 1e9)) if cpu else 0.0, cpu_s_per_fetch=c_lat if cpu else 0.0,
-                measured=True, source=source)
+    c_fetch, c_row = 0.0, 0.0
+    if interference:
+        ip = interference["points"]
+        (n0, e0), (n1, e1) = (ip[0]["rows"], ip[0]["extra_s"]), (ip[-1]["rows"], ip[-1]["extra_s"])
+        c_row = max(0.0, (e1 - e0) / (n1 - n0))
+        c_fetch = max(0.0, e0 - c_row * n0)
+    elif cpu:
+        c_lat, c_bw = fit_latency_bandwidth([p["rows"] for p in pts], [p["cpu_s"] for p in pts])
+        c_fetch, c_row = c_lat, 1 / (c_bw * 1e9)
+    return Tier(name=m["name"] + suffix, kind=kind, latency_s=lat, link_gbps=bw, aggregate_gbps=bw,
+                capacity_bytes=24 * GiB, cpu_s_per_row=c_row, cpu_s_per_fetch=c_fetch, measured=True, source=source)
+
+
+def _interference(fetch_async, step, rng, iters: int, threads: int) -> dict:
+    """The model's step alone, then with a fetch of n rows started before it and awaited after:
+    extra = (with - alone) - the wait after the step = what the read path took from the compute."""
+    import torch
+
+    torch.set_num_threads(threads)
+    alone, _ = _time(lambda _: step(), list(range(iters + 2)))
+    pts = []
+    for n in (256, 4096):
+        tot, exposed = [], []
+        for _ in range(iters + 2):
+            ids = np.sort(rng.choice(ROWS, n, replace=False))
+            t0 = time.perf_counter()
+            fut = fetch_async(ids)
+            step()
+            t1 = time.perf_counter()
+            fut.result()
+            t2 = time.perf_counter()
+            tot.append(t2 - t0)
+            exposed.append(t2 - t1)
+        extra = float(np.median(tot[2:]) - alone - np.median(exposed[2:]))
+        pts.append({"rows": n, "extra_s": extra, "alone_s": alone, "exposed_s": float(np.median(exposed[2:]))})
+        print(f"    interference, {threads} thread(s), {n:>5} rows: compute {alone * 1e3:.2f} ms alone, "
+              f"+{extra * 1e3:.2f} ms beside the fetch (wait after {np.median(exposed[2:]) * 1e3:.2f} ms)", flush=True)
+    return {"points": pts}
 
 
 def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
@@ -89,6 +127,20 @@ def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
     from engram_mem.fetcher import RowFetcher
     from engram_mem.table import TableSpec
 
+    from engram_model.config import ModelConfig
+    from engram_model.model import EngramModel
+
+    with open(os.path.join(REPO, "bench", "configs", "serving.json")) as f:
+        mcfg = ModelConfig.from_dict({**json.load(f)["model"], "engram": None})
+    torch.manual_seed(0)
+    model = EngramModel(mcfg, rows=None).eval()
+    xs = torch.randint(0, mcfg.vocab_size, (8, 16))
+
+    def step():
+        with torch.inference_mode():
+            model(xs)
+
+    default_threads = torch.get_num_threads()
     rng = np.random.default_rng(0)
     spec = TableSpec("calib", ROWS, DIM, seed=1)
     table = torch.from_numpy(spec.init_range(0, ROWS))
@@ -99,6 +151,7 @@ def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
         return table[uniq].float()[inv]
 
     raw = [_measure("here-in-process", in_process, rng, reps)]
+    inter: dict = {}
     cache = RowCache(SIZES[-1] * DIM * 4 * 3, DIM, np.float32)
     hot = np.sort(rng.choice(ROWS, SIZES[-1], replace=False))
     cache.record(hot)
@@ -118,6 +171,10 @@ def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
                 mem.create_table_spec(spec)
                 f = RowFetcher(mem, node_local=True)
                 raw.append(_measure(name, lambda ids: f.fetch("calib", ids), rng, reps))
+                for threads in (default_threads, 1):
+                    inter[(name, threads)] = _interference(lambda ids: f.fetch_async("calib", ids), step, rng,
+                                                           reps, threads)
+                torch.set_num_threads(default_threads)
                 f.close()
             finally:
                 mem.close()
@@ -127,9 +184,15 @@ def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
     by = {m["name"]: m for m in raw}
     tiers = [_tier_from(by["here-in-process"], "host_dram", "measured here: LocalRows-style unique+index of an in-process table"),
              _tier_from(by["here-cache"], "cache", "measured here: RowCache.lookup, all hits", cpu=False),
-             _tier_from(by["here-same-node"], "same_node", "measured here: RowFetcher, same-node shared-memory tier"),
-             _tier_from(by["here-grpc"], "remote", "measured here: RowFetcher, gRPC to a shard on another local Ray node")]
-    return tiers, {"tier_points": raw}
+    ]
+    for threads, suffix in ((default_threads, ""), (1, "-1t")):
+        tiers += [_tier_from(by["here-same-node"], "same_node", "measured here: RowFetcher, same-node shared-memory "
+                             f"tier; CPU taken from a model step at {threads} torch thread(s)",
+                             interference=inter[("here-same-node", threads)], suffix=suffix),
+                  _tier_from(by["here-grpc"], "remote", "measured here: RowFetcher, gRPC to a shard on another local "
+                             f"Ray node; CPU taken from a model step at {threads} torch thread(s)",
+                             interference=inter[("here-grpc", threads)], suffix=suffix)]
+    return tiers, {"tier_points": raw, "interference": {f"{k[0]}@{k[1]}t": v for k, v in inter.items()}}
 
 
 def _flops(cfg: dict, tokens: int, attended: float) -> tuple[float, float]:

@@ -169,12 +169,20 @@ def _zipf_bins(n: int, s: float, bins: int) -> _Bins:
 
 @dataclass
 class TraceDistribution:
-    """The empirical distribution of row ids recorded from a real run (engram_model.trace)."""
+    """The empirical distribution of row ids recorded from a real run (engram_model.trace).
+
+    Rows within one forward are not independent draws: text repeats its own n-grams, so a batch
+    holds fewer distinct rows than independent draws from the run-wide frequencies would give.
+    From the recorded forwards (ids and distinct ids per call) it fits Heaps' law,
+    distinct = a * lookups^b, and uses it for batches within 4x of the recorded sizes (b = 1 with
+    one size recorded); the frequencies alone otherwise."""
     counts: np.ndarray                  # lookups per distinct id, most frequent first
     lookups_per_call: float             # mean ids per forward (all positions, duplicates included)
     distinct_per_call: float            # mean distinct ids per forward
     table_rows: int
     name: str = "trace"
+    call_lookups: np.ndarray | None = None    # per recorded forward: ids
+    call_distinct: np.ndarray | None = None   # per recorded forward: distinct ids
 
     def __post_init__(self):
         c = np.sort(np.asarray(self.counts, dtype=np.float64))[::-1]
@@ -182,13 +190,25 @@ class TraceDistribution:
             raise PlanInputError(f"trace {self.name!r} holds no ids")
         self.counts = c
         self._bins = _Bins(c / c.sum(), np.ones_like(c))
+        self.heaps = None
+        if self.call_lookups is not None and len(self.call_lookups):
+            n = np.asarray(self.call_lookups, float)
+            d = np.asarray(self.call_distinct, float)
+            ok = (n > 0) & (d > 0)
+            n, d = n[ok], d[ok]
+            if n.size and np.ptp(np.log(n)) > 0.3:
+                b, log_a = np.polyfit(np.log(n), np.log(d), 1)
+            else:
+                b, log_a = 1.0, float(np.log(np.mean(d / n))) if n.size else 0.0
+            self.heaps = (float(np.exp(log_a)), float(b), float(n.min()), float(n.max()))
 
     @classmethod
     def load(cls, path: str, layer: int | None = None) -> TraceDistribution:
         from engram_model.trace import load_trace  # numpy only; no torch needed to read a trace
 
         tr = load_trace(path)
-        layers = [layer] if layer is not None else sorted(tr.layers)
+        # One table's distribution (the planner applies it to each Engram layer); the first by default.
+        layers = [layer if layer is not None else min(tr.layers)] if tr.layers else []
         for l in layers:
             if l not in tr.layers:
                 raise PlanInputError(f"trace {path!r} has no layer {l}; layers: {sorted(tr.layers)}")
@@ -196,8 +216,11 @@ class TraceDistribution:
         _, counts = np.unique(ids, return_counts=True)
         calls = sum(tr.calls(l) for l in layers)
         distinct = sum(tr.distinct_per_call(l) * tr.calls(l) for l in layers)
+        # Per-call sizes of one layer (every layer sees the same batches): the planner asks per layer.
+        l0 = layers[0]
         return cls(counts=counts, lookups_per_call=ids.size / max(calls, 1), distinct_per_call=distinct / max(calls, 1),
-                   table_rows=int(sum(tr.table_rows.get(l, 0) for l in layers)), name=path)
+                   table_rows=int(sum(tr.table_rows.get(l, 0) for l in layers)), name=path,
+                   call_lookups=tr.call_sizes(l0), call_distinct=tr._data[f"l{l0}.distinct"])
 
     def hit_rate(self, cache_rows: float, policy: str = "lfu") -> float:
         return self._bins.hit_rate(cache_rows, policy)
@@ -205,11 +228,23 @@ class TraceDistribution:
     def rows_for_hit_rate(self, target: float, policy: str = "lfu") -> float:
         return self._bins.rows_for_hit_rate(target, policy)
 
+    def _heaps(self, draws: float) -> float | None:
+        if self.heaps is None:
+            return None
+        a, b, lo, hi = self.heaps
+        if not lo / 4 <= draws <= hi * 4:
+            return None
+        return min(a * draws ** b, draws)
+
     def distinct(self, draws: float) -> float:
-        return self._bins.distinct(draws)
+        iid = self._bins.distinct(draws)
+        h = self._heaps(draws)
+        return iid if h is None else min(h, iid)
 
     def distinct_missing(self, draws: float, cache_rows: float, policy: str = "lfu") -> float:
-        return self._bins.distinct_missing(draws, cache_rows, policy)
+        iid = self._bins.distinct(draws)
+        miss = self._bins.distinct_missing(draws, cache_rows, policy)
+        return miss * (self.distinct(draws) / iid if iid > 0 else 1.0)
 
     def top_probs(self, k: int) -> np.ndarray:
         return self._bins.top_probs(k)
@@ -223,8 +258,9 @@ class TraceDistribution:
         return float(-np.polyfit(np.log(r), np.log(c), 1)[0])
 
     def describe(self) -> str:
+        h = f", Heaps fit distinct = {self.heaps[0]:.2f} n^{self.heaps[1]:.2f}" if self.heaps else ""
         return (f"trace {self.name}: {self.counts.size:,} distinct ids, {int(self.counts.sum()):,} lookups, "
-                f"Zipf fit s={self.fit_zipf():.2f}")
+                f"Zipf fit s={self.fit_zipf():.2f}{h}")
 
 
 MODES = ("prefill", "decode", "train")
