@@ -77,17 +77,25 @@ def _tier_from(m: dict, kind: str, source: str, cpu: bool = True, interference: 
     process's CPU time."""
     pts = m["points"]
     lat, bw = fit_latency_bandwidth([p["bytes"] for p in pts], [p["wall_s"] for p in pts])
-    c_fetch, c_row = 0.0, 0.0
+    c_fetch, c_row, stretch = 0.0, 0.0, 1.0
     if interference:
         ip = interference["points"]
         (n0, e0), (n1, e1) = (ip[0]["rows"], ip[0]["extra_s"]), (ip[-1]["rows"], ip[-1]["extra_s"])
         c_row = max(0.0, (e1 - e0) / (n1 - n0))
         c_fetch = max(0.0, e0 - c_row * n0)
+        # Stretch: the large fetch outlasts the step; while they overlapped, it did (alone - exposed)
+        # of its alone-time work: stretch = overlap / (alone - exposed).
+        big = ip[-1]
+        alone_fetch = next(p["wall_s"] for p in pts if p["rows"] == big["rows"]) if any(
+            p["rows"] == big["rows"] for p in pts) else None
+        if alone_fetch and alone_fetch - big["exposed_s"] > 1e-4 and big["exposed_s"] > 0:
+            stretch = max(1.0, big["overlap_s"] / (alone_fetch - big["exposed_s"]))
     elif cpu:
         c_lat, c_bw = fit_latency_bandwidth([p["rows"] for p in pts], [p["cpu_s"] for p in pts])
         c_fetch, c_row = c_lat, 1 / (c_bw * 1e9)
     return Tier(name=m["name"] + suffix, kind=kind, latency_s=lat, link_gbps=bw, aggregate_gbps=bw,
-                capacity_bytes=24 * GiB, cpu_s_per_row=c_row, cpu_s_per_fetch=c_fetch, measured=True, source=source)
+                capacity_bytes=24 * GiB, cpu_s_per_row=c_row, cpu_s_per_fetch=c_fetch, stretch=min(stretch, 20.0),
+                measured=True, source=source)
 
 
 def _interference(fetch_async, step, rng, iters: int, threads: int) -> dict:
@@ -98,7 +106,7 @@ def _interference(fetch_async, step, rng, iters: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     alone, _ = _time(lambda _: step(), list(range(iters + 2)))
     pts = []
-    for n in (256, 4096):
+    for n in (256, 16384):   # the large fetch outlasts the step, so its stretch shows
         tot, exposed = [], []
         for _ in range(iters + 2):
             ids = np.sort(rng.choice(ROWS, n, replace=False))
@@ -111,7 +119,8 @@ def _interference(fetch_async, step, rng, iters: int, threads: int) -> dict:
             tot.append(t2 - t0)
             exposed.append(t2 - t1)
         extra = float(np.median(tot[2:]) - alone - np.median(exposed[2:]))
-        pts.append({"rows": n, "extra_s": extra, "alone_s": alone, "exposed_s": float(np.median(exposed[2:]))})
+        pts.append({"rows": n, "extra_s": extra, "alone_s": alone, "exposed_s": float(np.median(exposed[2:])),
+                    "overlap_s": float(np.median(tot[2:]) - np.median(exposed[2:]))})
         print(f"    interference, {threads} thread(s), {n:>5} rows: compute {alone * 1e3:.2f} ms alone, "
               f"+{extra * 1e3:.2f} ms beside the fetch (wait after {np.median(exposed[2:]) * 1e3:.2f} ms)", flush=True)
     return {"points": pts}
@@ -264,9 +273,10 @@ def _fit_device(name: str, pts, layers: int, source: str) -> Device:
     y = np.array([p[1] for p in pts], float)
     sol, *_ = np.linalg.lstsq(a / y[:, None], np.ones_like(y), rcond=None)   # relative error
     c0, inv_f = float(sol[0]), float(sol[1])
-    if c0 < 0 or inv_f <= 0:
-        c0 = max(c0, 0.0)
-        inv_f = float(np.sum((y - layers * c0) * a[:, 1]) / np.sum(a[:, 1] ** 2))
+    if c0 < 0 or inv_f <= 0:   # no fixed cost then: FLOP/s alone, through the origin (relative error)
+        c0 = 0.0
+        x = a[:, 1] / y
+        inv_f = float(np.sum(x) / np.sum(x * x))
     for p in pts:
         pred = layers * c0 + (layers * p[0][0] + p[0][1]) * inv_f
         print(f"  {name:<15} {p[2]:<28} measured {p[1] * 1e3:8.2f} ms, fit {pred * 1e3:8.2f} ms", flush=True)

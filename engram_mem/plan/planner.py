@@ -16,7 +16,8 @@ What it computes, per batch shape (one forward of `batch` x `seq_len` tokens on 
     window). exposed wait = sum over layers of max(0, ready - needed); prefetch off: every fetch is
     exposed in full.
   - where compute shares the CPU with the read path (this machine), the read path's CPU time adds
-    to the step; on a GPU it does not.
+    to the step, and a prefetch progresses `stretch` times slower while the blocks run (both
+    measured by --calibrate); on a GPU neither applies.
   - training also pushes the gradients of the distinct rows; the next step's fetch waits for it.
   - penalty = 1 - (baseline step) / (step), the baseline reading the rows from `baseline_tier`
     without prefetch (the paper's and the benchmarks' reference: rows already in the worker).
@@ -107,11 +108,15 @@ def timeline(m: ModelShape, wl: Workload, hw: Hardware, dist=None, tier: Tier | 
     push = 0.0
     if wl.mode == "train":   # distinct rows' fp32 gradients to the shards, applied there; the next fetch waits
         push = tier.fetch_s(r["distinct"], m.grad_row_bytes) + r["distinct"] * hw.shard_update_s_per_row
+    # Where compute shares the CPU with the read path, a fetch progresses `stretch` times slower
+    # while the blocks run, and at full speed once the model waits for it.
+    stretch = tier.stretch if hw.shares_cpu else 1.0
     layers, waits, t, waited = [], [], 0.0, 0.0
     for j, layer in enumerate(m.engram_layers):
         need = t_block * layer + waited                          # embedding ~0, then blocks 0..layer-1
         if prefetch:
-            ready = push + tier.latency_s * (r["missing"] > 0) + (j + 1) * (miss_bytes / bw + cache_s)
+            work = push + tier.latency_s * (r["missing"] > 0) + (j + 1) * (miss_bytes / bw + cache_s)
+            ready = work * stretch if work * stretch <= need else need + (work - need / stretch)
         else:
             ready = need + push * (j == 0) + one
         w = max(0.0, ready - need)

@@ -44,6 +44,7 @@ class Tier:
     min_read_bytes: int = 0        # smallest read the device does (NVMe: 4096)
     cpu_s_per_row: float = 0.0     # worker CPU per row read (matters when compute shares the CPU)
     cpu_s_per_fetch: float = 0.0   # worker CPU per fetch (thread hand-off, request set-up)
+    stretch: float = 1.0           # a fetch runs this much slower while the model computes on the same CPU
     price_per_gb_month: float | None = None
     measured: bool = False         # True: this project's own measurement, not a published figure
     source: str = ""
@@ -55,6 +56,8 @@ class Tier:
                 raise PlanInputError(f"tier {self.name!r}: {f} must be a number >= 0, got {v!r}")
         if self.link_gbps <= 0 or self.aggregate_gbps <= 0:
             raise PlanInputError(f"tier {self.name!r}: link_gbps and aggregate_gbps must be > 0")
+        if self.stretch < 1:
+            raise PlanInputError(f"tier {self.name!r}: stretch must be >= 1, got {self.stretch}")
         if int(self.readers) < 1:
             raise PlanInputError(f"tier {self.name!r}: readers must be >= 1, got {self.readers}")
 

@@ -154,3 +154,16 @@ def test_bad_workloads_and_models_name_the_field():
                    block_dense_params=1)
     with pytest.raises(PlanInputError, match="unknown fields"):
         ModelShape.from_dict({"name": "x", "colour": 1})
+
+
+def test_a_prefetch_beside_cpu_compute_progresses_stretch_times_slower():
+    m, dev = toy(engram_layers=(1,))
+    wl = Workload(mode="prefill", batch=1, seq_len=100, zipf_s=0.0)
+    t = tier(latency_s=0.5e-3, link_gbps=1.0, aggregate_gbps=1.0, stretch=2.0)
+    # 1.5 ms of fetch work; during block 0 (1 ms) it does 0.5 ms of it, the last 1 ms is exposed
+    on_cpu = timeline(m, wl, Hardware(device=dev, rows_tier=t, shares_cpu=True))
+    assert on_cpu["layers"][0]["ready_s"] == pytest.approx(2e-3) and on_cpu["exposed_s"] == pytest.approx(1e-3)
+    # on a GPU worker the stretch does not apply: 0.5 ms exposed
+    assert timeline(m, wl, Hardware(device=dev, rows_tier=t))["exposed_s"] == pytest.approx(0.5e-3)
+    with pytest.raises(PlanInputError, match="stretch"):
+        tier(stretch=0.5)
