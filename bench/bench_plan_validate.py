@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 
 import numpy as np
@@ -111,8 +113,7 @@ def main(argv=None) -> int:
         cal = json.load(f)
     devices = {d["name"]: Device(**d) for d in cal["devices"]}
     meas = {b: (run_bench(b, args.small) if args.run else last(b)) for b in ("prefill", "decode", "train_step")}
-    tmp = os.path.join(RESULTS, "traces")
-    os.makedirs(tmp, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="plan-validate-")   # the id traces (removed at the end)
     rows_out = []
 
     def hw_for(tier, device, cache=None):
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
               "gather_gbps": float("nan")}   # the benchmark does not report rows read
         add("train_step", r["name"], pred, mm, 100 * (1 - 1 / 1.10), m.get("loadavg", [float("nan")])[0])
     rows_out = [r for r in rows_out if not (isinstance(r["measured"], float) and np.isnan(r["measured"]))]
+    shutil.rmtree(tmp, ignore_errors=True)
 
     cols = ["bench", "config", "quantity", "predicted", "measured", "band", "within", "load"]
     print_table(rows_out, cols, title="\nplanner vs measurement")

@@ -99,16 +99,19 @@ def _tier_from(m: dict, kind: str, source: str, cpu: bool = True, interference: 
 
 
 def _interference(fetch_async, step, rng, iters: int, threads: int) -> dict:
-    """The model's step alone, then with a fetch of n rows started before it and awaited after:
-    extra = (with - alone) - the wait after the step = what the read path took from the compute."""
+    """The model's step alone, and with a fetch of n rows started before it and awaited after, in
+    turns (so drifting machine load hits both alike): extra = (with - alone) - the wait after the
+    step = what the read path took from the compute; overlap = the time the two ran together."""
     import torch
 
     torch.set_num_threads(threads)
-    alone, _ = _time(lambda _: step(), list(range(iters + 2)))
-    pts = []
-    for n in (256, 16384):   # the large fetch outlasts the step, so its stretch shows
-        tot, exposed = [], []
-        for _ in range(iters + 2):
+    sizes = (256, 16384)   # the large fetch outlasts the step, so its stretch shows
+    alone, tot, exposed = [], {n: [] for n in sizes}, {n: [] for n in sizes}
+    for i in range(iters + 2):
+        t0 = time.perf_counter()
+        step()
+        alone.append(time.perf_counter() - t0)
+        for n in sizes:
             ids = np.sort(rng.choice(ROWS, n, replace=False))
             t0 = time.perf_counter()
             fut = fetch_async(ids)
@@ -116,13 +119,15 @@ def _interference(fetch_async, step, rng, iters: int, threads: int) -> dict:
             t1 = time.perf_counter()
             fut.result()
             t2 = time.perf_counter()
-            tot.append(t2 - t0)
-            exposed.append(t2 - t1)
-        extra = float(np.median(tot[2:]) - alone - np.median(exposed[2:]))
-        pts.append({"rows": n, "extra_s": extra, "alone_s": alone, "exposed_s": float(np.median(exposed[2:])),
-                    "overlap_s": float(np.median(tot[2:]) - np.median(exposed[2:]))})
-        print(f"    interference, {threads} thread(s), {n:>5} rows: compute {alone * 1e3:.2f} ms alone, "
-              f"+{extra * 1e3:.2f} ms beside the fetch (wait after {np.median(exposed[2:]) * 1e3:.2f} ms)", flush=True)
+            tot[n].append(t2 - t0)
+            exposed[n].append(t2 - t1)
+    a = float(np.median(alone[2:]))
+    pts = []
+    for n in sizes:
+        e, t = float(np.median(exposed[n][2:])), float(np.median(tot[n][2:]))
+        pts.append({"rows": n, "extra_s": t - a - e, "alone_s": a, "exposed_s": e, "overlap_s": t - e})
+        print(f"    interference, {threads} thread(s), {n:>5} rows: compute {a * 1e3:.2f} ms alone, "
+              f"{(t - e) * 1e3:.2f} ms beside the fetch (then waited {e * 1e3:.2f} ms)", flush=True)
     return {"points": pts}
 
 
