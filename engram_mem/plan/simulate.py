@@ -82,7 +82,7 @@ def point(m, wl, hw, shards: int, dist=None) -> dict:
         caps = {"network": t.aggregate_gbps * 1e9 * nodes}
     rho = {name: demand_rows * bytes_row / cap for name, cap in caps.items()}
     rho["hot shard"] = demand_rows * hs["max_shard_share"] * bytes_row / (hw.shard_gbps * 1e9)
-    if t.kind != "cxl_pool":
+    if t.kind != "cxl_pool" and nodes > 1:   # with one node, the hot node is the network
         rho["hot node"] = demand_rows * hs["max_node_share"] * bytes_row / (t.aggregate_gbps * 1e9)
     rho["worker link"] = tl["rows"]["missing"] * n_layers * bytes_row / tl["step_s"] / (t.per_reader_gbps() * 1e9)
     first = max(rho, key=rho.get)
