@@ -98,21 +98,23 @@ def main(argv=None) -> int:
 
     # Hot shard: busiest shard's share of row reads vs shards; replicas and worker cache.
     m = MODEL_PRESETS["v4.1-flash"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
     hot_rows = []
-    for ax, s in zip(axes, (1.0, 1.2)):
+    shapes = {"prefill 8x1024": modes["prefill"],
+              "decode batch 8": Workload(mode="decode", batch=8, seq_len=1, context=4096)}
+    for ax, (shape, s) in zip(axes, [(sh, z) for sh in shapes for z in (1.0, 1.2)]):
         for reps, cache, style in ((1, 0, "-"), (2, 0, "-"), (4, 0, "-"), (1, 16_384, "--"), (1, 262_144, ":"),
                                    (2, 262_144, "-.")):
-            wl = modes["prefill"].replace(zipf_s=s, replicas=reps, cache_rows=cache)
+            wl = shapes[shape].replace(zipf_s=s, replicas=reps, cache_rows=cache)
             ratios = [hot_shares(m, wl, shards=n, nodes=max(1, n // 64))["max_shard_share"] * n for n in SHARDS]
             ax.plot(SHARDS, ratios, style, marker="o", label=f"replicas {reps}, cache {cache:,} rows/table")
-            hot_rows += [{"zipf": s, "replicas": reps, "cache_rows": cache, "shards": n, "hot_vs_mean": round(r, 3)}
-                         for n, r in zip(SHARDS, ratios)]
+            hot_rows += [{"shape": shape, "zipf": s, "replicas": reps, "cache_rows": cache, "shards": n,
+                          "hot_vs_mean": round(r, 3)} for n, r in zip(SHARDS, ratios)]
         ax.axhline(1, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("shards")
         ax.set_ylabel("busiest shard load / mean shard load")
-        ax.set_title(f"V4.1-Flash prefill batch 8x1024, Zipf s={s}", fontsize=10)
+        ax.set_title(f"V4.1-Flash {shape}, Zipf s={s}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
                   ("model", "mode", "hardware", "shards", "workers", "tokens_per_s_total", "penalty_pct", "bottleneck")}
                  for r in show], ["model", "mode", "hardware", "shards", "workers", "tokens_per_s_total", "penalty_pct",
                                   "bottleneck"], title="scaling (selected points)")
-    print_table(hot_rows, ["zipf", "replicas", "cache_rows", "shards", "hot_vs_mean"], title="\nhot shard")
+    print_table([r for r in hot_rows if r["shards"] in (64, 1024)], ["shape", "zipf", "replicas", "cache_rows", "shards",
+                                                                      "hot_vs_mean"], title="\nhot shard")
     path = append_jsonl("plan_scaling", {"bench": "plan_scaling", "args": vars(args), "results": records, "hot": hot_rows,
                                          "seconds": time.time() - t0})
     print(f"\nappended {path}; plots plan_scaling_shards.png, plan_scaling_workers.png, plan_scaling_hot.png "

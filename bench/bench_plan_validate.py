@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     shape, model, tok = serving_model(a["table_gb"])
     text = np.stack(text_windows(tok, [a["prompt"] + a["steps"]] * a["batch"], seed=2))
     dist = TraceDistribution.load(record_ids(model, [text], os.path.join(tmp, "decode.npz"), decode_prompt=a["prompt"]))
-    dev = "here-cpu-1t" if a.get("threads", 1) == 1 else "here-cpu"
+    dev = "here-cpu"
     ctx = a["prompt"] + a["steps"] / 2
     for r in m["results"]:
         if r["name"] == "in-process table":
