@@ -46,8 +46,21 @@ def run_bench(name: str, small: bool) -> dict:
     cmd = [sys.executable, os.path.join(HERE, f"bench_{name}.py")] + (SMALL[name] if small else [])
     load = os.getloadavg()[0]
     print(f"$ {' '.join(cmd)}  (load {load:.2f})", flush=True)
-    subprocess.run(cmd, check=True, cwd=os.path.dirname(HERE))
-    rec = last(name)
+    # The benchmark appends to its own results and redraws its plot; keep those as they were (its
+    # record goes into plan_validate.jsonl instead).
+    keep = {}
+    for ext in ("jsonl", "png"):
+        path = os.path.join(RESULTS, f"{name}.{ext}")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                keep[path] = f.read()
+    try:
+        subprocess.run(cmd, check=True, cwd=os.path.dirname(HERE))
+        rec = last(name)
+    finally:
+        for path, data in keep.items():
+            with open(path, "wb") as f:
+                f.write(data)
     rec["loadavg"] = [load, os.getloadavg()[0]]
     return rec
 
@@ -121,7 +134,7 @@ def main(argv=None) -> int:
                         baseline_tier=tiers["here-in-process"], shares_cpu=True)
 
     def add(bench, name, pred, mm, noise, load):
-        for key, unit in (("penalty_pct", "pp"), ("exposed_wait_pct", "pp"), ("gather_gbps", "GB/s")):
+        for key, unit in (("penalty_pct", "pp"), ("exposed_wait_pct", "pp"), ("gather_mbps", "MB/s")):
             pv, mv = pred[key], mm[key]
             nb = noise if unit == "pp" else 0.0
             rows_out.append({"bench": bench, "config": name, "quantity": key, "predicted": round(pv, 3),
@@ -156,11 +169,11 @@ def main(argv=None) -> int:
             step, base, exposed = step + tl["step_s"], base + bl["step_s"], exposed + tl["exposed_s"]
             rowsb += tl["row_bytes_per_step"]
         pred = {"penalty_pct": 100 * (1 - base / step), "exposed_wait_pct": 100 * exposed / step,
-                "gather_gbps": rowsb / step / 1e9}
+                "gather_mbps": rowsb / step / 1e6}
         # The source's row counter also saw the output check (sequence 0 alone) before the repeats.
         rows_meas = (r["node_local_rows"] + r["remote_rows"] - seq0_rows) / a["repeats"]
         mm = {"penalty_pct": -r["vs_in_process_pct"], "exposed_wait_pct": r["exposed_wait_pct"],
-              "gather_gbps": rows_meas * shape.row_bytes / r["median_s"] / 1e9}
+              "gather_mbps": rows_meas * shape.row_bytes / r["median_s"] / 1e6}
         noise = half_range(r["name"]) + half_range("in-process table")
         add("prefill", r["name"], pred, mm, noise, m.get("loadavg", [float("nan")])[0])
         print(f"  prefill {r['name']}: predicted distinct rows per run {rowsb / shape.row_bytes:,.0f}, "
@@ -186,11 +199,11 @@ def main(argv=None) -> int:
         tl = timeline(shape, wl, hw, dist)
         bl = baseline(shape, wl, hw, dist)
         pred = {"penalty_pct": 100 * (1 - bl["step_s"] / tl["step_s"]), "exposed_wait_pct": 100 * tl["exposed_s"] / tl["step_s"],
-                "gather_gbps": tl["row_bytes_per_step"] / tl["step_s"] / 1e9}
+                "gather_mbps": tl["row_bytes_per_step"] / tl["step_s"] / 1e6}
         secs = r["ms_per_step"] * a["steps"] / 1e3
         mm = {"penalty_pct": -r["vs_in_process_pct"], "exposed_wait_pct": r["exposed_wait_pct"],
-              "gather_gbps": r["remote_rows"] * shape.row_bytes / secs / 1e9 if "other" in r["name"]
-              else r["node_local_rows"] * shape.row_bytes / secs / 1e9}
+              "gather_mbps": r["remote_rows"] * shape.row_bytes / secs / 1e6 if "other" in r["name"]
+              else r["node_local_rows"] * shape.row_bytes / secs / 1e6}
         add("decode", r["name"], pred, mm, 15.0, m.get("loadavg", [float("nan")])[0])
 
     # ---- training step: the small model, fwd + bwd, push after backward ---------------------------
@@ -225,11 +238,11 @@ def main(argv=None) -> int:
         tl = timeline(shape, wl, hw, dist)
         bl_step = baseline(shape, wl, hw, dist)["step_s"]
         pred = {"penalty_pct": 100 * (1 - bl_step / tl["step_s"]), "exposed_wait_pct": 100 * tl["exposed_s"] / tl["step_s"],
-                "gather_gbps": tl["row_bytes_per_step"] / tl["step_s"] / 1e9}
+                "gather_mbps": tl["row_bytes_per_step"] / tl["step_s"] / 1e6}
         step_s = r["median_step_ms"] / 1e3
         mm = {"penalty_pct": 100 * (1 - base_ms / r["median_step_ms"]),
               "exposed_wait_pct": 100 * r["exposed_wait_s"] / (a["steps"] * step_s),
-              "gather_gbps": float("nan")}   # the benchmark does not report rows read
+              "gather_mbps": float("nan")}   # the benchmark does not report rows read
         add("train_step", r["name"], pred, mm, 100 * (1 - 1 / 1.10), m.get("loadavg", [float("nan")])[0])
     # ---- the paper's published point: 100B-param table in host DRAM, H800, prefetch over PCIe --------
     from engram_mem.plan.planner import plan as make_plan
@@ -255,7 +268,7 @@ def main(argv=None) -> int:
     ok = sum(r["within"] == "yes" for r in rows_out)
     print(f"{ok} of {len(rows_out)} within the band")
     path = append_jsonl("plan_validate", {"bench": "plan_validate", "args": vars(args), "results": rows_out,
-                                          "measured_args": {k: v["args"] for k, v in meas.items()},
+                                          "measured": meas,
                                           "measured_dates": {k: v["machine"]["date"] for k, v in meas.items()},
                                           "calibration": cal["machine"]})
     _plot(rows_out)
@@ -269,7 +282,7 @@ def _plot(rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    qs = ["penalty_pct", "exposed_wait_pct", "gather_gbps"]
+    qs = ["penalty_pct", "exposed_wait_pct", "gather_mbps"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, q in zip(axes, qs):
         rs = [r for r in rows if r["quantity"] == q]

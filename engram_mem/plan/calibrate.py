@@ -133,7 +133,10 @@ def _interference(fetch_async, step, rng, iters: int, threads: int) -> dict:
     pts = []
     for n in sizes:
         e, t = float(np.median(exposed[n][2:])), float(np.median(tot[n][2:]))
-        pts.append({"rows": n, "extra_s": t - a - e, "alone_s": a, "exposed_s": e, "overlap_s": t - e})
+        # Paired per turn (the step beside the fetch minus the step alone just before it), so load
+        # drifting between turns cancels; the median of the pairs.
+        paired = np.array(tot[n][2:]) - np.array(exposed[n][2:]) - np.array(alone[2:])
+        pts.append({"rows": n, "extra_s": float(np.median(paired)), "alone_s": a, "exposed_s": e, "overlap_s": t - e})
         print(f"    interference, {threads} thread(s), {n:>5} rows: compute {a * 1e3:.2f} ms alone, "
               f"{(t - e) * 1e3:.2f} ms beside the fetch (then waited {e * 1e3:.2f} ms)", flush=True)
     return {"points": pts}
@@ -199,7 +202,7 @@ def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
                 raw.append(_measure(name, lambda ids: f.fetch("calib", ids), rng, reps))
                 for threads in (1,):
                     inter[(name, threads)] = _interference(lambda ids: f.fetch_async("calib", ids), step, rng,
-                                                           3 * reps, threads)
+                                                           5 * reps, threads)
                 torch.set_num_threads(default_threads)
                 f.close()
             finally:

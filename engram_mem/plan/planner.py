@@ -187,7 +187,8 @@ def plan(m: ModelShape, wl: Workload, hw: Hardware, prices: dict[str, float] | N
     }
     if sizing["pooled"]:
         util["hot shard"] = total_gbps * hs["max_shard_share"] / hw.shard_gbps
-        util["hot node"] = total_gbps * hs["max_node_share"] / t.aggregate_gbps
+        if sizing["nodes"] > 1:   # with one node, the hot node is the tier's aggregate
+            util["hot node"] = total_gbps * hs["max_node_share"] / t.aggregate_gbps
     if hw.cache_tier is not None and wl.cache_rows:
         cache_gbps = batches_s * tl["rows"]["cached"] * len(m.engram_layers) * m.row_bytes / GB
         util["worker cache"] = cache_gbps / hw.cache_tier.link_gbps
