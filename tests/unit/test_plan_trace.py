@@ -77,3 +77,29 @@ def test_train_records_ids_with_record_ids(tok, corpus, tmp_path):  # noqa: F811
     assert tr.calls(tr.layers[0]) >= 3
     assert tr.ids(tr.layers[0]).size >= 3 * t.batch_size * t.seq_len * 4
     assert isinstance(res.rows, IdRecorder)
+
+
+def test_generate_records_ids_with_record_ids(tok, corpus, tmp_path, capsys):  # noqa: F811
+    from engram_model.generate import main as generate_main
+
+    m, t = load_config("tiny")
+    t = dataclasses.replace(t, steps=2, eval_every=0)
+    train(m, t, tokenizer=tok, corpus=corpus, out_dir=tmp_path / "run", progress=False, log=lambda *a: None)
+    generate_main(["--checkpoint", str(tmp_path / "run" / "ckpt"), "--prompt", "def alpha", "--max-new-tokens", "5",
+                   "--device", "cpu", "--record-ids", str(tmp_path / "gen.npz")])
+    assert "row ids saved to" in capsys.readouterr().out
+    tr = load_trace(str(tmp_path / "gen.npz"))
+    # the prompt's forward, then one forward per new token (up to 5), each over every Engram layer
+    assert 2 <= tr.calls(tr.layers[0]) <= 6 and tr.layers == sorted(tr.layers)
+
+
+def test_the_planner_imports_neither_ray_nor_grpc():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = "import sys, engram_mem.plan.cli, engram_mem.plan.simulate; print(sorted(m for m in ('ray', 'grpc') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.stdout.strip() == "[]", out.stderr
