@@ -129,7 +129,7 @@ def timeline(m: ModelShape, wl: Workload, hw: Hardware, dist=None, tier: Tier | 
     if hw.shares_cpu:
         cpu = n_layers * (tier.cpu_s(r["missing"]) + (hw.cache_tier.cpu_s(r["cached"]) if hw.cache_tier else 0.0))
         if wl.mode == "train":
-            cpu += n_layers * tier.cpu_s(r["distinct"])
+            cpu += n_layers * tier.push_cpu_s(r["distinct"])
     exposed = sum(waits)
     step = compute + exposed + cpu
     return {"compute_s": compute, "block_s": t_block, "head_s": t_head, "rows": r, "layers": layers,

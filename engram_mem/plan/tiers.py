@@ -45,6 +45,8 @@ class Tier:
     cpu_s_per_row: float = 0.0     # worker CPU per row read (matters when compute shares the CPU)
     cpu_s_per_fetch: float = 0.0   # worker CPU per fetch (thread hand-off, request set-up)
     stretch: float = 1.0           # a fetch runs this much slower while the model computes on the same CPU
+    push_cpu_s_per_row: float | None = None   # a gradient push's CPU taken from compute (None: as a fetch)
+    push_cpu_s_per_call: float | None = None
     price_per_gb_month: float | None = None
     measured: bool = False         # True: this project's own measurement, not a published figure
     source: str = ""
@@ -78,6 +80,11 @@ class Tier:
 
     def cpu_s(self, rows: float, fetches: float = 1.0) -> float:
         return rows * self.cpu_s_per_row + fetches * self.cpu_s_per_fetch
+
+    def push_cpu_s(self, rows: float) -> float:
+        if self.push_cpu_s_per_row is None:
+            return self.cpu_s(rows)
+        return rows * self.push_cpu_s_per_row + (self.push_cpu_s_per_call or 0.0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
