@@ -184,6 +184,7 @@ def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
     torch.set_num_threads(default_threads)
     inter: dict = {}
     push_inter: dict = {}
+    push_wall: dict = {}
     cache = RowCache(SIZES[-1] * DIM * 4 * 3, DIM, np.float32)
     hot = np.sort(rng.choice(ROWS, SIZES[-1], replace=False))
     cache.record(hot)
@@ -210,7 +211,15 @@ def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
                 # sends them: bf16 rows of 24, fp32 gradients.
                 pspec = TableSpec("calibp", ROWS, 24, dtype="bfloat16", seed=2)
                 mem.create_table_spec(pspec, optimizer="adam")
-                grads = {n: np.ones((n, 24), np.float32) * 1e-3 for n in (256, 16384)}
+                grads = {n: np.ones((n, 24), np.float32) * 1e-3 for n in (256, 2048, 16384)}
+                pw = []
+                for n in (256, 2048, 16384):   # a push's wall time alone: round trip + bytes + the shard's Adam
+                    batches = [np.sort(rng.choice(ROWS, n, replace=False)) for _ in range(reps + 2)]
+                    wall, _ = _time(lambda ids: f.push_async("calibp", ids, grads[ids.size], lr=1e-3, step=1).result(),
+                                    batches)
+                    pw.append((n, wall))
+                    print(f"  {name + ' push':<16} {n:>6} rows: {wall * 1e3:8.3f} ms", flush=True)
+                push_wall[name] = pw
                 push_inter[name] = _interference(
                     lambda ids: f.push_async("calibp", ids, grads[ids.size], lr=1e-3, step=1), step, rng,
                     3 * reps, 1)
@@ -238,8 +247,11 @@ def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
             per_row = max(0.0, (ip[-1]["extra_s"] - ip[0]["extra_s"]) / (ip[-1]["rows"] - ip[0]["rows"]))
             tiers[i] = dataclasses.replace(t, push_cpu_s_per_row=per_row,
                                            push_cpu_s_per_call=max(0.0, ip[0]["extra_s"] - per_row * ip[0]["rows"]))
+            lat, rows_per_s = fit_latency_bandwidth([n for n, _ in push_wall[t.name]], [w for _, w in push_wall[t.name]])
+            beyond = max(0.0, 1 / (rows_per_s * 1e9) - 96 / (tiers[i].link_gbps * 1e9))   # 96 B: 24 fp32 grads
+            tiers[i] = dataclasses.replace(tiers[i], push_latency_s=lat, push_s_per_row=beyond)
     return tiers, {"tier_points": raw, "interference": {f"{k[0]}@{k[1]}t": v for k, v in inter.items()},
-                   "push_interference": push_inter}
+                   "push_interference": push_inter, "push_wall": push_wall}
 
 
 def _flops(cfg: dict, tokens: int, attended: float) -> tuple[float, float]:

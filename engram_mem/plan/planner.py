@@ -107,7 +107,9 @@ def timeline(m: ModelShape, wl: Workload, hw: Hardware, dist=None, tier: Tier | 
     one = (tier.latency_s if r["missing"] > 0 else 0.0) + miss_bytes / bw + cache_s   # one layer's fetch alone
     push = 0.0
     if wl.mode == "train":   # distinct rows' fp32 gradients to the shards, applied there; the next fetch waits
-        push = tier.fetch_s(r["distinct"], m.grad_row_bytes) + r["distinct"] * hw.shard_update_s_per_row
+        lat = tier.latency_s if tier.push_latency_s is None else tier.push_latency_s
+        per_row = hw.shard_update_s_per_row if tier.push_s_per_row is None else tier.push_s_per_row
+        push = lat + r["distinct"] * (m.grad_row_bytes / bw + per_row)
     # Where compute shares the CPU with the read path, a fetch progresses `stretch` times slower
     # while the blocks run, and at full speed once the model waits for it.
     stretch = tier.stretch if hw.shares_cpu else 1.0

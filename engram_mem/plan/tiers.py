@@ -47,6 +47,8 @@ class Tier:
     stretch: float = 1.0           # a fetch runs this much slower while the model computes on the same CPU
     push_cpu_s_per_row: float | None = None   # a gradient push's CPU taken from compute (None: as a fetch)
     push_cpu_s_per_call: float | None = None
+    push_latency_s: float | None = None       # a push's round trip (None: latency_s)
+    push_s_per_row: float | None = None       # a push's wall time per row beyond the bytes (the shard's update)
     price_per_gb_month: float | None = None
     measured: bool = False         # True: this project's own measurement, not a published figure
     source: str = ""
