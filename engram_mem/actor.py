@@ -1,66 +1,176 @@
-"""ShardActor: the Ray actor that owns one ShardStore and serves it over gRPC on its node.
+"""ShardActor: the Ray actor that owns one ShardStore, its write-ahead log and snapshots, and serves it.
 
 A thin wrapper: the controller calls these methods (control plane, through Ray); clients call the
-gRPC server (data plane). The actor starts the server on its node's address and reports it.
+gRPC server (data plane). Shards are detached named actors (`<cluster>-shard-<id>`) that Ray
+restarts when their process dies (`max_restarts=-1`): the constructor restores the shard by
+itself, from the cluster file and its own snapshot and log when the cluster has a data
+directory, or from the controller's table list (initial values) when it has none. Neither the
+controller nor any client is needed for that.
 
     actor = ray.remote(ShardActor).options(...).remote(shard_id=0, cluster=cfg.to_dict(), cluster_id="ab12")
-    info = ray.get(actor.info.remote())       # {"address": "127.0.0.2:PORT", "node_id": ..., ...}
+    info = ray.get(actor.info.remote())       # {"address": "127.0.0.2:PORT", "node_id": ..., "error": ...}
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 
 import numpy as np
 
-from engram_mem.config import ClusterConfig
+from engram_mem.config import NAMESPACE, ClusterConfig
 from engram_mem.optim import OptimizerSpec
 from engram_mem.shard import ShardStore
 from engram_mem.table import TableSpec
+
+log = logging.getLogger("engram_mem.actor")
 
 
 class ShardActor:
     def __init__(self, shard_id: int, cluster: dict, cluster_id: str):
         import ray
 
-        cfg = ClusterConfig(**cluster)
-        self.cfg, self.shard_id = cfg, shard_id
-        shm_dir = os.path.join(cfg.shm_dir, cluster_id) if cfg.shm_dir else None
-        self.store = ShardStore(shard_id, shm_dir=shm_dir, max_request_bytes=cfg.max_request_bytes)
-        self.store.set_ready(False, "loading tables")
-        self.persist = self.restorer = None
-        if cfg.data_dir:
-            from engram_mem.persist import Restorer, SlotStore
-
-            self.persist = SlotStore(cfg.data_dir, shard_id)
-            self.restorer = Restorer(self.persist, self.store)
         from engram_mem.server import ShardServer
 
+        cfg = ClusterConfig(**cluster)
+        self.cfg, self.shard_id, self.cluster_id = cfg, shard_id, cluster_id
+        shm_dir = os.path.join(cfg.shm_dir, cluster_id) if cfg.shm_dir else None
+        self.store = ShardStore(shard_id, shm_dir=shm_dir, max_request_bytes=cfg.max_request_bytes,
+                                max_lr=cfg.max_lr, max_grad_abs=cfg.max_grad_abs)
+        self.store.set_ready(False, "restoring")
+        self.error = ""
+        self.wal = None
+        self.snapshots = 0
+        self.last_snapshot = time.time()
+        self._snap_lock = threading.Lock()
+        self._stop = threading.Event()
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.server = ShardServer(self.store, host=self.node_ip, node_id=self.node_id)
         self.address = self.server.start()
+        self.restore_stats: dict = {}
+        t0 = time.time()
+        try:
+            self._restore()
+            self.store.set_ready(True)
+        except Exception as e:  # noqa: BLE001 - reported through info(); the shard stays up, not ready
+            log.exception("shard %d: restore failed", shard_id)
+            self.error = f"{type(e).__name__}: {e}"
+            self.store.set_ready(False, f"restore failed: {self.error}")
+        self.restore_stats["seconds"] = time.time() - t0
+        if cfg.data_dir and cfg.snapshot_interval_s:
+            threading.Thread(target=self._snapshot_loop, name="engram-snapshots", daemon=True).start()
+
+    # ---- restore -----------------------------------------------------------------------------
+    def _restore(self) -> None:
+        from engram_mem.cluster_state import ClusterState
+        from engram_mem.errors import CorruptData
+        from engram_mem.recovery import TablePlan, restore_tables, wal_dir
+        from engram_mem.snapshot import create_empty, read_manifest
+
+        cfg = self.cfg
+        if not cfg.data_dir:
+            self._init_from_controller()
+            return
+        from engram_mem.wal import WriteAheadLog
+
+        state = ClusterState.load(cfg.data_dir, missing_ok=cfg.reinit_missing)
+        known = state is not None and self.shard_id < state.shards
+        holds = known and any(bool((t.placement == self.shard_id).any()) for t in state.tables.values())
+        try:
+            manifest = read_manifest(cfg.data_dir, self.shard_id, missing_ok=True)
+        except CorruptData:
+            if not cfg.reinit_missing:
+                raise
+            log.error("shard %d: damaged manifest; its slots start from initial values (--reinit-missing)",
+                      self.shard_id)
+            manifest = None
+        if manifest is None:
+            if holds and not cfg.reinit_missing:
+                from engram_mem.snapshot import shard_dir
+
+                raise CorruptData(f"shard directory {shard_dir(cfg.data_dir, self.shard_id)} has no MANIFEST.json "
+                                  f"(missing or deleted), but the cluster file lists shard {self.shard_id}: its rows "
+                                  f"are unknown; restore the directory, or start with --reinit-missing")
+            create_empty(cfg.data_dir, self.shard_id, fsync=cfg.durability == "fsync")
+        plans = []
+        if known:
+            for name, t in state.tables.items():
+                plans.append(TablePlan(t.spec, t.optimizer, t.uid, np.nonzero(t.placement == self.shard_id)[0],
+                                       t.placement))
+            self.store.epoch = state.epoch
+        self.restore_stats = restore_tables(self.store, cfg.data_dir, plans, epoch=state.epoch if known else 0,
+                                            reinit_missing=cfg.reinit_missing)
+        if cfg.durability != "none":
+            self.wal = WriteAheadLog(wal_dir(cfg.data_dir, self.shard_id), policy=cfg.durability,
+                                     segment_bytes=cfg.wal_segment_bytes)
+            self.wal.start(self.store.lsn + 1)
+            self.store.log = self.wal
+
+    def _init_from_controller(self) -> None:
+        """No data directory: a restarted shard gets its tables (initial values) from the controller."""
+        import ray
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                ctl = ray.get_actor(self.cfg.controller_name, namespace=NAMESPACE)
+                d = ray.get(ctl.describe.remote(), timeout=30)
+                break
+            except Exception:  # noqa: BLE001 - the controller may be restarting too, or not exist yet
+                if time.time() > deadline:
+                    return
+                time.sleep(0.5)
+        if self.shard_id not in d["shards"]:
+            return  # a new shard: the controller adds its tables
+        for name, t in d["tables"].items():
+            slots = np.nonzero(np.asarray(t["placement"]) == self.shard_id)[0]
+            self.store.add_table(TableSpec.from_dict(t["spec"]), slots, OptimizerSpec.from_dict(t["optimizer"]),
+                                 epoch=d["epoch"], uid=t.get("uid", ""))
+        self.store.set_epoch(d["epoch"])
+
+    def restore_from(self, source_dir: str, tables: list[dict], epoch: int) -> dict:
+        """Replace this shard's tables by slots read from another directory (a checkpoint, or the
+        data directory of a cluster with another shard count): tables = [{spec, optimizer, uid,
+        slots, source}]. Then snapshots, so the restored rows are this shard's own."""
+        from engram_mem.recovery import TablePlan, restore_tables
+
+        plans = [TablePlan(TableSpec.from_dict(t["spec"]), OptimizerSpec.from_dict(t["optimizer"]), t["uid"],
+                           np.asarray(t["slots"], dtype=np.int64), np.asarray(t["source"], dtype=np.int32))
+                 for t in tables]
+        log_ = self.store.log
+        self.store.log = None  # the restored state is made durable by the snapshot below, not record by record
+        try:
+            with self.store.order:
+                stats = restore_tables(self.store, source_dir, plans, epoch=epoch,
+                                       reinit_missing=self.cfg.reinit_missing)
+                self.store.set_epoch(epoch)
+        finally:
+            self.store.log = log_
+        self.snapshot()
+        return stats
 
     # ---- control plane, called by the controller ------------------------------------------
     def info(self) -> dict:
         return {"shard_id": self.shard_id, "address": self.address, "node_id": self.node_id,
-                "node_ip": self.node_ip, "pid": os.getpid(), "ready": self.store.ready,
-                "epoch": self.store.epoch, "shm_dir": self.store.shm_dir or ""}
+                "node_ip": self.node_ip, "pid": os.getpid(), "ready": self.store.ready, "error": self.error,
+                "epoch": self.store.epoch, "shm_dir": self.store.shm_dir or "", "lsn": self.store.lsn,
+                "restore": self.restore_stats, "snapshots": self.snapshots,
+                "log_bytes": self.wal.size_bytes() if self.wal else 0,
+                "tables": {n: {"uid": ts.uid, "spec": ts.spec.to_dict(), "optimizer": ts.optimizer_spec.to_dict(),
+                               "slots": ts.owned_slots()} for n, ts in self.store.tables.items()}}
 
-    def add_table(self, spec: dict, optimizer: dict, slots: np.ndarray, epoch: int) -> int:
-        t0 = time.time()
-        self.store.add_table(TableSpec.from_dict(spec), slots, OptimizerSpec.from_dict(optimizer),
-                             epoch=epoch, restore=self.restorer)
-        if self.restorer:
-            self.restorer.close()
-        return int(time.time() - t0)
+    def add_table(self, spec: dict, optimizer: dict, slots: np.ndarray, epoch: int, uid: str = "") -> None:
+        name = spec["name"]
+        if name in self.store.tables and self.store.tables[name].uid == uid:
+            return  # restored from disk already (a restarted shard)
+        self.store.add_table(TableSpec.from_dict(spec), slots, OptimizerSpec.from_dict(optimizer), epoch=epoch, uid=uid)
 
     def drop_table(self, name: str) -> None:
         self.store.drop_table(name)
-        if self.persist:
-            self.persist.delete(name)
 
     def set_optimizer(self, name: str, optimizer: dict) -> None:
         self.store.set_optimizer(name, optimizer)
@@ -69,35 +179,76 @@ class ShardActor:
         return self.store.export_slots(name, slots)
 
     def add_slots(self, name: str, data: dict) -> None:
-        self.store.add_slots(name, data)
+        lsn = self.store.add_slots(name, data)
+        if self.wal:
+            self.wal.flush()
+        return lsn
 
     def remove_slots(self, name: str, slots) -> None:
         self.store.remove_slots(name, slots)
-        if self.persist:
-            self.persist.delete(name, slots)
+        if self.wal:
+            self.wal.flush()
 
     def set_epoch(self, epoch: int) -> None:
         self.store.set_epoch(epoch)
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
-        self.store.set_ready(ready, reason)
+        if not self.error:
+            self.store.set_ready(ready, reason)
 
     def freeze_writes(self, frozen: bool) -> None:
         self.store.freeze_writes(frozen)
+        if frozen and self.wal:
+            self.wal.flush()  # every write acknowledged before the freeze is in the log
 
-    def snapshot(self) -> int:
-        """Write changed slots to lmdb; returns bytes written."""
-        if not self.persist:
-            return 0
-        written = 0
-        for ts in list(self.store.tables.values()):
-            dirty = np.nonzero(ts.dirty)[0]
-            if dirty.size:
-                written += self.persist.save(ts, dirty)
-        return written
+    # ---- snapshots ---------------------------------------------------------------------------
+    def snapshot(self, target_dir: str | None = None) -> dict:
+        """Write a snapshot generation (to the data directory, or to target_dir for a checkpoint)
+        as a per-slot cut; then drop the log behind it. Returns {"bytes", "lsn", "generation"}."""
+        from engram_mem.snapshot import SnapshotWriter
+
+        out_dir = target_dir or self.cfg.data_dir
+        if not out_dir:
+            return {"bytes": 0, "lsn": self.store.lsn, "generation": 0}
+        with self._snap_lock:
+            w = SnapshotWriter(out_dir, self.shard_id, fsync=self.cfg.durability == "fsync")
+            try:
+                tables = {}
+                for name, ts in list(self.store.tables.items()):
+                    tables[name] = {"spec": ts.spec.to_dict(), "uid": ts.uid, "optimizer": ts.optimizer_spec.to_dict()}
+                    owned = ts.owned_slots().astype(np.int64)
+                    for i in range(0, owned.size, 64):  # a per-slot cut: pushes wait for one batch at most
+                        lsn, parts = self.store.snapshot_slots(name, owned[i:i + 64])
+                        for slot, p in parts:
+                            w.put(name, slot, lsn, p)
+                last = self.store.lsn
+                if self.wal:
+                    self.wal.flush()  # the manifest never covers a record the log does not have
+                doc = w.publish(last, tables, keep=self.cfg.keep_generations)
+            except BaseException:
+                w.abort()
+                raise
+            if self.wal and target_dir is None:
+                self.wal.truncate_before(doc["base_lsn"] + 1)
+            self.snapshots += 1
+            self.last_snapshot = time.time()
+            return {"bytes": w.bytes, "lsn": last, "generation": doc["generation"]}
+
+    def _snapshot_loop(self) -> None:
+        """Snapshot when the interval has passed or the log has grown past its budget."""
+        while not self._stop.wait(0.5):
+            try:
+                due = time.time() - self.last_snapshot >= self.cfg.snapshot_interval_s
+                big = self.wal is not None and self.wal.bytes_since_truncate >= self.cfg.snapshot_log_bytes
+                if self.store.ready and (due or big):
+                    self.snapshot()
+            except Exception:  # noqa: BLE001 - the loop must outlive one failure
+                log.exception("shard %d: snapshot failed", self.shard_id)
+                self.last_snapshot = time.time()
 
     def stop(self, grace: float = 2.0) -> None:
+        self._stop.set()
         self.server.stop(grace)
+        if self.wal:
+            self.wal.close()
         self.store.close()
-        if self.persist:
-            self.persist.close()

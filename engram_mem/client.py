@@ -31,11 +31,12 @@ import grpc
 import numpy as np
 
 from engram_mem.config import DEFAULT_NAME, ClusterConfig
-from engram_mem.errors import (ERROR_CLASSES, EngramMemError, InvalidArgument, NonFiniteGradient, NotReady,
-                               RequestTooLarge, RowOutOfRange, ShardUnavailable, StaleEpoch, UnknownTable)
+from engram_mem.errors import (ERROR_CLASSES, EngramMemError, InvalidArgument, NotReady, RequestTooLarge,
+                               ShardUnavailable, StaleEpoch, UnknownTable)
 from engram_mem.optim import OptimizerSpec
 from engram_mem.pb.v1 import memory_pb2 as pb
-from engram_mem.table import TableSpec, np_dtype
+from engram_mem.table import TableSpec, from_float32, np_dtype
+from engram_mem.validate import check_grads, check_ids, check_lr, check_rows_finite
 from engram_mem.wire import SERVICE, decode_rows_chunk, ids_bytes
 
 log = logging.getLogger("engram_mem.client")
@@ -70,6 +71,13 @@ class ClusterView:
 
     def address(self, rank: int) -> str:
         return self.shards[self.shard_ids[rank]]["address"]
+
+    def with_shard(self, info: dict) -> "ClusterView":
+        """The same view with one shard's address (and pid, node) replaced: a restarted shard."""
+        raw = dict(self.raw, shards=dict(self.raw["shards"]))
+        sid = info["shard_id"]
+        raw["shards"][sid] = dict(raw["shards"][sid], **{k: v for k, v in info.items() if k != "tables"})
+        return ClusterView(raw)
 
 
 def _rpc_error(e: grpc.aio.AioRpcError, address: str) -> EngramMemError:
@@ -183,10 +191,18 @@ class GatherFuture:
 
 
 class MemoryClient:
-    def __init__(self, controller, *, on_close=None, retry_timeout: float = 60.0, worker: str = ""):
+    def __init__(self, controller, *, on_close=None, retry_timeout: float = 60.0, worker: str = "",
+                 client_id: str | None = None):
+        import uuid
+
         import ray
 
         self._ray = ray
+        # Idempotency keys: (client_id, seq) per write or push; a retry reuses its key (dedup.py).
+        self.client_id = client_id or uuid.uuid4().hex
+        self._seq = 0
+        self._inflight: set[int] = set()   # seqs sent and not answered (loop thread only)
+        self._seq_free: asyncio.Condition | None = None
         self.controller = controller
         self._on_close = on_close
         self.retry_timeout = retry_timeout
@@ -266,23 +282,20 @@ class MemoryClient:
         self._view = ClusterView(self._ray.get(self.controller.scale.remote(shards)))
         return self._view
 
-    def checkpoint(self) -> dict:
-        return self._ray.get(self.controller.checkpoint.remote())
+    def checkpoint(self, target_dir: str | None = None) -> dict:
+        """A consistent cut of every shard: into the data directory, or into target_dir (see restore)."""
+        return self._ray.get(self.controller.checkpoint.remote(target_dir))
+
+    def restore(self, source_dir: str) -> dict:
+        """Replace the tables' rows and optimizer state by the checkpoint in source_dir."""
+        out = self._ray.get(self.controller.restore.remote(source_dir))
+        self.refresh()
+        return out
 
     # ---- data plane: requests --------------------------------------------------------------
     def _ids(self, spec: TableSpec, ids) -> tuple[np.ndarray, tuple]:
-        if hasattr(ids, "detach"):  # torch tensor
-            ids = ids.detach().cpu().numpy()
-        ids = np.asarray(ids)
-        if ids.dtype.kind not in "iu":
-            raise InvalidArgument(f"table {spec.name!r}: row ids must be integers, got dtype {ids.dtype}")
-        flat = ids.reshape(-1).astype(np.int64, copy=False)
-        if flat.size:
-            lo, hi = int(flat.min()), int(flat.max())
-            if lo < 0 or hi >= spec.rows:
-                raise RowOutOfRange(f"table {spec.name!r}: field 'ids' holds row id {lo if lo < 0 else hi}, "
-                                    f"outside [0, {spec.rows})")
-        return flat, ids.shape
+        shape = tuple(ids.shape) if hasattr(ids, "shape") else np.shape(ids)
+        return check_ids(spec, ids), shape
 
     @staticmethod
     def _split(t: TableView, uniq: np.ndarray, n_shards: int):
@@ -296,9 +309,9 @@ class MemoryClient:
         parts = [(r, int(bounds[r]), int(bounds[r + 1])) for r in range(n_shards) if counts[r]]
         return uniq[order], parts, order
 
-    async def _retrying(self, what: str, attempt):
+    async def _retrying(self, what: str, attempt, deadline: float | None = None):
         """Run attempt(view) until it succeeds or a non-retryable error; re-read the view between tries."""
-        deadline = time.monotonic() + self.retry_timeout
+        deadline = deadline or time.monotonic() + self.retry_timeout
         delay = 0.02
         while True:
             view = self._view
@@ -308,18 +321,45 @@ class MemoryClient:
                 if time.monotonic() > deadline:
                     raise type(e)(f"{what}: gave up after {self.retry_timeout:.0f}s: {e}") from e
                 log.debug("%s: %s; retrying", what, e)
-                if isinstance(e, NotReady):
+                await self._recover(view, e)
+                if not isinstance(e, StaleEpoch):
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                loop = asyncio.get_running_loop()
-                check = isinstance(e, ShardUnavailable)
-                if check:
-                    for addr in {s["address"] for s in view.shards.values()}:
-                        self._chans.forget(addr)
-                await loop.run_in_executor(None, self.refresh, check)
-                if check:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+                    delay = min(delay * 2, 0.5)
+
+    async def _recover(self, view: ClusterView, e: Exception) -> None:
+        """After a retryable error: a new placement (StaleEpoch), or new shard addresses (a shard
+        restarted). Shards are found through their own Ray actors, so this works while the
+        controller is down."""
+        loop = asyncio.get_running_loop()
+        if isinstance(e, StaleEpoch):
+            await loop.run_in_executor(None, self.refresh)
+        elif isinstance(e, ShardUnavailable):
+            for addr in {s["address"] for s in view.shards.values()}:
+                self._chans.forget(addr)
+            await loop.run_in_executor(None, self._relocate, view)
+
+    def _relocate(self, view: ClusterView) -> None:
+        """Re-read the address of every shard of `view` from its actor (waits while one restarts)."""
+        from engram_mem.config import NAMESPACE
+
+        ray = self._ray
+        names = {sid: s.get("actor") for sid, s in view.shards.items()}
+        refs = {}
+        for sid, name in names.items():
+            try:
+                refs[sid] = ray.get_actor(name, namespace=NAMESPACE).info.remote()
+            except (ValueError, TypeError):  # gone: the cluster was re-sharded; the controller knows
+                self.refresh()
+                return
+        for sid, ref in refs.items():
+            try:
+                info = ray.get(ref, timeout=self.retry_timeout)
+            except Exception as err:  # noqa: BLE001 - keep the old address; the caller retries
+                log.debug("shard %s: %s", sid, err)
+                continue
+            with self._view_lock:
+                if self._view.epoch == view.epoch and sid in self._view.shards:
+                    self._view = self._view.with_shard(info)
 
     async def _after_pending(self, name: str) -> None:
         pending = self._pending.get(name)
@@ -411,23 +451,29 @@ class MemoryClient:
                 raise ShardUnavailable(f"shard {address}: gather reply ended early ({pos} of {end} rows)")
 
     # ---- write and push --------------------------------------------------------------------
-    def write(self, name: str, ids, rows) -> int:
-        return self.write_async(name, ids, rows).result()
+    def write(self, name: str, ids, rows, key: tuple[str, int] | None = None) -> int:
+        return self.write_async(name, ids, rows, key=key).result()
 
-    def write_async(self, name: str, ids, rows) -> concurrent.futures.Future:
+    def write_async(self, name: str, ids, rows, key: tuple[str, int] | None = None) -> concurrent.futures.Future:
+        """Set rows (the last of duplicate ids wins). key=(client id, seq) overrides the client's own
+        idempotency key: a new client retrying a dead one's request with its key applies it once."""
         t = self._view.table(name)
         flat, _ = self._ids(t.spec, ids)
         rows, dtype = self._rows(t.spec, rows, flat.size, "rows")
         # Last write wins among duplicates: keep each id's last occurrence.
+        check_rows_finite(t.spec, flat, from_float32(rows, t.spec.dtype) if dtype != t.spec.dtype else rows)
         rev_uniq, rev_idx = np.unique(flat[::-1], return_index=True)
         keep = flat.size - 1 - rev_idx
-        return self._send(name, "write", rev_uniq, rows[keep], dtype, None, 0)
+        return self._send(name, "write", rev_uniq, rows[keep], dtype, None, 0, key=key)
 
-    def push(self, name: str, ids, grads, lr: float | None = None, step: int = 0) -> int:
-        return self.push_async(name, ids, grads, lr=lr, step=step).result()
+    def push(self, name: str, ids, grads, lr: float | None = None, step: int = 0,
+             key: tuple[str, int] | None = None) -> int:
+        return self.push_async(name, ids, grads, lr=lr, step=step, key=key).result()
 
-    def push_async(self, name: str, ids, grads, lr: float | None = None, step: int = 0) -> concurrent.futures.Future:
-        """Send a sparse gradient. Duplicate ids are summed here; NaN/Inf anywhere rejects the whole push."""
+    def push_async(self, name: str, ids, grads, lr: float | None = None, step: int = 0,
+                   key: tuple[str, int] | None = None) -> concurrent.futures.Future:
+        """Send a sparse gradient. Duplicate ids are summed here; NaN/Inf anywhere rejects the whole push.
+        Applied exactly once however often it is retried (idempotency key; `key` as in write_async)."""
         import torch
 
         t = self._view.table(name)
@@ -438,8 +484,10 @@ class MemoryClient:
         if g.shape != (flat.size, t.spec.dim):
             raise InvalidArgument(f"table {name!r}: field 'grads' has shape {tuple(g.shape)}; "
                                   f"expected ({flat.size}, {t.spec.dim})")
-        if not bool(torch.isfinite(g).all()):
-            raise NonFiniteGradient(f"table {name!r}: field 'grads' holds NaN or Inf; nothing was pushed")
+        # The whole request is checked here, before it is split: no shard applies a part another refuses.
+        check_grads(t.spec, flat, g.numpy(), self._view.raw["config"]["max_grad_abs"])
+        if lr is not None:
+            check_lr(t.spec, lr, self._view.raw["config"]["max_lr"])
         if flat.size > 1 and not bool(np.all(flat[1:] > flat[:-1])):  # not already sorted and distinct
             uniq, inv = np.unique(flat, return_inverse=True)
             if uniq.size != flat.size:
@@ -447,7 +495,7 @@ class MemoryClient:
             else:
                 g = torch.empty_like(g).index_copy_(0, torch.from_numpy(inv), g)
             flat = uniq
-        return self._send(name, "push", flat, g.numpy(), "float32", lr, step)
+        return self._send(name, "push", flat, g.numpy(), "float32", lr, step, key=key)
 
     def _rows(self, spec: TableSpec, rows, n: int, field: str) -> tuple[np.ndarray, str]:
         if hasattr(rows, "detach"):
@@ -468,20 +516,20 @@ class MemoryClient:
             raise InvalidArgument(f"table {spec.name!r}: field {field!r} has dim {rows.shape[1]}; table dim is {spec.dim}")
         return np.ascontiguousarray(rows), dtype
 
-    def _send(self, name: str, kind: str, uniq: np.ndarray, rows: np.ndarray, dtype: str, lr, step: int):
-        async def attempt(view: ClusterView):
-            t = view.table(name)
-            grouped, parts, order = self._split(t, uniq, len(view.shard_ids))
-            data = rows if order is None else rows[order]
-            replies = await asyncio.gather(*(self._send_part(view, name, kind, rank, grouped[a:b], data[a:b],
-                                                             dtype, lr, step)
-                                             for rank, a, b in parts if b > a))
-            return int(sum(replies))
-
+    def _send(self, name: str, kind: str, uniq: np.ndarray, rows: np.ndarray, dtype: str, lr, step: int,
+              key: tuple[str, int] | None = None):
         async def run():
-            fut = asyncio.ensure_future(self._retrying(f"{kind} {name!r}", attempt))
-            self._track(name, fut)
-            return await fut
+            seq = await self._take_seq() if key is None else None
+            client, s = (self.client_id, seq) if key is None else key
+            deadline = time.monotonic() + self.retry_timeout
+            try:
+                fut = asyncio.ensure_future(self._send_ids(name, kind, uniq, rows, dtype, lr, step, client, s,
+                                                           deadline))
+                self._track(name, fut)
+                return await fut
+            finally:
+                if seq is not None:
+                    self._release_seq(seq)
 
         with self._unacked_lock:  # counted on the caller's thread, so flush() can skip the loop when zero
             self._unacked[name] = self._unacked.get(name, 0) + 1
@@ -489,28 +537,79 @@ class MemoryClient:
         out.add_done_callback(lambda _f: self._acked(name))
         return out
 
+    async def _take_seq(self) -> int:
+        """The next sequence number, keeping every request in flight within the shards' window."""
+        from engram_mem.dedup import WINDOW
+
+        if self._seq_free is None:
+            self._seq_free = asyncio.Condition()
+        async with self._seq_free:
+            await self._seq_free.wait_for(lambda: not self._inflight or self._seq + 1 - min(self._inflight) < WINDOW // 2)
+            self._seq += 1
+            self._inflight.add(self._seq)
+            return self._seq
+
+    def _release_seq(self, seq: int) -> None:
+        self._inflight.discard(seq)
+
+        async def notify():
+            async with self._seq_free:
+                self._seq_free.notify_all()
+
+        asyncio.ensure_future(notify())
+
+    async def _send_ids(self, name, kind, ids, rows, dtype, lr, step, client, seq, deadline) -> int:
+        """Send sorted distinct ids (and their rows) to their shards; retry each shard's part on its
+        own (re-split if the placement changed), so a part that succeeded is never sent again. The
+        key makes any part sent twice apply once."""
+        view = self._view
+        t = view.table(name)
+        grouped, parts, order = self._split(t, ids, len(view.shard_ids))
+        data = rows if order is None else rows[order]
+
+        async def part(rank: int, a: int, b: int) -> int:
+            delay = 0.02
+            while True:
+                v = self._view
+                if v.epoch != view.epoch:  # re-routed under the new placement
+                    return await self._send_ids(name, kind, grouped[a:b], data[a:b], dtype, lr, step, client, seq,
+                                                deadline)
+                try:
+                    return await self._send_part(v, name, kind, rank, grouped[a:b], data[a:b], dtype, lr, step,
+                                                 client, seq)
+                except _RETRYABLE as e:
+                    if time.monotonic() > deadline:
+                        raise type(e)(f"{kind} {name!r}: gave up after {self.retry_timeout:.0f}s: {e}") from e
+                    await self._recover(v, e)
+                    if not isinstance(e, StaleEpoch):
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 0.5)
+
+        replies = await asyncio.gather(*(part(rank, a, b) for rank, a, b in parts if b > a))
+        return int(sum(replies))
+
     def _acked(self, name: str) -> None:
         with self._unacked_lock:
             self._unacked[name] -= 1
 
-    async def _send_part(self, view, name, kind, rank, ids, rows, dtype, lr, step) -> int:
+    async def _send_part(self, view, name, kind, rank, ids, rows, dtype, lr, step, client, seq) -> int:
         address = view.address(rank)
         stubs = self._chans.stubs(address)
-        per = max(1, self.max_request_bytes // max(rows.shape[1] * rows.itemsize, 8))
+        slot_rows = view.table(name).spec.slot_rows
         done = 0
-        for s in range(0, ids.size, per):
-            i, r = ids_bytes(ids[s:s + per]), memoryview(np.ascontiguousarray(rows[s:s + per])).cast("B")
+        for a, b in _slot_aligned_chunks(ids, slot_rows, max(1, self.max_request_bytes // max(rows.shape[1] * rows.itemsize, 8))):
+            i, r = ids_bytes(ids[a:b]), memoryview(np.ascontiguousarray(rows[a:b])).cast("B")
             try:
                 if kind == "write":
                     reply = await stubs[1](pb.WriteRequest(table=name, ids=i, rows=bytes(r), dtype=dtype,
-                                                           epoch=view.epoch))
+                                                           epoch=view.epoch, client=client, seq=seq))
                     done += reply.rows_written
                 else:
                     info = pb.StepInfo(step=step, worker=self.worker)
                     if lr is not None:
                         info.lr = lr
                     reply = await stubs[2](pb.PushRequest(table=name, ids=i, grads=bytes(r), dtype=dtype,
-                                                          epoch=view.epoch, step=info))
+                                                          epoch=view.epoch, step=info, client=client, seq=seq))
                     done += reply.rows_updated
             except grpc.aio.AioRpcError as e:
                 raise _rpc_error(e, address) from None
@@ -576,6 +675,22 @@ class MemoryClient:
 
         return [dict(_as_dict(h), status=pb.HealthReply.Status.Name(h.status))
                 for h in self._chans.submit(run()).result(30)]
+
+
+def _slot_aligned_chunks(ids: np.ndarray, slot_rows: int, max_ids: int):
+    """(start, stop) ranges of sorted ids, at most max_ids long where a slot allows, never cutting a
+    slot: a key is remembered per slot, so one slot's rows of a request must travel together."""
+    if ids.size <= max_ids:
+        yield 0, ids.size
+        return
+    slots = ids // slot_rows
+    bounds = np.concatenate([[0], np.nonzero(np.diff(slots))[0] + 1, [ids.size]])
+    a = 0
+    for i in range(1, bounds.size):
+        if bounds[i] - a > max_ids and bounds[i - 1] > a:
+            yield a, int(bounds[i - 1])
+            a = int(bounds[i - 1])
+    yield a, ids.size
 
 
 def _as_dict(msg) -> dict:

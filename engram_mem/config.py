@@ -22,8 +22,15 @@ class ClusterConfig:
     placement_strategy: str = "SPREAD"  # placement-group strategy for the shards
     shard_resources: dict | None = None  # extra Ray resources per shard bundle, e.g. {"memory_node": 1}
     shm_dir: str = "/dev/shm/engram-mem"  # shard row buffers live here, shared with same-node workers
-    data_dir: str | None = None         # lmdb snapshots; None = no persistence (rows restart from init)
-    snapshot_interval_s: float = 60.0   # snapshot changed slots this often (0 = only on checkpoint)
+    data_dir: str | None = None         # snapshots + write-ahead log; None = no persistence (rows restart from init)
+    durability: str = "process"         # none | process (survives kill -9) | fsync (survives a machine crash)
+    snapshot_interval_s: float = 60.0   # each shard snapshots this often (0 = only on checkpoint) ...
+    snapshot_log_bytes: int = 1 << 30   # ... or when its log has grown by this much since the last one
+    wal_segment_bytes: int = 256 << 20  # log segment size (whole segments are dropped behind a snapshot)
+    keep_generations: int = 2           # snapshot generations kept per shard
+    reinit_missing: bool = False        # start slots whose snapshot is missing or damaged from initial values
+    max_lr: float = 1e3                 # a push's lr above this is refused
+    max_grad_abs: float = 1e15          # a gradient value above this is refused (its square nears fp32's range)
     health_interval_s: float = 1.0      # how often the controller checks its shards
     max_request_bytes: int = 256 << 20  # largest ids/rows/grads field a shard accepts
     move_batch_bytes: int = 256 << 20   # slots move between shards in batches of about this size
@@ -39,6 +46,12 @@ class ClusterConfig:
             raise InvalidArgument(f"placement_strategy {self.placement_strategy!r} is not a Ray placement strategy")
         if self.max_request_bytes < 1 << 16:
             raise InvalidArgument(f"max_request_bytes must be >= 65536, got {self.max_request_bytes}")
+        if self.durability not in ("none", "process", "fsync"):
+            raise InvalidArgument(f"durability {self.durability!r} is not one of none, process, fsync")
+        if not (0 < self.max_lr < float("inf")) or not (0 < self.max_grad_abs <= 1e18):
+            raise InvalidArgument("max_lr must be positive and finite; max_grad_abs in (0, 1e18]")
+        if self.keep_generations < 1 or self.wal_segment_bytes < 1 << 16 or self.snapshot_log_bytes < 1 << 16:
+            raise InvalidArgument("keep_generations must be >= 1; wal_segment_bytes and snapshot_log_bytes >= 65536")
         if self.snapshot_interval_s < 0 or self.health_interval_s <= 0:
             raise InvalidArgument("snapshot_interval_s must be >= 0 and health_interval_s > 0")
         object.__setattr__(self, "shards", int(self.shards))

@@ -1,12 +1,14 @@
-"""The controller: a named Ray actor that owns the cluster spec and supervises the shards.
+"""The controller: a named Ray actor that holds the cluster's tables and placement and changes them.
 
-It holds the tables (spec + optimizer), the placement of every table's slots with its epoch, and
-the shards' addresses. It creates shards in a placement group (SPREAD: one per node where the
-cluster has the nodes), scales the shard count by moving the fewest slots, restarts shards that
-die (restoring their slots from the last lmdb snapshot, or from the deterministic initial values
-when the cluster has no data directory), and takes snapshots.
+It owns the ClusterState (tables, the placement of every table's slots, the epoch; persisted in
+cluster.json when the cluster has a data directory) and drives the shards through the
+Supervisor: create and drop tables, scale the shard count by moving the fewest slots, take
+coordinated checkpoints and restore them. It is not on the data path: clients gather and push
+straight to the shards with the placement they hold, and a shard restarts and restores itself
+without it. Ray restarts the controller when its process dies (`max_restarts=-1`); the new one
+rebuilds its state from cluster.json and the live shards, which outlive it (detached actors).
 
-Clients read `describe()` once, and again when a shard answers "stale epoch" or cannot be reached.
+Clients read `describe()` once, and again when a shard answers "stale epoch".
 
     ctl = start_controller(ClusterConfig(shards=4), detached=True)
     ray.get(ctl.create_table.remote(TableSpec("t", 10**6, 256).to_dict(), {"name": "adam"}))
@@ -14,100 +16,143 @@ Clients read `describe()` once, and again when a shard answers "stale epoch" or 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 import numpy as np
 
+from engram_mem.cluster_state import ClusterState, TableRecord
 from engram_mem.config import NAMESPACE, ClusterConfig
 from engram_mem.errors import InvalidArgument, TableExists, UnknownTable
 from engram_mem.optim import OptimizerSpec
-from engram_mem.placement import initial_placement, rebalance, shard_slots
+from engram_mem.placement import initial_placement, rebalance
+from engram_mem.supervisor import Supervisor
 from engram_mem.table import TableSpec
 
 log = logging.getLogger("engram_mem.controller")
 
 
-@dataclass
-class _Shard:
-    actor: object
-    info: dict
-    pg_index: int      # which of the controller's placement groups holds its bundle
-    bundle: int
-    restarts: int = 0
-
-
-@dataclass
-class _Table:
-    spec: TableSpec
-    optimizer: OptimizerSpec
-    placement: np.ndarray  # int32 [n_slots]: shard of each slot
-
-
 class ClusterController:
-    def __init__(self, cluster: dict, cluster_id: str | None = None):
+    def __init__(self, cluster: dict, cluster_id: str):
         self.cfg = ClusterConfig(**cluster)
-        self.cluster_id = cluster_id or uuid.uuid4().hex[:8]
-        self.epoch = 0
-        self.shards: dict[int, _Shard] = {}
-        self.tables: dict[str, _Table] = {}
-        self.pgs: list = []
-        self.restarts = 0
+        self.sup = Supervisor(self.cfg, cluster_id)
+        self.state = ClusterState(cluster_id, self.cfg.shards)
+        self.shards: dict[int, object] = {}     # shard id -> actor handle (ids are 0..n-1)
+        self.infos: dict[int, dict] = {}
+        self.last_scale: dict = {}
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._monitor: threading.Thread | None = None
-        self._last_snapshot = time.time()
+        self._adopt()
+
+    @property
+    def cluster_id(self) -> str:
+        return self.state.cluster_id
 
     # ---- lifecycle -------------------------------------------------------------------------
+    def _adopt(self) -> None:
+        """After a restart: take over the live shards and the persisted state."""
+        live = self.sup.find_all()
+        if not live:
+            return
+        import ray
+
+        infos = ray.get([h.info.remote() for h in live.values()], timeout=300)
+        self.shards, self.infos = live, {i["shard_id"]: i for i in infos}
+        persisted = ClusterState.load(self.cfg.data_dir, missing_ok=True) if self.cfg.data_dir else None
+        if persisted is not None:
+            self.state = persisted
+        else:  # no data directory: the shards know their tables and slots
+            self.state.epoch = max(i["epoch"] for i in infos)
+            for sid, i in self.infos.items():
+                for name, t in i["tables"].items():
+                    rec = self.state.tables.get(name)
+                    if rec is None:
+                        spec = TableSpec.from_dict(t["spec"])
+                        rec = self.state.tables[name] = TableRecord(spec, OptimizerSpec.from_dict(t["optimizer"]),
+                                                                    t["uid"], np.zeros(spec.n_slots, np.int32))
+                    rec.placement[np.asarray(t["slots"], dtype=np.int64)] = sid
+        self.state.shards = len(self.shards)
+        log.warning("controller restarted: adopted %d live shards, %d tables, epoch %d",
+                    len(self.shards), len(self.state.tables), self.state.epoch)
+
     def start(self) -> dict:
+        """Start the shards (restoring the data directory's tables, if it holds any)."""
         with self._lock:
             if self.shards:
                 return self.describe()
-            self._add_shards(self.cfg.shards)
-            self._restore_cluster_file()
-            self._monitor = threading.Thread(target=self._watch, name="engram-controller-monitor", daemon=True)
-            self._monitor.start()
+            persisted = None
+            if self.cfg.data_dir:
+                persisted = ClusterState.load(self.cfg.data_dir, missing_ok=self.cfg.reinit_missing)
+                if persisted is None and self.cfg.reinit_missing:
+                    self._discard_data_dir()
+            if persisted is not None:
+                persisted.cluster_id = self.cluster_id
+                self.state = persisted
+            n_start = persisted.shards if persisted is not None else self.cfg.shards
+            if self.cfg.data_dir and persisted is None:  # a new data directory: its cluster file comes first
+                self.state.shards = n_start
+                self.state.save(self.cfg.data_dir, fsync=self.cfg.durability == "fsync")
+            self.shards = self.sup.start_shards(list(range(n_start)))
+            self._refresh_infos()
+            self._save()
+            if n_start != self.cfg.shards:  # the data directory was written by a cluster of another size
+                self.scale(self.cfg.shards)
             return self.describe()
 
-    def shutdown(self, snapshot: bool = True) -> None:
+    def _discard_data_dir(self) -> None:
+        import glob
+
+        for p in glob.glob(os.path.join(self.cfg.data_dir, "shard-*")):
+            log.error("--reinit-missing: discarding %s (no cluster file describes it)", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _refresh_infos(self) -> None:
         import ray
 
-        self._stop.set()
+        infos = ray.get([h.info.remote() for h in self.shards.values()], timeout=300)
+        self.infos = {i["shard_id"]: i for i in infos}
+
+    def shutdown(self, snapshot: bool = True) -> None:
         with self._lock:
-            if snapshot and self.cfg.data_dir:
+            if snapshot and self.cfg.data_dir and self.shards:
                 self._snapshot_all()
-            ray.get([s.actor.stop.remote() for s in self.shards.values()], timeout=60)
-            for s in self.shards.values():
-                ray.kill(s.actor, no_restart=True)
+            self.sup.stop(self.shards)
             self.shards.clear()
-            for pg in self.pgs:
-                if pg is not None:
-                    ray.util.remove_placement_group(pg)
-            self.pgs.clear()
+            self.sup.remove_unused_groups(set())
             if self.cfg.shm_dir:
                 shutil.rmtree(os.path.join(self.cfg.shm_dir, self.cluster_id), ignore_errors=True)
 
     def ping(self) -> str:
         return self.cluster_id
 
+    def _save(self) -> None:
+        self.state.shards = len(self.shards)
+        if self.cfg.data_dir:
+            self.state.save(self.cfg.data_dir, fsync=self.cfg.durability == "fsync")
+
     # ---- what clients read -----------------------------------------------------------------
     def describe(self) -> dict:
+        # No lock: a restarting shard asks for this while the controller may be waiting on it.
+        return {
+            "name": self.cfg.name,
+            "cluster_id": self.cluster_id,
+            "epoch": self.state.epoch,
+            "config": self.cfg.to_dict(),
+            "shards": {sid: {k: v for k, v in i.items() if k != "tables"} | {"actor": self.sup.shard_name(sid)}
+                       for sid, i in list(self.infos.items())},
+            "tables": {n: {"spec": t.spec.to_dict(), "optimizer": t.optimizer.to_dict(), "uid": t.uid,
+                           "placement": t.placement.copy()} for n, t in self.state.tables.items()},
+            "last_scale": self.last_scale,
+        }
+
+    def check_shards(self) -> dict:
+        """Re-read every shard's address (a restarted shard listens on a new port)."""
         with self._lock:
-            return {
-                "name": self.cfg.name,
-                "cluster_id": self.cluster_id,
-                "epoch": self.epoch,
-                "config": self.cfg.to_dict(),
-                "shards": {i: dict(s.info, restarts=s.restarts) for i, s in self.shards.items()},
-                "tables": {n: {"spec": t.spec.to_dict(), "optimizer": t.optimizer.to_dict(),
-                               "placement": t.placement.copy()} for n, t in self.tables.items()},
-            }
+            self._refresh_infos()
+            return self.describe()
 
     # ---- tables ----------------------------------------------------------------------------
     def create_table(self, spec: dict, optimizer: dict | None = None, exist_ok: bool = False) -> dict:
@@ -116,233 +161,161 @@ class ClusterController:
         spec_obj = TableSpec.from_dict(spec)
         opt = OptimizerSpec.from_dict(optimizer)
         with self._lock:
-            if spec_obj.name in self.tables:
-                have = self.tables[spec_obj.name].spec
+            if spec_obj.name in self.state.tables:
+                have = self.state.tables[spec_obj.name].spec
                 if exist_ok and have == spec_obj:
                     return self.describe()
                 raise TableExists(f"table {spec_obj.name!r} already exists with {have}")
             placement = initial_placement(spec_obj.n_slots, len(self.shards))
-            self.epoch += 1
-            ids = sorted(self.shards)
-            ray.get([self.shards[s].actor.add_table.remote(spec_obj.to_dict(), opt.to_dict(),
-                                                           shard_slots(placement, k), self.epoch)
-                     for k, s in enumerate(ids)])
-            self.tables[spec_obj.name] = _Table(spec_obj, opt, placement)
+            rec = TableRecord(spec_obj, opt, uuid.uuid4().hex[:12], placement)
+            self.state.epoch += 1
+            ray.get([h.add_table.remote(spec_obj.to_dict(), opt.to_dict(), np.nonzero(placement == sid)[0],
+                                        self.state.epoch, rec.uid) for sid, h in self.shards.items()])
+            self.state.tables[spec_obj.name] = rec
+            self._save()
             self._set_epoch_all()
-            self._save_cluster_file()
             return self.describe()
 
     def drop_table(self, name: str) -> dict:
         import ray
 
         with self._lock:
-            if name not in self.tables:
+            if name not in self.state.tables:
                 raise UnknownTable(f"unknown table {name!r}")
-            ray.get([s.actor.drop_table.remote(name) for s in self.shards.values()])
-            del self.tables[name]
-            self.epoch += 1
+            del self.state.tables[name]
+            self.state.epoch += 1
+            self._save()
+            ray.get([h.drop_table.remote(name) for h in self.shards.values()])
             self._set_epoch_all()
-            self._save_cluster_file()
             return self.describe()
 
     def set_optimizer(self, name: str, optimizer: dict) -> dict:
         import ray
 
         with self._lock:
-            if name not in self.tables:
+            if name not in self.state.tables:
                 raise UnknownTable(f"unknown table {name!r}")
             opt = OptimizerSpec.from_dict(optimizer)
-            ray.get([s.actor.set_optimizer.remote(name, opt.to_dict()) for s in self.shards.values()])
-            self.tables[name].optimizer = opt
-            self._save_cluster_file()
+            ray.get([h.set_optimizer.remote(name, opt.to_dict()) for h in self.shards.values()])
+            self.state.tables[name].optimizer = opt
+            self._save()
             return self.describe()
 
-    # ---- shards ----------------------------------------------------------------------------
-    def _new_shard_actor(self, shard_id: int, pg, bundle: int):
+    def _set_epoch_all(self) -> None:
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from engram_mem.actor import ShardActor
+        ray.get([h.set_epoch.remote(self.state.epoch) for h in self.shards.values()])
+        for i in self.infos.values():
+            i["epoch"] = self.state.epoch
 
-        return ray.remote(ShardActor).options(
-            name=f"{self.cfg.name}-shard-{shard_id}-{uuid.uuid4().hex[:4]}", namespace=NAMESPACE,
-            num_cpus=self.cfg.cpus_per_shard, max_restarts=0, max_concurrency=1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
-        ).remote(shard_id, self.cfg.to_dict(), self.cluster_id)
-
-    def _add_shards(self, n: int) -> list[int]:
-        """Start n more shards, spread over nodes by a new placement group."""
-        import ray
-        from ray.util.placement_group import placement_group
-
-        bundle = {"CPU": max(self.cfg.cpus_per_shard, 0.001), **(self.cfg.shard_resources or {})}  # never empty
-        pg = placement_group([bundle] * n, strategy=self.cfg.placement_strategy,
-                             name=f"{self.cfg.name}-{self.cluster_id}-pg{len(self.pgs)}")
-        ray.get(pg.ready(), timeout=120)
-        self.pgs.append(pg)
-        start = max(self.shards, default=-1) + 1
-        new = {start + i: self._new_shard_actor(start + i, pg, i) for i in range(n)}
-        infos = ray.get([a.info.remote() for a in new.values()], timeout=120)
-        # A new shard has no tables yet, so it is ready at once (a restarted one becomes ready in _restart).
-        ray.get([a.set_ready.remote(True) for a in new.values()])
-        for (sid, actor), info in zip(new.items(), infos):
-            self.shards[sid] = _Shard(actor, dict(info, ready=True), len(self.pgs) - 1, sid - start)
-        return list(new)
-
+    # ---- scaling ---------------------------------------------------------------------------
     def scale(self, shards: int) -> dict:
-        """Change the shard count. Reads keep being served; writes and pushes wait while slots move."""
+        """Change the shard count. Reads are served throughout; writes and pushes wait (NotReady,
+        retried by clients) only while the moved slots are copied and the placement switches.
+        Each moved slot carries its rows, optimizer state and idempotency keys, and is logged by
+        its new shard before the placement that names it is persisted."""
         import ray
 
         if int(shards) < 1:
             raise InvalidArgument(f"shards must be >= 1, got {shards}")
         with self._lock:
-            old_ids = sorted(self.shards)
-            if shards == len(old_ids):
+            old = len(self.shards)
+            if shards == old:
                 return self.describe()
-            ray.get([s.actor.freeze_writes.remote(True) for s in self.shards.values()])
-            try:
-                if shards > len(old_ids):
-                    for sid in self._add_shards(shards - len(old_ids)):
-                        ray.get([self.shards[sid].actor.add_table.remote(t.spec.to_dict(), t.optimizer.to_dict(),
-                                                                         np.zeros(0, np.int64), self.epoch)
-                                 for t in self.tables.values()])
-                ids = sorted(self.shards)  # placement indexes shards by rank
-                new_placements, all_moves = {}, {}
-                for name, t in self.tables.items():
-                    new_p, moves = rebalance(t.placement, shards)
-                    new_placements[name], all_moves[name] = new_p, moves
+            t_start = time.perf_counter()
+            if shards > old:
+                new = self.sup.start_shards(list(range(old, shards)))
+                ray.get([h.add_table.remote(t.spec.to_dict(), t.optimizer.to_dict(), np.zeros(0, np.int64),
+                                            self.state.epoch, t.uid)
+                         for h in new.values() for t in self.state.tables.values()])
+                self.shards.update(new)
+            moved_bytes = 0
+            with self.sup.frozen(self.shards) as t_freeze:
+                plans = {n: rebalance(t.placement, shards) for n, t in self.state.tables.items()}
+                for name, (_, moves) in plans.items():
+                    t = self.state.tables[name]
                     per_batch = max(1, self.cfg.move_batch_bytes // max(1, t.spec.slot_rows * t.spec.row_bytes))
                     for (src, dst), slots in moves.items():
-                        a, b = self.shards[ids[src]].actor, self.shards[ids[dst]].actor
                         for i in range(0, slots.size, per_batch):
                             # The rows travel shard to shard through the object store, not through here.
-                            ray.get(b.add_slots.remote(name, a.export_slots.remote(name, slots[i:i + per_batch])))
-                self.epoch += 1
-                for name, t in self.tables.items():
-                    t.placement = new_placements[name]
+                            part = self.shards[src].export_slots.remote(name, slots[i:i + per_batch])
+                            ray.get(self.shards[dst].add_slots.remote(name, part))
+                        moved_bytes += slots.size * t.spec.slot_rows * t.spec.row_bytes
+                self.state.epoch += 1
+                for name, (placement, _) in plans.items():
+                    self.state.tables[name].placement = placement
+                gone = {sid: h for sid, h in self.shards.items() if sid >= shards}
+                for sid in gone:
+                    del self.shards[sid]
+                self._save()  # from here on a restart reads the moved slots from their new shards
                 self._set_epoch_all()
-                for name, moves in all_moves.items():
-                    for (src, _dst), slots in moves.items():
-                        if src < shards:
-                            ray.get(self.shards[ids[src]].actor.remove_slots.remote(name, slots))
-                for sid in ids[shards:]:
-                    s = self.shards.pop(sid)
-                    ray.get(s.actor.stop.remote(), timeout=60)
-                    ray.kill(s.actor, no_restart=True)
-                self._drop_empty_pgs()
-            finally:
-                ray.get([s.actor.freeze_writes.remote(False) for s in self.shards.values()])
-            self._save_cluster_file()
-            if self.cfg.data_dir:
-                self._snapshot_all()
+                for name, (_, moves) in plans.items():
+                    ray.get([self.shards[src].remove_slots.remote(name, slots)
+                             for (src, _dst), slots in moves.items() if src < shards])
+                pause = time.perf_counter() - t_freeze
+            if gone:
+                self.sup.stop(gone)
+                if self.cfg.data_dir:
+                    for sid in gone:  # their slots live elsewhere now; the directories would only mislead
+                        shutil.rmtree(os.path.join(self.cfg.data_dir, f"shard-{sid:04d}"), ignore_errors=True)
+            self.sup.remove_unused_groups(set(self.shards))
+            self._refresh_infos()
+            self.last_scale = {"from": old, "to": shards, "write_pause_s": pause, "moved_bytes": moved_bytes,
+                               "seconds": time.perf_counter() - t_start}
             return self.describe()
 
-    def _drop_empty_pgs(self) -> None:
+    # ---- checkpoints -----------------------------------------------------------------------
+    def checkpoint(self, target_dir: str | None = None) -> dict:
+        """A consistent cut of every shard at one instant (writes wait while it is taken): into the
+        data directory (a snapshot generation per shard), or into target_dir as a checkpoint that
+        `restore` (also into another shard count) brings back."""
+        if not target_dir and not self.cfg.data_dir:
+            raise InvalidArgument("this cluster has no data_dir; give a checkpoint directory")
+        with self._lock, self.sup.frozen(self.shards):
+            out = self._snapshot_all(target_dir)
+            if target_dir:
+                self.state.save(target_dir, fsync=True)
+            out.update(epoch=self.state.epoch, data_dir=target_dir or self.cfg.data_dir)
+            return out
+
+    def _snapshot_all(self, target_dir: str | None = None) -> dict:
         import ray
 
-        used = {s.pg_index for s in self.shards.values()}
-        for i, pg in enumerate(self.pgs):
-            if pg is not None and i not in used:
-                ray.util.remove_placement_group(pg)
-                self.pgs[i] = None
+        res = ray.get([h.snapshot.remote(target_dir) for h in self.shards.values()], timeout=3600)
+        return {"bytes_written": sum(r["bytes"] for r in res), "lsn": {sid: r["lsn"] for sid, r in zip(self.shards, res)}}
 
-    def _set_epoch_all(self) -> None:
+    def restore(self, source_dir: str) -> dict:
+        """Replace every table's rows, optimizer state and keys by the checkpoint in source_dir
+        (written by `checkpoint`), whatever shard count wrote it. Tables the checkpoint has and the
+        cluster has not are created. Writes wait while it runs."""
         import ray
 
-        ray.get([s.actor.set_epoch.remote(self.epoch) for s in self.shards.values()])
-        for s in self.shards.values():
-            s.info["epoch"] = self.epoch
-
-    # ---- supervision -----------------------------------------------------------------------
-    def check_shards(self) -> dict:
-        """Restart shards that do not answer. Clients call this when a shard is unreachable."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
+        src = ClusterState.load(source_dir)
+        if src is None:
+            raise InvalidArgument(f"{source_dir} holds no checkpoint (no cluster.json)")
         with self._lock:
-            for sid, s in list(self.shards.items()):
-                try:
-                    ray.get(s.actor.info.remote(), timeout=10)
-                except (RayActorError, GetTimeoutError) as e:
-                    log.warning("shard %d is down (%s); restarting it", sid, type(e).__name__)
-                    self._restart(sid)
-            return self.describe()
-
-    def _restart(self, sid: int) -> None:
-        import ray
-
-        old = self.shards[sid]
-        try:
-            ray.kill(old.actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        actor = self._new_shard_actor(sid, self.pgs[old.pg_index], old.bundle)
-        ids = sorted(self.shards)
-        rank = ids.index(sid)
-        ray.get([actor.add_table.remote(t.spec.to_dict(), t.optimizer.to_dict(), shard_slots(t.placement, rank),
-                                        self.epoch) for t in self.tables.values()], timeout=600)
-        ray.get(actor.set_epoch.remote(self.epoch))
-        ray.get(actor.set_ready.remote(True))
-        info = ray.get(actor.info.remote())
-        self.shards[sid] = _Shard(actor, info, old.pg_index, old.bundle, old.restarts + 1)
-        self.restarts += 1
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.cfg.health_interval_s):
-            try:
-                self.check_shards()
-                if (self.cfg.data_dir and self.cfg.snapshot_interval_s
-                        and time.time() - self._last_snapshot >= self.cfg.snapshot_interval_s):
-                    self._snapshot_all()
-            except Exception:  # noqa: BLE001 - the monitor must outlive any one failure
-                log.exception("controller monitor")
-
-    # ---- persistence -----------------------------------------------------------------------
-    def checkpoint(self) -> dict:
-        """A consistent snapshot of every shard: writes wait while it is taken."""
-        import ray
-
-        if not self.cfg.data_dir:
-            raise InvalidArgument("this cluster has no data_dir; start it with one to checkpoint")
-        with self._lock:
-            ray.get([s.actor.freeze_writes.remote(True) for s in self.shards.values()])
-            try:
-                written = self._snapshot_all()
-            finally:
-                ray.get([s.actor.freeze_writes.remote(False) for s in self.shards.values()])
-            return {"bytes_written": written, "epoch": self.epoch, "data_dir": self.cfg.data_dir}
-
-    def _snapshot_all(self) -> int:
-        import ray
-
-        with self._lock:
-            written = sum(ray.get([s.actor.snapshot.remote() for s in self.shards.values()], timeout=3600))
-            self._last_snapshot = time.time()
-            return written
-
-    def _cluster_file(self) -> str | None:
-        return os.path.join(self.cfg.data_dir, "cluster.json") if self.cfg.data_dir else None
-
-    def _save_cluster_file(self) -> None:
-        path = self._cluster_file()
-        if not path:
-            return
-        os.makedirs(self.cfg.data_dir, exist_ok=True)
-        doc = {"tables": [{"spec": t.spec.to_dict(), "optimizer": t.optimizer.to_dict()} for t in self.tables.values()]}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
-
-    def _restore_cluster_file(self) -> None:
-        path = self._cluster_file()
-        if not path or not os.path.exists(path):
-            return
-        with open(path) as f:
-            doc = json.load(f)
-        for t in doc.get("tables", []):
-            self.create_table(t["spec"], t["optimizer"])
-        log.info("restored %d tables from %s", len(doc.get("tables", [])), path)
+            for name, t in src.tables.items():
+                if name not in self.state.tables:
+                    self.create_table(t.spec.to_dict(), t.optimizer.to_dict())
+                elif self.state.tables[name].spec != t.spec:
+                    raise InvalidArgument(f"checkpoint table {name!r} is {t.spec}; the cluster's is "
+                                          f"{self.state.tables[name].spec}")
+            with self.sup.frozen(self.shards):
+                self.state.epoch += 1
+                for name, t in src.tables.items():
+                    self.state.tables[name].optimizer = t.optimizer
+                jobs = []
+                for sid, h in self.shards.items():
+                    tables = [{"spec": t.spec.to_dict(), "optimizer": t.optimizer.to_dict(),
+                               "uid": self.state.tables[name].uid,
+                               "slots": np.nonzero(self.state.tables[name].placement == sid)[0],
+                               "source": t.placement}
+                              for name, t in src.tables.items()]
+                    jobs.append(h.restore_from.remote(source_dir, tables, self.state.epoch))
+                stats = ray.get(jobs, timeout=3600)
+                self._save()
+                self._set_epoch_all()
+            return {"slots_restored": sum(s["slots_restored"] for s in stats), "epoch": self.state.epoch}
 
 
 def start_controller(cfg: ClusterConfig, detached: bool = False):
@@ -350,11 +323,15 @@ def start_controller(cfg: ClusterConfig, detached: bool = False):
     import ray
 
     opts = dict(name=cfg.controller_name, namespace=NAMESPACE, num_cpus=0, max_concurrency=16,
-                max_restarts=0)
+                max_restarts=-1, max_task_retries=-1)
     if detached:
         opts["lifetime"] = "detached"
-    ctl = ray.remote(ClusterController).options(**opts).remote(cfg.to_dict())
-    ray.get(ctl.start.remote())
+    ctl = ray.remote(ClusterController).options(**opts).remote(cfg.to_dict(), uuid.uuid4().hex[:8])
+    try:
+        ray.get(ctl.start.remote())
+    except BaseException:
+        ray.kill(ctl, no_restart=True)
+        raise
     return ctl
 
 

@@ -40,6 +40,22 @@ class NonFiniteGradient(InvalidArgument):
     """A pushed gradient holds NaN or Inf; nothing from that push was applied."""
 
 
+class NonFiniteUpdate(InvalidArgument):
+    """A write or push would make a row or its optimizer state NaN or Inf; nothing was applied."""
+
+
+class SequenceTooOld(InvalidArgument):
+    """A request's sequence number is too far behind its client's newest one to tell whether it was applied."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class CorruptData(EngramMemError):
+    """A snapshot, log or cluster file is missing, truncated or fails its checksum; the message names it."""
+
+    code = "DATA_LOSS"
+
+
 class RequestTooLarge(EngramMemError):
     code = "RESOURCE_EXHAUSTED"
 
@@ -65,5 +81,6 @@ class ShardUnavailable(EngramMemError):
 ERROR_CLASSES = {
     cls.__name__: cls
     for cls in (EngramMemError, InvalidArgument, UnknownTable, TableExists, RowOutOfRange,
-                NonFiniteGradient, RequestTooLarge, StaleEpoch, NotReady, ShardUnavailable)
+                NonFiniteGradient, NonFiniteUpdate, SequenceTooOld, CorruptData, RequestTooLarge, StaleEpoch,
+                NotReady, ShardUnavailable)
 }

@@ -20,9 +20,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from engram_mem.errors import InvalidArgument
+from engram_mem.errors import InvalidArgument, NonFiniteUpdate
 
 CHUNK_ELEMS = 1 << 18  # values per block of rows in a CPU update (1 MiB of fp32 per temporary)
+# A gradient value above this is refused: its square (Adam's and Adagrad's second moment) would come
+# near fp32's range, and a row whose second moment overflows never moves again.
+MAX_GRAD_ABS = 1e15
+MAX_LR = 1e3       # a push's lr above this is refused: no table is trained with it, and it overflows rows
 
 
 @dataclass(frozen=True)
@@ -84,16 +88,35 @@ class RowOptimizer:
               grad: torch.Tensor, lr: float) -> None:
         """weight [R, D] (any float dtype); idx unique int64 [n]; grad float32 [n, D].
 
+        All or nothing: every block's new rows and state are computed first and checked finite in
+        the weight's dtype (an fp16 row overflows at 65504), then written; a push that would make
+        any value non-finite raises NonFiniteUpdate and changes nothing.
+
         On CPU the rows go through in blocks of about CHUNK_ELEMS values, so each kernel's
         temporaries stay in cache (2-5x faster on large pushes than whole-batch temporaries).
         Every value is computed independently of the others, so the blocking changes no bit."""
         rows = idx.numel() if weight.is_cuda else max(1, CHUNK_ELEMS // max(1, grad.shape[1]))
-        for a in range(0, idx.numel(), rows):
-            self._apply(weight, state, idx[a:a + rows], grad[a:a + rows], lr)
+        staged = [self._compute(weight, state, idx[a:a + rows], grad[a:a + rows], lr)
+                  for a in range(0, idx.numel(), rows)]
+        for i, (blk, w, st) in enumerate(staged):
+            bad = ~torch.isfinite(w).all(dim=1)
+            for v in st.values():
+                if v.is_floating_point():
+                    bad |= ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
+            if bool(bad.any()):
+                row = int(blk[int(torch.nonzero(bad)[0, 0])])
+                raise NonFiniteUpdate(f"the update of row {row} (local index) would make it or its optimizer "
+                                      f"state non-finite in {weight.dtype} (lr {lr}); nothing from this push "
+                                      f"was applied")
+        for blk, w, st in staged:
+            for k, v in st.items():
+                state[k].index_copy_(0, blk, v)
+            weight.index_copy_(0, blk, w)
 
-    def _apply(self, weight, state, idx, grad, lr) -> None:
+    def _compute(self, weight, state, idx, grad, lr):
+        """(idx, new rows in the weight's dtype, {state name: new state rows}) for one block."""
         w = self._decayed(weight.index_select(0, idx).float(), lr)
-        weight.index_copy_(0, idx, w.sub_(grad * lr).to(weight.dtype))
+        return idx, w.sub_(grad * lr).to(weight.dtype), {}
 
     def _decayed(self, w: torch.Tensor, lr: float) -> torch.Tensor:
         if self.spec.weight_decay:
@@ -107,11 +130,11 @@ class RowAdagrad(RowOptimizer):
     def init_state(self, n_rows, dim, device="cpu"):
         return {"sum": torch.full((n_rows, dim), self.spec.initial_accumulator, dtype=torch.float32, device=device)}
 
-    def _apply(self, weight, state, idx, grad, lr):
+    def _compute(self, weight, state, idx, grad, lr):
         s = state["sum"].index_select(0, idx).add_(grad * grad)
-        state["sum"].index_copy_(0, idx, s)
+        new = {"sum": s.clone()}
         w = self._decayed(weight.index_select(0, idx).float(), lr)
-        weight.index_copy_(0, idx, w.sub_(grad * lr / s.sqrt_().add_(self.spec.eps)).to(weight.dtype))
+        return idx, w.sub_(grad * lr / s.sqrt_().add_(self.spec.eps)).to(weight.dtype), new
 
 
 class RowAdam(RowOptimizer):
@@ -141,18 +164,16 @@ class RowAdam(RowOptimizer):
         bc = table.index_select(0, step.long())                          # [n, 2]
         return bc[:, :1], bc[:, 1:]
 
-    def _apply(self, weight, state, idx, grad, lr):
+    def _compute(self, weight, state, idx, grad, lr):
         b1, b2 = self.spec.betas
         step = state["step"].index_select(0, idx).add_(1)              # [n] per-row step count
-        state["step"].index_copy_(0, idx, step)
         m = state["exp_avg"].index_select(0, idx).mul_(b1).add_(grad * (1 - b1))
         v = state["exp_avg_sq"].index_select(0, idx).mul_(b2).add_(grad * grad * (1 - b2))
-        state["exp_avg"].index_copy_(0, idx, m)
-        state["exp_avg_sq"].index_copy_(0, idx, v)
+        new = {"step": step, "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
         bc1, bc2 = self._bias_corrections(step)                        # [n, 1] each
-        denom = v.div_(bc2).sqrt_().add_(self.spec.eps)                # v is a copy: its state is saved
+        denom = v.div_(bc2).sqrt_().add_(self.spec.eps)                # v is a copy: its state is kept in new
         w = self._decayed(weight.index_select(0, idx).float(), lr)
-        weight.index_copy_(0, idx, w.sub_(m.div_(bc1).div_(denom).mul_(lr)).to(weight.dtype))
+        return idx, w.sub_(m.div_(bc1).div_(denom).mul_(lr)).to(weight.dtype), new
 
 
 OPTIMIZERS = {"sgd": RowOptimizer, "adagrad": RowAdagrad, "adam": RowAdam}

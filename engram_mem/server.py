@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import inspect
 import json
 import logging
 import os
@@ -102,7 +103,8 @@ def _rpc(method):
         self.stats.requests[name] += 1
         self.stats.window.add(requests=1)
         try:
-            return method(self, request, context)
+            out = method(self, request, context)
+            return (await out) if inspect.isawaitable(out) else out
         except Exception as e:  # noqa: BLE001
             await abort(self, context, e)
     return unary
@@ -129,19 +131,26 @@ class ShardServicer:
             self.stats.window.add(nbytes=chunk.nbytes)
             yield msg
 
+    # Write and Push are applied at once and acknowledged only when their log record is written
+    # (the log's group commit: every request that arrives meanwhile shares the next write).
     @_rpc
-    def Write(self, request: pb.WriteRequest, context):
-        n = self.store.write(request.table, request.ids, request.rows, dtype=request.dtype or None,
-                             epoch=request.epoch)
+    async def Write(self, request: pb.WriteRequest, context):
+        n, lsn = self.store.write(request.table, request.ids, request.rows, dtype=request.dtype or None,
+                                  epoch=request.epoch, client=request.client, seq=request.seq)
+        if self.store.log is not None:
+            await self.store.log.wait(lsn)
         self.stats.rows_written += n
         return pb.WriteReply(rows_written=n)
 
     @_rpc
-    def Push(self, request: pb.PushRequest, context):
+    async def Push(self, request: pb.PushRequest, context):
         step = request.step
         lr = step.lr if step.HasField("lr") else None
-        n = self.store.push(request.table, request.ids, request.grads, dtype=request.dtype or "float32",
-                            lr=lr, step=step.step, epoch=request.epoch)
+        n, lsn = self.store.push(request.table, request.ids, request.grads, dtype=request.dtype or "float32",
+                                 lr=lr, step=step.step, epoch=request.epoch, client=request.client,
+                                 seq=request.seq)
+        if self.store.log is not None:
+            await self.store.log.wait(lsn)
         self.stats.rows_pushed += n
         return pb.PushReply(rows_updated=n)
 

@@ -13,9 +13,15 @@ MADV_REMOVE) and the frame is reused by the next slot that arrives; the buffer g
 frame is free. Resident memory is the table bytes plus at most one partly used slot per table.
 
 Thread safety: gathers read without locks (a row being pushed concurrently may be read half
-updated: each value is either old or new). Writes, pushes and slot moves of one table are
-serialized by the table's lock. The server runs on one thread; the Ray actor thread only moves
-slots and takes snapshots.
+updated: each value is either old or new). Every change (write, push, slot install or drop) takes
+the store's `order` lock, gets the next log sequence number (lsn), is applied, and is appended to
+the write-ahead log (wal.py) in that order; a snapshot copies slots under the same lock, so each
+copied slot is exact as of one lsn. The server runs on one thread; the Ray actor thread only
+moves slots and takes snapshots.
+
+Exactly once: a write or push may carry an idempotency key (client id, sequence number). Rows in
+slots that already applied the key are skipped (dedup.py), so a retry is answered as applied
+without applying anything twice; the key travels in the log record, so replay rebuilds it.
 
     store = ShardStore(shard_id=0, shm_dir="/dev/shm/engram-mem/demo")
     store.add_table(TableSpec("t", rows=1000, dim=8), slots=range(4096), epoch=1)
@@ -33,10 +39,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engram_mem.errors import (InvalidArgument, NonFiniteGradient, NotReady, RequestTooLarge, RowOutOfRange,
-                               StaleEpoch, TableExists, UnknownTable)
-from engram_mem.optim import OptimizerSpec, RowOptimizer, make_optimizer
+from engram_mem import dedup as dedup_codec
+from engram_mem.dedup import DedupWindow
+from engram_mem.errors import (InvalidArgument, NonFiniteUpdate, NotReady, RequestTooLarge, StaleEpoch, TableExists,
+                               UnknownTable)
+from engram_mem.optim import MAX_GRAD_ABS, MAX_LR, OptimizerSpec, RowOptimizer, make_optimizer
 from engram_mem.table import TableSpec, as_torch, from_float32, np_dtype, to_float32
+from engram_mem.validate import check_grads, check_ids, check_lr, check_rows_finite
+from engram_mem.wal import KIND_DROP, KIND_INSTALL, KIND_PUSH, KIND_WRITE, Record
 
 _PAGE = mmap.PAGESIZE
 
@@ -135,6 +145,9 @@ class TableShard:
     dirty: np.ndarray | None = None          # bool [n_slots]: changed since the last snapshot
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # optimizer state, [frames*slot_rows, ...]
     lock: threading.Lock = field(default_factory=threading.Lock)
+    uid: str = ""                            # this incarnation of the table (a re-created one gets another)
+    dedup: DedupWindow | None = None
+    slot_lsn: np.ndarray | None = None       # int64 [n_slots]: lsn a restored slot was snapshotted at
 
     @property
     def rows(self) -> np.ndarray:
@@ -149,10 +162,15 @@ class TableShard:
 
 
 class ShardStore:
-    def __init__(self, shard_id: int = 0, shm_dir: str | None = None, max_request_bytes: int = 256 << 20):
+    def __init__(self, shard_id: int = 0, shm_dir: str | None = None, max_request_bytes: int = 256 << 20,
+                 log=None, max_lr: float = MAX_LR, max_grad_abs: float = MAX_GRAD_ABS):
         self.shard_id = shard_id
         self.shm_dir = shm_dir
         self.max_request_bytes = max_request_bytes
+        self.max_lr, self.max_grad_abs = max_lr, max_grad_abs
+        self.log = log            # a WriteAheadLog, or None (nothing logged)
+        self.lsn = 0              # last lsn applied
+        self.order = threading.RLock()
         self.epoch = 0
         self.ready = True
         self.not_ready_reason = ""
@@ -163,9 +181,9 @@ class ShardStore:
 
     # ---- tables and slots ------------------------------------------------------------------
     def add_table(self, spec: TableSpec, slots, optimizer: OptimizerSpec | dict | None = None,
-                  epoch: int | None = None, restore=None) -> None:
+                  epoch: int | None = None, restore=None, uid: str = "") -> None:
         """Create this shard's part of a table. Each slot is restored (restore(ts, slot, frame, out) -> bool,
-        see persist.Restorer) or else gets the table's initial values."""
+        see recovery.py) or else gets the table's initial values."""
         with self._lock:
             if spec.name in self.tables:
                 raise TableExists(f"table {spec.name!r} already exists on shard {self.shard_id}")
@@ -174,7 +192,8 @@ class ShardStore:
             ts = TableShard(spec=spec, optimizer_spec=opt_spec, optimizer=make_optimizer(opt_spec),
                             buffer=_Buffer(path, spec.slot_rows, spec.dim, np_dtype(spec.dtype)),
                             frame_of=np.full(spec.n_slots, -1, dtype=np.int32),
-                            dirty=np.zeros(spec.n_slots, dtype=bool))
+                            dirty=np.zeros(spec.n_slots, dtype=bool), uid=uid, dedup=DedupWindow(spec.n_slots),
+                            slot_lsn=np.zeros(spec.n_slots, dtype=np.int64))
             self.tables[spec.name] = ts
         try:
             self._fill_slots(ts, np.asarray(list(slots), dtype=np.int64), restore)
@@ -215,21 +234,35 @@ class ShardStore:
                         self._ensure_state(ts)
                         for k, v in moved_state.items():
                             ts.state[k][frame * spec.slot_rows: frame * spec.slot_rows + (b - a)] = torch.from_numpy(v)
+                    ts.dedup.install(np.array([slot]), data[slot].get("dedup") or {})  # keys move with slots
                     ts.dirty[slot] = True
                 elif restore is None or not restore(ts, slot, frame, out):
                     spec.init_range(a, b, out=out)
                 ts.frame_of[slot] = frame
 
-    def add_slots(self, name: str, data: dict[int, dict]) -> None:
-        """Receive slots moved from another shard: data[slot] = {"rows": array, "state": {...}}."""
+    def add_slots(self, name: str, data: dict[int, dict]) -> int:
+        """Receive slots moved from another shard: data[slot] = {"rows", "state", "dedup"}. Logged whole
+        (an INSTALL record), so the slots survive this shard's death before its next snapshot."""
         ts = self._table(name)
-        self._fill_slots(ts, np.array(sorted(data), dtype=np.int64), data=data)
+        slots = np.array(sorted(data), dtype=np.int64)
+        blobs, meta_slots = [], []
+        for slot in slots.tolist():
+            d = data[slot]
+            names = sorted(d.get("state") or {})
+            blobs += [np.ascontiguousarray(d["rows"]), *[np.ascontiguousarray(d["state"][k]) for k in names],
+                      dedup_codec.encode({c: (h, m) for c, (h, m) in (d.get("dedup") or {}).items()})]
+            meta_slots.append([slot, names])
+        with self.order:
+            lsn = self._next_lsn()
+            self._fill_slots(ts, slots, data=data)
+            self._commit(lsn, KIND_INSTALL, {"t": name, "uid": ts.uid, "slots": meta_slots}, blobs)
+        return lsn
 
     def export_slots(self, name: str, slots) -> dict[int, dict]:
-        """Copies of the rows (and optimizer state) of owned slots, for a move to another shard."""
+        """Copies of the rows, optimizer state and idempotency keys of owned slots, for a move."""
         ts = self._table(name)
         out = {}
-        with ts.lock:
+        with self.order, ts.lock:
             for slot in slots:
                 frame = int(ts.frame_of[slot])
                 if frame < 0:
@@ -237,11 +270,20 @@ class ShardStore:
                 a, b = ts.spec.slot_range(int(slot))
                 lo = frame * ts.spec.slot_rows
                 out[int(slot)] = {"rows": ts.rows[lo: lo + b - a].copy(),
-                                  "state": {k: v[lo: lo + b - a].numpy().copy() for k, v in ts.state.items()}}
+                                  "state": {k: v[lo: lo + b - a].numpy().copy() for k, v in ts.state.items()},
+                                  "dedup": ts.dedup.export(np.array([int(slot)]))}
         return out
 
-    def remove_slots(self, name: str, slots) -> None:
+    def remove_slots(self, name: str, slots) -> int:
         ts = self._table(name)
+        slots = [int(x) for x in slots]
+        with self.order:
+            lsn = self._next_lsn()
+            self._drop_slots(ts, slots)
+            self._commit(lsn, KIND_DROP, {"t": name, "uid": ts.uid, "slots": slots}, [])
+        return lsn
+
+    def _drop_slots(self, ts: TableShard, slots) -> None:
         with ts.lock, self.layout:
             for slot in slots:
                 frame = int(ts.frame_of[slot])
@@ -253,6 +295,17 @@ class ShardStore:
                 for v in ts.state.values():
                     v[frame * ts.spec.slot_rows: (frame + 1) * ts.spec.slot_rows] = 0
                 ts.free_frames.append(frame)
+            ts.dedup.clear(np.asarray(slots, dtype=np.int64))
+
+    # ---- the log -----------------------------------------------------------------------------
+    def _next_lsn(self) -> int:
+        return self.lsn + 1
+
+    def _commit(self, lsn: int, kind: int, meta: dict, blobs) -> None:
+        """The change `lsn` is applied: make it current and queue its log record (order lock held)."""
+        self.lsn = lsn
+        if self.log is not None:
+            self.log.append(lsn, kind, meta, blobs)
 
     def set_epoch(self, epoch: int) -> None:
         with self.layout:
@@ -310,18 +363,7 @@ class ShardStore:
                 raise RequestTooLarge(f"table {name!r}: field {field_name!r} is {len(ids)} bytes, over the "
                                       f"{self.max_request_bytes}-byte request limit; split the batch")
             ids = np.frombuffer(ids, dtype="<i8")
-        else:
-            ids = np.asarray(ids)
-            if ids.dtype.kind not in "iu":
-                raise InvalidArgument(f"table {name!r}: row ids must be integers, got dtype {ids.dtype}")
-            ids = ids.astype(np.int64, copy=False).reshape(-1)
-        if ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= ts.spec.rows:
-                bad = lo if lo < 0 else hi
-                raise RowOutOfRange(f"table {name!r}: field {field_name!r} holds row id {bad}, "
-                                    f"outside [0, {ts.spec.rows})")
-        return ts, ids
+        return ts, check_ids(ts.spec, ids, field_name)
 
     def _local_rows(self, ts: TableShard, ids: np.ndarray) -> np.ndarray:
         slot_rows = ts.spec.slot_rows
@@ -369,36 +411,73 @@ class ShardStore:
     def gather_into(self, ts: TableShard, local: np.ndarray, out: np.ndarray) -> None:
         np.take(ts.rows, local, axis=0, out=out)
 
-    def write(self, name: str, ids, rows, dtype: str | None = None, epoch: int = 0) -> int:
+    def write(self, name: str, ids, rows, dtype: str | None = None, epoch: int = 0, client: str = "",
+              seq: int = 0) -> tuple[int, int]:
+        """Set rows (the last of duplicate ids wins). Returns (rows written, lsn to wait for)."""
         self.check_ready(epoch)
         ts, ids = self.parse_ids(name, ids)
         dtype = dtype or (ts.spec.dtype if isinstance(rows, (bytes, bytearray, memoryview)) else _dtype_name(rows, ts))
         rows = self._parse_rows(ts, ids.size, rows, dtype, "rows")
         self._check_writable(name)
-        if dtype != ts.spec.dtype:
-            rows = from_float32(rows, ts.spec.dtype)
-        local = self._local_rows(ts, ids)
-        with ts.lock:
-            ts.rows[local] = rows  # numpy: the last of duplicate ids wins
-            ts.dirty[ids // ts.spec.slot_rows] = True
-        return int(ids.size)
+        stored = from_float32(rows, ts.spec.dtype) if dtype != ts.spec.dtype else rows
+        check_rows_finite(ts.spec, ids, stored)
+        self._local_rows(ts, ids)  # ownership check before anything is applied
+        with self.order:
+            keep = self._not_applied(ts, ids, client, seq)
+            if keep is not None and not keep.any():
+                return int(ids.size), self.lsn  # a retry of an applied write: answer as before
+            if keep is not None and not keep.all():
+                ids, stored = ids[keep], stored[keep]
+            lsn = self._next_lsn()
+            self._apply_write(ts, ids, stored, client, seq)
+            self._commit(lsn, KIND_WRITE, {"t": name, "uid": ts.uid, "c": client, "s": seq},
+                         [np.ascontiguousarray(ids, dtype="<i8"), np.ascontiguousarray(stored)])
+        return int(keep.size if keep is not None else ids.size), lsn
 
     def push(self, name: str, ids, grads, dtype: str = "float32", lr: float | None = None,
-             step: int = 0, epoch: int = 0) -> int:
-        """Apply a sparse gradient with the table's optimizer. Duplicate ids are summed. Returns unique rows."""
+             step: int = 0, epoch: int = 0, client: str = "", seq: int = 0) -> tuple[int, int]:
+        """Apply a sparse gradient with the table's optimizer; duplicate ids are summed.
+        Returns (unique rows updated, lsn to wait for)."""
         self.check_ready(epoch)
         ts, ids = self.parse_ids(name, ids)
         grads = self._parse_rows(ts, ids.size, grads, dtype, "grads")
         g32 = to_float32(grads, dtype) if dtype != "float32" else grads
         g = torch.from_numpy(g32 if g32.flags.writeable else g32.copy())  # request bytes are read-only
-        if not bool(torch.isfinite(g).all()):
-            bad = int(np.argwhere(~np.isfinite(g.numpy()))[0][0])
-            raise NonFiniteGradient(f"table {name!r}: field 'grads' holds NaN or Inf (row id {int(ids[bad])}); "
-                                    f"nothing from this push was applied")
-        lr = ts.optimizer_spec.lr if lr is None else float(lr)
-        if not np.isfinite(lr) or lr < 0:
-            raise InvalidArgument(f"table {name!r}: field 'lr' is {lr}; must be finite and >= 0")
+        check_grads(ts.spec, ids, g.numpy(), self.max_grad_abs)
+        lr = check_lr(ts.spec, ts.optimizer_spec.lr if lr is None else lr, self.max_lr)
         self._check_writable(name)
+        self._local_rows(ts, ids)  # ownership check before anything is applied
+        with self.order:
+            keep = self._not_applied(ts, ids, client, seq)
+            n_unique = None
+            if keep is not None and not keep.all():
+                n_unique = int(np.unique(ids).size)
+                if not keep.any():
+                    return n_unique, self.lsn  # a retry of an applied push: answer as before
+                ids, g = ids[keep], g[torch.from_numpy(keep)]
+            lsn = self._next_lsn()
+            n = self._apply_push(ts, ids, g, lr, client, seq)
+            self._commit(lsn, KIND_PUSH, {"t": name, "uid": ts.uid, "c": client, "s": seq, "lr": lr},
+                         [np.ascontiguousarray(ids, dtype="<i8"), g.numpy()])
+        return (n_unique if n_unique is not None else n), lsn
+
+    def _not_applied(self, ts: TableShard, ids: np.ndarray, client: str, seq: int) -> np.ndarray | None:
+        """bool per id: its slot has not applied (client, seq) yet; None when the request has no key."""
+        if not client:
+            return None
+        slots = ids // ts.spec.slot_rows
+        return ~ts.dedup.applied(client, seq, slots)
+
+    def _apply_write(self, ts: TableShard, ids: np.ndarray, stored: np.ndarray, client: str, seq: int) -> None:
+        local = self._local_rows(ts, ids)
+        with ts.lock:
+            ts.rows[local] = stored  # numpy: the last of duplicate ids wins
+            slots = ids // ts.spec.slot_rows
+            ts.dirty[slots] = True
+            if client:
+                ts.dedup.mark(client, seq, np.unique(slots))
+
+    def _apply_push(self, ts: TableShard, ids: np.ndarray, g: torch.Tensor, lr: float, client: str, seq: int) -> int:
         local = torch.from_numpy(self._local_rows(ts, ids))
         if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):  # duplicates possible: sum them
             uniq, inv = torch.unique(local, return_inverse=True)
@@ -408,9 +487,110 @@ class ShardStore:
         with ts.lock:
             self._ensure_state(ts)
             weight = as_torch(ts.rows, ts.spec.dtype)
-            ts.optimizer.apply(weight, ts.state, uniq, g, lr)
-            ts.dirty[ids // ts.spec.slot_rows] = True
+            try:
+                ts.optimizer.apply(weight, ts.state, uniq, g, lr)
+            except NonFiniteUpdate as e:
+                raise NonFiniteUpdate(f"table {ts.spec.name!r}: {e}") from None
+            slots = ids // ts.spec.slot_rows
+            ts.dirty[slots] = True
+            if client:
+                ts.dedup.mark(client, seq, np.unique(slots))
         return int(uniq.numel())
+
+    # ---- replay and snapshots ----------------------------------------------------------------
+    def replay(self, rec: Record, wanted=None) -> None:
+        """Apply a log record to the slots it touches that this store holds (and, if wanted(ts) gives a
+        bool mask over slots, only to those) and whose snapshot is older than the record."""
+        name = rec.meta.get("t")
+        ts = self.tables.get(name)
+        if ts is None or ts.uid != rec.meta.get("uid", ""):
+            return
+        fresh = (ts.frame_of >= 0) & (ts.slot_lsn < rec.lsn)
+        if wanted is not None:
+            fresh &= wanted(ts)
+        if rec.kind in (KIND_WRITE, KIND_PUSH):
+            ids = np.frombuffer(rec.blobs[0], dtype="<i8")
+            sel = fresh[ids // ts.spec.slot_rows]
+            if not sel.any():
+                return
+            if rec.kind == KIND_WRITE:
+                rows = np.frombuffer(rec.blobs[1], dtype=np_dtype(ts.spec.dtype)).reshape(-1, ts.spec.dim)
+                self._apply_write(ts, ids[sel], rows[sel], rec.meta["c"], rec.meta["s"])
+            else:
+                g = torch.from_numpy(np.frombuffer(rec.blobs[1], dtype="<f4").reshape(-1, ts.spec.dim)[sel].copy())
+                self._apply_push(ts, ids[sel], g, rec.meta["lr"], rec.meta["c"], rec.meta["s"])
+        elif rec.kind == KIND_INSTALL:
+            data, i = {}, 0
+            for slot, names in rec.meta["slots"]:
+                a, b = ts.spec.slot_range(slot)
+                rows = np.frombuffer(rec.blobs[i], dtype=np_dtype(ts.spec.dtype)).reshape(b - a, ts.spec.dim)
+                state = {}
+                for k, nm in enumerate(names):
+                    ref = ts.optimizer.init_state(1, ts.spec.dim)[nm]
+                    state[nm] = np.frombuffer(rec.blobs[i + 1 + k], dtype=ref.numpy().dtype).reshape(
+                        (b - a,) + tuple(ref.shape[1:]))
+                dd = dedup_codec.decode(rec.blobs[i + 1 + len(names)])
+                i += 2 + len(names)
+                if fresh[slot]:
+                    data[slot] = {"rows": rows, "state": state, "dedup": dd}
+            if data:  # the slot is already allocated here: overwrite it in place
+                self._overwrite_slots(ts, data)
+        # KIND_DROP: a dropped slot that this store holds came back later by an INSTALL, which overwrites it
+
+    def _overwrite_slots(self, ts: TableShard, data: dict) -> None:
+        with ts.lock:
+            for slot, d in data.items():
+                frame = int(ts.frame_of[slot])
+                a, b = ts.spec.slot_range(slot)
+                lo = frame * ts.spec.slot_rows
+                ts.rows[lo: lo + b - a] = d["rows"]
+                if d["state"]:
+                    self._ensure_state(ts)
+                    for k, v in d["state"].items():
+                        ts.state[k][lo: lo + b - a] = torch.from_numpy(v.copy())
+                elif ts.state:
+                    fresh = ts.optimizer.init_state(b - a, ts.spec.dim)
+                    for k, v in fresh.items():
+                        ts.state[k][lo: lo + b - a] = v
+                ts.dedup.install(np.array([slot]), d["dedup"])
+                ts.dirty[slot] = True
+
+    def snapshot_slots(self, name: str, slots: np.ndarray) -> tuple[int, list[tuple[int, list]]]:
+        """A per-slot cut: (lsn, [(slot, parts)]) copied under the order lock, for a SnapshotWriter."""
+        ts = self._table(name)
+        out = []
+        with self.order, ts.lock:
+            lsn = self.lsn
+            for slot in slots.tolist():
+                frame = int(ts.frame_of[slot])
+                if frame < 0:
+                    continue
+                a, b = ts.spec.slot_range(slot)
+                lo = frame * ts.spec.slot_rows
+                parts = [("rows", ts.rows[lo: lo + b - a].copy())]
+                parts += [(f"state:{k}", v[lo: lo + b - a].numpy().copy()) for k, v in sorted(ts.state.items())]
+                parts.append(("dedup", dedup_codec.encode(ts.dedup.export(np.array([slot])))))
+                ts.dirty[slot] = False
+                out.append((slot, parts))
+        return lsn, out
+
+    def load_slot(self, ts: TableShard, slot: int, frame: int, out: np.ndarray, lsn: int, parts: dict) -> None:
+        """Fill an allocated slot from snapshot parts (see snapshot.py); used by recovery."""
+        rows = np.frombuffer(parts["rows"], dtype=out.dtype)
+        if rows.size != out.size:
+            raise InvalidArgument(f"table {ts.spec.name!r} slot {slot}: snapshot holds {rows.size} values, "
+                                  f"the table's slot needs {out.size}")
+        out[:] = rows.reshape(out.shape)
+        names = [k[6:] for k in parts if k.startswith("state:") and k[6:] in ts.optimizer.state_names]
+        if names:
+            self._ensure_state(ts)
+            lo = frame * ts.spec.slot_rows
+            for nm in names:
+                dst = ts.state[nm][lo: lo + out.shape[0]]
+                dst.copy_(torch.from_numpy(np.frombuffer(parts["state:" + nm], dtype=dst.numpy().dtype)
+                                           .reshape(dst.shape).copy()))
+        ts.dedup.install(np.array([slot]), dedup_codec.decode(parts["dedup"]))
+        ts.slot_lsn[slot] = lsn
 
     # ---- introspection ---------------------------------------------------------------------
     def describe(self) -> dict:

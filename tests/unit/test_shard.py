@@ -53,7 +53,7 @@ def test_write_and_push(shm_dir):
     s.write("t", [7, 8, 7], np.stack([np.zeros(16), np.ones(16), np.full(16, 2.0)]).astype(np.float32))
     assert np.all(s.gather("t", [7]) == 2.0) and np.all(s.gather("t", [8]) == 1.0)  # last of duplicates wins
     before = s.gather("t", [1, 2])
-    n = s.push("t", [1, 2, 1], np.ones((3, 16), np.float32))  # default lr 0.5, duplicates summed
+    n, _ = s.push("t", [1, 2, 1], np.ones((3, 16), np.float32))  # default lr 0.5, duplicates summed
     assert n == 2
     after = s.gather("t", [1, 2])
     assert np.allclose(before - after, [[1.0] * 16, [0.5] * 16])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65ngram_mem/v1/memory.proto\x12\rengram_mem.v1\"N\n\rGatherRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x12\n\nchunk_rows\x18\x04 \x01(\r\"\x19\n\tRowsChunk\x12\x0c\n\x04rows\x18\x01 \x01(\x0c\"V\n\x0cWriteRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"\"\n\nWriteReply\x12\x14\n\x0crows_written\x18\x01 \x01(\x04\"@\n\x08StepInfo\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x02lr\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06worker\x18\x03 \x01(\tB\x05\n\x03_lr\"}\n\x0bPushRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\r\n\x05grads\x18\x03 \x01(\x0c\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12%\n\x04step\x18\x06 \x01(\x0b\x32\x17.engram_mem.v1.StepInfo\"!\n\tPushReply\x12\x14\n\x0crows_updated\x18\x01 \x01(\x04\"\x11\n\x0f\x44\x65scribeRequest\"\xfc\x01\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x10\n\x08init_std\x18\x06 \x01(\x01\x12\x11\n\tnum_slots\x18\x07 \x01(\r\x12\x11\n\tslot_rows\x18\x08 \x01(\x04\x12\x13\n\x0bowned_slots\x18\t \x01(\x0c\x12\x11\n\toptimizer\x18\n \x01(\t\x12\x10\n\x08shm_path\x18\x0b \x01(\t\x12\x15\n\rresident_rows\x18\x0c \x01(\x04\x12\x10\n\x08\x66rame_of\x18\r \x01(\x0c\x12\x0e\n\x06\x66rames\x18\x0e \x01(\x04\"\xa9\x01\n\rDescribeReply\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12(\n\x06tables\x18\x05 \x03(\x0b\x32\x18.engram_mem.v1.TableInfo\x12\x13\n\x0blayout_path\x18\x06 \x01(\t\x12\x16\n\x0elayout_version\x18\x07 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xcc\x03\n\nStatsReply\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x39\n\x08requests\x18\x03 \x03(\x0b\x32\'.engram_mem.v1.StatsReply.RequestsEntry\x12\x35\n\x06\x65rrors\x18\x04 \x03(\x0b\x32%.engram_mem.v1.StatsReply.ErrorsEntry\x12\x15\n\rrows_gathered\x18\x05 \x01(\x04\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\x12\x13\n\x0brows_pushed\x18\x07 \x01(\x04\x12\x14\n\x0crows_written\x18\x08 \x01(\x04\x12\x16\n\x0erequests_per_s\x18\t \x01(\x01\x12\x13\n\x0bgather_gbps\x18\n \x01(\x01\x12\x13\n\x0btable_bytes\x18\x0b \x01(\x04\x12\x11\n\trss_bytes\x18\x0c \x01(\x04\x12\x1d\n\x15optimizer_state_bytes\x18\r \x01(\x04\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x0f\n\rHealthRequest\"\x93\x01\n\x0bHealthReply\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.engram_mem.v1.HealthReply.Status\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"1\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\r\n\tNOT_READY\x10\x02\x32\x9a\x03\n\x06Memory\x12\x42\n\x06Gather\x12\x1c.engram_mem.v1.GatherRequest\x1a\x18.engram_mem.v1.RowsChunk0\x01\x12?\n\x05Write\x12\x1b.engram_mem.v1.WriteRequest\x1a\x19.engram_mem.v1.WriteReply\x12<\n\x04Push\x12\x1a.engram_mem.v1.PushRequest\x1a\x18.engram_mem.v1.PushReply\x12H\n\x08\x44\x65scribe\x12\x1e.engram_mem.v1.DescribeRequest\x1a\x1c.engram_mem.v1.DescribeReply\x12?\n\x05Stats\x12\x1b.engram_mem.v1.StatsRequest\x1a\x19.engram_mem.v1.StatsReply\x12\x42\n\x06Health\x12\x1c.engram_mem.v1.HealthRequest\x1a\x1a.engram_mem.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65ngram_mem/v1/memory.proto\x12\rengram_mem.v1\"N\n\rGatherRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x12\n\nchunk_rows\x18\x04 \x01(\r\"\x19\n\tRowsChunk\x12\x0c\n\x04rows\x18\x01 \x01(\x0c\"s\n\x0cWriteRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0e\n\x06\x63lient\x18\x06 \x01(\t\x12\x0b\n\x03seq\x18\x07 \x01(\x04\"\"\n\nWriteReply\x12\x14\n\x0crows_written\x18\x01 \x01(\x04\"@\n\x08StepInfo\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x02lr\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06worker\x18\x03 \x01(\tB\x05\n\x03_lr\"\x9a\x01\n\x0bPushRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\r\n\x05grads\x18\x03 \x01(\x0c\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12%\n\x04step\x18\x06 \x01(\x0b\x32\x17.engram_mem.v1.StepInfo\x12\x0e\n\x06\x63lient\x18\x07 \x01(\t\x12\x0b\n\x03seq\x18\x08 \x01(\x04\"!\n\tPushReply\x12\x14\n\x0crows_updated\x18\x01 \x01(\x04\"\x11\n\x0f\x44\x65scribeRequest\"\xfc\x01\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x10\n\x08init_std\x18\x06 \x01(\x01\x12\x11\n\tnum_slots\x18\x07 \x01(\r\x12\x11\n\tslot_rows\x18\x08 \x01(\x04\x12\x13\n\x0bowned_slots\x18\t \x01(\x0c\x12\x11\n\toptimizer\x18\n \x01(\t\x12\x10\n\x08shm_path\x18\x0b \x01(\t\x12\x15\n\rresident_rows\x18\x0c \x01(\x04\x12\x10\n\x08\x66rame_of\x18\r \x01(\x0c\x12\x0e\n\x06\x66rames\x18\x0e \x01(\x04\"\xa9\x01\n\rDescribeReply\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12(\n\x06tables\x18\x05 \x03(\x0b\x32\x18.engram_mem.v1.TableInfo\x12\x13\n\x0blayout_path\x18\x06 \x01(\t\x12\x16\n\x0elayout_version\x18\x07 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xcc\x03\n\nStatsReply\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x39\n\x08requests\x18\x03 \x03(\x0b\x32\'.engram_mem.v1.StatsReply.RequestsEntry\x12\x35\n\x06\x65rrors\x18\x04 \x03(\x0b\x32%.engram_mem.v1.StatsReply.ErrorsEntry\x12\x15\n\rrows_gathered\x18\x05 \x01(\x04\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\x12\x13\n\x0brows_pushed\x18\x07 \x01(\x04\x12\x14\n\x0crows_written\x18\x08 \x01(\x04\x12\x16\n\x0erequests_per_s\x18\t \x01(\x01\x12\x13\n\x0bgather_gbps\x18\n \x01(\x01\x12\x13\n\x0btable_bytes\x18\x0b \x01(\x04\x12\x11\n\trss_bytes\x18\x0c \x01(\x04\x12\x1d\n\x15optimizer_state_bytes\x18\r \x01(\x04\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x0f\n\rHealthRequest\"\x93\x01\n\x0bHealthReply\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.engram_mem.v1.HealthReply.Status\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"1\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\r\n\tNOT_READY\x10\x02\x32\x9a\x03\n\x06Memory\x12\x42\n\x06Gather\x12\x1c.engram_mem.v1.GatherRequest\x1a\x18.engram_mem.v1.RowsChunk0\x01\x12?\n\x05Write\x12\x1b.engram_mem.v1.WriteRequest\x1a\x19.engram_mem.v1.WriteReply\x12<\n\x04Push\x12\x1a.engram_mem.v1.PushRequest\x1a\x18.engram_mem.v1.PushReply\x12H\n\x08\x44\x65scribe\x12\x1e.engram_mem.v1.DescribeRequest\x1a\x1c.engram_mem.v1.DescribeReply\x12?\n\x05Stats\x12\x1b.engram_mem.v1.StatsRequest\x1a\x19.engram_mem.v1.StatsReply\x12\x42\n\x06Health\x12\x1c.engram_mem.v1.HealthRequest\x1a\x1a.engram_mem.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,35 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROWSCHUNK']._serialized_start=125
   _globals['_ROWSCHUNK']._serialized_end=150
   _globals['_WRITEREQUEST']._serialized_start=152
-  _globals['_WRITEREQUEST']._serialized_end=238
-  _globals['_WRITEREPLY']._serialized_start=240
-  _globals['_WRITEREPLY']._serialized_end=274
-  _globals['_STEPINFO']._serialized_start=276
-  _globals['_STEPINFO']._serialized_end=340
-  _globals['_PUSHREQUEST']._serialized_start=342
-  _globals['_PUSHREQUEST']._serialized_end=467
-  _globals['_PUSHREPLY']._serialized_start=469
-  _globals['_PUSHREPLY']._serialized_end=502
-  _globals['_DESCRIBEREQUEST']._serialized_start=504
-  _globals['_DESCRIBEREQUEST']._serialized_end=521
-  _globals['_TABLEINFO']._serialized_start=524
-  _globals['_TABLEINFO']._serialized_end=776
-  _globals['_DESCRIBEREPLY']._serialized_start=779
-  _globals['_DESCRIBEREPLY']._serialized_end=948
-  _globals['_STATSREQUEST']._serialized_start=950
-  _globals['_STATSREQUEST']._serialized_end=964
-  _globals['_STATSREPLY']._serialized_start=967
-  _globals['_STATSREPLY']._serialized_end=1427
-  _globals['_STATSREPLY_REQUESTSENTRY']._serialized_start=1333
-  _globals['_STATSREPLY_REQUESTSENTRY']._serialized_end=1380
-  _globals['_STATSREPLY_ERRORSENTRY']._serialized_start=1382
-  _globals['_STATSREPLY_ERRORSENTRY']._serialized_end=1427
-  _globals['_HEALTHREQUEST']._serialized_start=1429
-  _globals['_HEALTHREQUEST']._serialized_end=1444
-  _globals['_HEALTHREPLY']._serialized_start=1447
-  _globals['_HEALTHREPLY']._serialized_end=1594
-  _globals['_HEALTHREPLY_STATUS']._serialized_start=1545
-  _globals['_HEALTHREPLY_STATUS']._serialized_end=1594
-  _globals['_MEMORY']._serialized_start=1597
-  _globals['_MEMORY']._serialized_end=2007
+  _globals['_WRITEREQUEST']._serialized_end=267
+  _globals['_WRITEREPLY']._serialized_start=269
+  _globals['_WRITEREPLY']._serialized_end=303
+  _globals['_STEPINFO']._serialized_start=305
+  _globals['_STEPINFO']._serialized_end=369
+  _globals['_PUSHREQUEST']._serialized_start=372
+  _globals['_PUSHREQUEST']._serialized_end=526
+  _globals['_PUSHREPLY']._serialized_start=528
+  _globals['_PUSHREPLY']._serialized_end=561
+  _globals['_DESCRIBEREQUEST']._serialized_start=563
+  _globals['_DESCRIBEREQUEST']._serialized_end=580
+  _globals['_TABLEINFO']._serialized_start=583
+  _globals['_TABLEINFO']._serialized_end=835
+  _globals['_DESCRIBEREPLY']._serialized_start=838
+  _globals['_DESCRIBEREPLY']._serialized_end=1007
+  _globals['_STATSREQUEST']._serialized_start=1009
+  _globals['_STATSREQUEST']._serialized_end=1023
+  _globals['_STATSREPLY']._serialized_start=1026
+  _globals['_STATSREPLY']._serialized_end=1486
+  _globals['_STATSREPLY_REQUESTSENTRY']._serialized_start=1392
+  _globals['_STATSREPLY_REQUESTSENTRY']._serialized_end=1439
+  _globals['_STATSREPLY_ERRORSENTRY']._serialized_start=1441
+  _globals['_STATSREPLY_ERRORSENTRY']._serialized_end=1486
+  _globals['_HEALTHREQUEST']._serialized_start=1488
+  _globals['_HEALTHREQUEST']._serialized_end=1503
+  _globals['_HEALTHREPLY']._serialized_start=1506
+  _globals['_HEALTHREPLY']._serialized_end=1653
+  _globals['_HEALTHREPLY_STATUS']._serialized_start=1604
+  _globals['_HEALTHREPLY_STATUS']._serialized_end=1653
+  _globals['_MEMORY']._serialized_start=1656
+  _globals['_MEMORY']._serialized_end=2066
 # @@protoc_insertion_point(module_scope)

@@ -26,18 +26,22 @@ class RowsChunk(_message.Message):
     def __init__(self, rows: _Optional[bytes] = ...) -> None: ...
 
 class WriteRequest(_message.Message):
-    __slots__ = ("table", "ids", "rows", "dtype", "epoch")
+    __slots__ = ("table", "ids", "rows", "dtype", "epoch", "client", "seq")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     rows: bytes
     dtype: str
     epoch: int
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., dtype: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    client: str
+    seq: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., dtype: _Optional[str] = ..., epoch: _Optional[int] = ..., client: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class WriteReply(_message.Message):
     __slots__ = ("rows_written",)
@@ -56,20 +60,24 @@ class StepInfo(_message.Message):
     def __init__(self, step: _Optional[int] = ..., lr: _Optional[float] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("table", "ids", "grads", "dtype", "epoch", "step")
+    __slots__ = ("table", "ids", "grads", "dtype", "epoch", "step", "client", "seq")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     grads: bytes
     dtype: str
     epoch: int
     step: StepInfo
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., dtype: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[_Union[StepInfo, _Mapping]] = ...) -> None: ...
+    client: str
+    seq: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., dtype: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[_Union[StepInfo, _Mapping]] = ..., client: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("rows_updated",)
