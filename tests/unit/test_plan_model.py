@@ -167,3 +167,18 @@ def test_a_prefetch_beside_cpu_compute_progresses_stretch_times_slower():
     assert timeline(m, wl, Hardware(device=dev, rows_tier=t))["exposed_s"] == pytest.approx(0.5e-3)
     with pytest.raises(PlanInputError, match="stretch"):
         tier(stretch=0.5)
+
+
+def test_calibration_fits_recover_known_parameters():
+    from engram_mem.plan.calibrate import _fit_device, _median_tier, fit_latency_bandwidth
+
+    nbytes = [1e4, 1e5, 1e6, 1e7]
+    lat, bw = fit_latency_bandwidth(nbytes, [2e-3 + b / 0.5e9 for b in nbytes])      # 2 ms + 0.5 GB/s
+    assert lat == pytest.approx(2e-3, rel=1e-6) and bw == pytest.approx(0.5, rel=1e-6)
+    # wall = layers * fixed + (layers * block_flops + head_flops) / F, with F = 40 GFLOP/s and 3 ms fixed
+    pts = [((bf, hf), 4 * 3e-3 + (4 * bf + hf) / 40e9, "shape") for bf, hf in ((1e8, 5e7), (1e9, 4e8), (1e7, 1e6))]
+    dev = _fit_device("d", pts, 4, "test")
+    assert dev.peak_flops == pytest.approx(40e9, rel=1e-6) and dev.block_fixed_s == pytest.approx(3e-3, rel=1e-6)
+    runs = [tier(latency_s=x, stretch=s) for x, s in ((1e-3, 2.0), (5e-3, 9.0), (2e-3, 3.0))]
+    med = _median_tier(runs)
+    assert med.latency_s == pytest.approx(2e-3) and med.stretch == pytest.approx(3.0) and "median of 3" in med.source
