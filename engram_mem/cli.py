@@ -3,12 +3,13 @@
     engram-mem up [--shards N] [--tables FILE] [--address RAY_ADDRESS] [--data-dir DIR] [--shard-resource R=1]
     engram-mem status [--address RAY_ADDRESS] [--json]
     engram-mem scale N [--address RAY_ADDRESS]
-    engram-mem checkpoint [--address RAY_ADDRESS]
+    engram-mem checkpoint [DIR] [--address RAY_ADDRESS]
+    engram-mem restore DIR [--shards N] [--address RAY_ADDRESS]
     engram-mem down [--address RAY_ADDRESS]
 
-Without --address, `up` starts an embedded local Ray cluster on a loopback node address and
-keeps it running (in a background process) until `down`. With --address, the memory cluster is
-created as detached actors in that Ray cluster and stays until `down --address`.
+Without --address, `up` starts a local Ray head (`ray start --head`) on a loopback node address,
+creates the memory cluster in it and exits; the cluster runs until `down`. With --address, the
+memory cluster is created as detached actors in that Ray cluster and stays until `down --address`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import argparse
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -46,14 +45,17 @@ def _attach(args):
     return ray, ctl
 
 
-def cmd_up(args) -> int:
-    from engram_mem import local
-
+def _cluster_options(args) -> dict:
     cluster = {}
     if args.data_dir:
         cluster["data_dir"] = os.path.abspath(args.data_dir)
     if args.cpus_per_shard is not None:
         cluster["cpus_per_shard"] = args.cpus_per_shard
+    cluster["durability"] = args.durability
+    if args.snapshot_interval is not None:
+        cluster["snapshot_interval_s"] = args.snapshot_interval
+    if args.reinit_missing:
+        cluster["reinit_missing"] = True
     if args.shard_resource:
         res = {}
         for item in args.shard_resource:
@@ -65,6 +67,28 @@ def cmd_up(args) -> int:
             if not sep or not key:
                 sys.exit(f"engram-mem: --shard-resource {item!r} must look like NAME=AMOUNT, e.g. memory_node=1")
         cluster["shard_resources"] = res
+    return cluster
+
+
+def _durability_note(cluster: dict) -> str:
+    if not cluster.get("data_dir"):
+        return "NOT durable: no --data-dir, rows live only in memory and restart from their initial values"
+    if cluster["durability"] == "none":
+        return f"snapshots in {cluster['data_dir']}, no write-ahead log: updates since the last snapshot die with a shard"
+    return f"durable ({cluster['durability']}): snapshots and write-ahead log in {cluster['data_dir']}"
+
+
+def _fail(e: BaseException) -> None:
+    """Exit with the error's own sentence (a Ray task error carries the cause's)."""
+    cause = getattr(e, "cause", None) or e
+    sys.exit(f"engram-mem: {type(cause).__name__}: {cause}")
+
+
+def cmd_up(args) -> int:
+    from engram_mem import local
+    from engram_mem.errors import EngramMemError
+
+    cluster = _cluster_options(args)
     tables = os.path.abspath(args.tables) if args.tables else None
     if args.address:
         import ray
@@ -75,32 +99,24 @@ def cmd_up(args) -> int:
         local.attach_ray(args.address)
         if get_controller(args.name) is not None:
             sys.exit(f"engram-mem: a memory cluster {args.name!r} already runs in {args.address}")
-        ctl = start_controller(ClusterConfig(name=args.name, shards=args.shards, **cluster), detached=True)
+        try:
+            ctl = start_controller(ClusterConfig(name=args.name, shards=args.shards, **cluster), detached=True)
+        except (EngramMemError, ray.exceptions.RayError) as e:
+            _fail(e)
         if tables:
             local.create_tables_from_file(ctl, tables)
-        print(f"memory cluster {args.name!r} is up in the Ray cluster at {args.address} with {args.shards} shards")
+        print(f"memory cluster {args.name!r} is up in the Ray cluster at {args.address} with {args.shards} shards; "
+              f"{_durability_note(cluster)}")
         return 0
     if local.read_state(args.name) is not None:
         sys.exit(f"engram-mem: a local memory cluster {args.name!r} is already up (see `engram-mem status`)")
-    os.makedirs(local.STATE_DIR, exist_ok=True)
-    log_path = os.path.join(local.STATE_DIR, f"{args.name}.log")
-    cmd = [sys.executable, "-m", "engram_mem.local", "serve", "--name", args.name, "--shards", str(args.shards),
-           "--cluster", json.dumps(cluster)] + (["--tables", tables] if tables else [])
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    deadline = time.time() + args.timeout
-    while time.time() < deadline:
-        state = local.read_state(args.name)
-        if state is not None and state.get("pid") == proc.pid:
-            print(f"memory cluster {args.name!r} is up: {args.shards} shards, Ray at {state['ray_address']} "
-                  f"(pid {proc.pid}, log {log_path})")
-            return 0
-        if proc.poll() is not None:
-            sys.exit(f"engram-mem: the cluster process exited with code {proc.returncode}; see {log_path}")
-        time.sleep(0.5)
-    proc.terminate()
-    sys.exit(f"engram-mem: the cluster did not come up within {args.timeout}s; see {log_path}")
+    try:
+        state = local.up(args.name, args.shards, tables, cluster)
+    except Exception as e:  # noqa: BLE001 - the CLI says what went wrong, not "see log"
+        _fail(e)
+    print(f"memory cluster {args.name!r} is up: {args.shards} shards, Ray at {state['ray_address']}; "
+          f"{_durability_note(cluster)}")
+    return 0
 
 
 def cmd_down(args) -> int:
@@ -116,15 +132,25 @@ def cmd_down(args) -> int:
     if state is None:
         print(f"no local memory cluster {args.name!r} is running")
         return 0
-    os.kill(state["pid"], signal.SIGTERM)
-    deadline = time.time() + args.timeout
-    while time.time() < deadline and local._alive(state["pid"]):
-        time.sleep(0.5)
-    if local._alive(state["pid"]):
-        os.kill(state["pid"], signal.SIGKILL)
-        print(f"memory cluster {args.name!r} did not stop within {args.timeout}s; killed pid {state['pid']}")
-        return 1
-    print(f"memory cluster {args.name!r} is down")
+    import ray
+
+    from engram_mem.controller import get_controller
+
+    note = ""
+    try:
+        local.attach_ray(state["ray_address"])
+        ctl = get_controller(args.name)
+        if ctl is not None:
+            ray.get(ctl.shutdown.remote(), timeout=args.timeout)
+            ray.kill(ctl, no_restart=True)
+    except Exception as e:  # noqa: BLE001 - a broken cluster must still come down
+        note = f" (clean shutdown failed: {type(e).__name__}: {e}; processes stopped anyway)"
+    finally:
+        ray.shutdown()
+    local.remove_shm(state)
+    local.stop_ray_head(args.name)
+    os.unlink(local.state_path(args.name))
+    print(f"memory cluster {args.name!r} is down{note}")
     return 0
 
 
@@ -188,8 +214,26 @@ def cmd_scale(args) -> int:
 
 def cmd_checkpoint(args) -> int:
     ray, ctl = _attach(args)
-    r = ray.get(ctl.checkpoint.remote())
+    target = os.path.abspath(args.dir) if args.dir else None
+    try:
+        r = ray.get(ctl.checkpoint.remote(target))
+    except ray.exceptions.RayError as e:
+        _fail(e)
     print(f"checkpoint: {_fmt_bytes(r['bytes_written'])} written to {r['data_dir']} (epoch {r['epoch']})")
+    ray.shutdown()
+    return 0
+
+
+def cmd_restore(args) -> int:
+    ray, ctl = _attach(args)
+    t0 = time.time()
+    try:
+        r = ray.get(ctl.restore.remote(os.path.abspath(args.dir)))
+        if args.shards:
+            ray.get(ctl.scale.remote(args.shards))
+    except ray.exceptions.RayError as e:
+        _fail(e)
+    print(f"restored {r['slots_restored']} slots from {args.dir} in {time.time() - t0:.1f}s (epoch {r['epoch']})")
     ray.shutdown()
     return 0
 
@@ -202,19 +246,31 @@ def main(argv=None) -> int:
     up.add_argument("--shards", type=int, default=2)
     up.add_argument("--tables", help="JSON file: list of tables to create")
     up.add_argument("--address", help="Ray cluster address (default: start an embedded local one)")
-    up.add_argument("--data-dir", help="lmdb snapshots here; restart restores from them")
+    up.add_argument("--data-dir", help="snapshots and write-ahead log here; a restart restores from them")
+    up.add_argument("--durability", choices=["none", "process", "fsync"], default="process",
+                    help="when an update is acknowledged: process = logged, survives kill -9 (default); "
+                         "fsync = also on disk, survives a machine crash; none = snapshots only")
+    up.add_argument("--snapshot-interval", type=float, help="seconds between snapshots (default 60)")
+    up.add_argument("--reinit-missing", action="store_true",
+                    help="start slots whose snapshot is missing or damaged from their initial values")
     up.add_argument("--cpus-per-shard", type=float)
     up.add_argument("--shard-resource", action="append", default=[], metavar="NAME=AMOUNT",
                     help="a Ray resource each shard needs, to pin shards to memory nodes (repeatable)")
     up.add_argument("--timeout", type=float, default=180)
     for name, fn in (("status", "show shards, nodes, rows, bytes, requests/s"), ("down", "stop the memory cluster"),
-                     ("checkpoint", "snapshot every shard to its data dir")):
+                     ("checkpoint", "a consistent cut of every shard: to the data dir, or to DIR")):
         sp = sub.add_parser(name, help=fn)
         sp.add_argument("--address")
         if name == "status":
             sp.add_argument("--json", action="store_true")
         if name == "down":
             sp.add_argument("--timeout", type=float, default=120)
+        if name == "checkpoint":
+            sp.add_argument("dir", nargs="?", help="write the checkpoint here (default: the data dir)")
+    rs = sub.add_parser("restore", help="replace every table by a checkpoint DIR (any shard count)")
+    rs.add_argument("dir")
+    rs.add_argument("--shards", type=int, help="then scale to this many shards")
+    rs.add_argument("--address")
     sc = sub.add_parser("scale", help="change the shard count")
     sc.add_argument("shards", type=int)
     sc.add_argument("--address")
@@ -223,7 +279,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "scale": cmd_scale,
-            "checkpoint": cmd_checkpoint, "plan": plan_cli.cmd_plan}[args.cmd](args)
+            "checkpoint": cmd_checkpoint, "restore": cmd_restore, "plan": plan_cli.cmd_plan}[args.cmd](args)
 
 
 if __name__ == "__main__":
