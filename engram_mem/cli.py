@@ -323,11 +323,13 @@ def main(argv=None) -> int:
     sc = sub.add_parser("scale", help="change the shard count")
     sc.add_argument("shards", type=int)
     sc.add_argument("--address")
+    from engram_mem.plan import cli as plan_cli  # no Ray/gRPC: the planner is arithmetic
+    plan_cli.add_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "scale": cmd_scale,
             "checkpoint": cmd_checkpoint, "restore": cmd_restore, "credential": cmd_credential,
-            "rotate-credential": cmd_rotate_credential}[args.cmd](args)
+            "rotate-credential": cmd_rotate_credential, "plan": plan_cli.cmd_plan}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
           device: torch.device | str = "cpu", tokenizer: CompressedTokenizer | None = None,
           tokenizer_path: str | Path | None = None, corpus: Corpus | None = None, rows: RowSource | None = None,
           resume: str | Path | None = None, stop_at: int | None = None, progress: bool = True,
-          name: str = "train", log=None, data: list[str] | None = None) -> TrainResult:
+          name: str = "train", log=None, data: list[str] | None = None,
+          record_ids: str | None = None) -> TrainResult:
     """Train a model; the returned history is JSON-serializable (and saved as out_dir/history.json).
 
     tokenizer/corpus: pass them to share one across runs (the benchmark does); otherwise they are
@@ -219,6 +220,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
         cfg = model_cfg.for_tokenizer(tokenizer)
         rows = rows if rows is not None else make_row_source(cfg, tc, device)
         model = EngramModel(cfg, rows=rows, compress_lookup=tokenizer.lookup).to(device)
+    if record_ids and rows is not None:  # engram_model.trace: keep the row ids each forward reads
+        from engram_model.trace import IdRecorder
+
+        model.rows = rows = IdRecorder(rows, record_ids)
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
     if corpus is None and data:
@@ -314,6 +319,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
             save_checkpoint(out / "ckpt", model, rows, opt, tokenizer, tc, step=step + 1,
                             extra={"history": history, "data_rng": data_rng.bit_generator.state})
     bar.close()
+    if record_ids and rows is not None:
+        log(f"[{name}] row ids saved to {rows.save()}")
     history["train_seconds"] = history["elapsed"][-1] if history["elapsed"] else 0.0
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -383,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --memory: drop the model's tables first, so they start from their initial rows")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel training workers on this machine (needs --memory: they share its tables)")
+    p.add_argument("--record-ids", metavar="PATH.npz", help="save the Engram row ids read (for engram-mem plan --trace)")
     return p
 
 
@@ -410,7 +418,8 @@ def _memory_worker(rank: int, world: int, model_cfg: ModelConfig, train_cfg: Tra
             rows = ClusterRows(mem, table_specs(cfg), device=opts["device"], grad_scale=1.0 / world)
         try:
             res = train(model_cfg, train_cfg, out_dir=opts["out"], device=opts["device"], tokenizer=tok, rows=rows,
-                        resume=opts["resume"], progress=opts["progress"], name=opts["name"], data=opts.get("data"))
+                        resume=opts["resume"], progress=opts["progress"], name=opts["name"], data=opts.get("data"),
+                        record_ids=opts.get("record_ids") if rank == 0 else None)
         finally:
             if rows is not None:
                 rows.close()
@@ -451,7 +460,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("engram-train: --nproc > 1 needs --memory: data-parallel workers share the Engram "
                              "tables through a memory cluster (start one with `engram-mem up`)")
         res = train(model_cfg, train_cfg, out_dir=out, device=args.device, tokenizer_path=args.tokenizer,
-                    resume=args.resume, progress=not args.no_progress, name=Path(args.config).stem, data=args.data)
+                    resume=args.resume, progress=not args.no_progress, name=Path(args.config).stem, data=args.data,
+                    record_ids=args.record_ids)
         _report(res, out)
         return
     # Tables in the memory cluster: the tokenizer is made once here, then each worker attaches.
@@ -475,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
                         mem.drop_table(spec.name)
     opts = {"memory": address, "memory_name": args.memory_name, "tokenizer": tok_path, "device": args.device,
             "out": str(out), "resume": args.resume, "progress": not args.no_progress, "name": Path(args.config).stem,
-            "data": args.data}
+            "data": args.data, "record_ids": args.record_ids}
     if args.nproc == 1:
         _memory_worker(0, 1, model_cfg, train_cfg, opts)
     else:
