@@ -174,14 +174,6 @@ def cmd_down(args) -> int:
     return 0
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 def cmd_status(args) -> int:
     from engram_mem.client import MemoryClient
     from engram_mem.status import render, shard_rows
@@ -240,13 +232,15 @@ def cmd_scale(args) -> int:
 
 
 def cmd_checkpoint(args) -> int:
+    from engram_mem.status import fmt_bytes
+
     ray, ctl = _attach(args)
     target = os.path.abspath(args.dir) if args.dir else None
     try:
         r = ray.get(ctl.checkpoint.remote(target))
     except ray.exceptions.RayError as e:
         _fail(e)
-    print(f"checkpoint: {_fmt_bytes(r['bytes_written'])} written to {r['data_dir']} (epoch {r['epoch']})")
+    print(f"checkpoint: {fmt_bytes(r['bytes_written'])} written to {r['data_dir']} (epoch {r['epoch']})")
     ray.shutdown()
     return 0
 

@@ -16,7 +16,7 @@ import time
 from engram_mem.metrics import rates, scrape, summarize
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -90,13 +90,13 @@ def render(describe: dict, rows: list[dict]) -> str:
             continue
         out.append(
             f"{r['shard']:>5} {r['address']:<21} {r['metrics_address']:<21} {r['rows_held']:>13,} "
-            f"{_fmt_bytes(r['table_bytes']):>10} {_fmt_bytes(r['optimizer_state_bytes']):>10} "
-            f"{_fmt_bytes(r['rss_bytes']):>10} {r['requests']:>9,} {r['errors']:>6,} {r['requests_per_s']:>7.1f} "
+            f"{fmt_bytes(r['table_bytes']):>10} {fmt_bytes(r['optimizer_state_bytes']):>10} "
+            f"{fmt_bytes(r['rss_bytes']):>10} {r['requests']:>9,} {r['errors']:>6,} {r['requests_per_s']:>7.1f} "
             f"{r['gather_bytes_per_s'] / 1e6:>8.1f} {_ms(r['gather_p50_ms']):>8}/{_ms(r['gather_p99_ms']):<8} "
             f"{r['restarts']:>8}")
     for name, t in d["tables"].items():
         spec = t["spec"]
         out.append(f"table {name}: {spec['rows']:,} x {spec['dim']} {spec['dtype']}, "
-                   f"{_fmt_bytes(spec['rows'] * spec['dim'] * (4 if spec['dtype'] == 'float32' else 2))}, "
+                   f"{fmt_bytes(spec['rows'] * spec['dim'] * (4 if spec['dtype'] == 'float32' else 2))}, "
                    f"optimizer {t['optimizer']['name']}")
     return "\n".join(out)

@@ -92,7 +92,7 @@ class WriteAheadLog:
         self._fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._seg_bytes = os.fstat(self._fd).st_size
         if self.policy == "fsync":
-            _fsync_dir(self.path)
+            fsync_path(self.path)
 
     def start(self, next_lsn: int) -> None:
         """Begin appending (after replay): a fresh segment starting at next_lsn."""
@@ -241,7 +241,8 @@ def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
             fut.set_exception(error)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file or directory by path (a directory: so a new or renamed entry in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
