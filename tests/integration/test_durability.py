@@ -176,11 +176,6 @@ def _adam_cluster(name, tmp_path, shards):
     return engram_mem.connect(shards=shards, name=name, data_dir=str(tmp_path / "data"), snapshot_interval_s=0)
 
 
-def _state_of(mem, table, ids):
-    """Rows, and the Adam state as it shows in the next update (delta of a zero-lr push is 0; use rows)."""
-    return mem.gather(table, ids)
-
-
 def test_down_up_and_checkpoint_restore_across_shard_counts_are_bit_exact(ray_local, tmp_path):
     rng = np.random.default_rng(0)
     ids = np.unique(rng.integers(0, 20_000, 3000))
