@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_prefill.py
 	$(BIN)/python bench/bench_decode.py
 	$(BIN)/python bench/bench_train_step.py
+	$(BIN)/python bench/bench_serving.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -50,8 +50,10 @@ class ShardActor:
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        self.server = ShardServer(self.store, host=self.node_ip, node_id=self.node_id)
+        self.server = ShardServer(self.store, host=self.node_ip, node_id=self.node_id, security=cfg.security)
         self.address = self.server.start()
+        if ctx.was_current_actor_reconstructed:
+            self._current_credentials()
         self.restore_stats: dict = {}
         t0 = time.time()
         try:
@@ -62,6 +64,9 @@ class ShardActor:
             self.error = f"{type(e).__name__}: {e}"
             self.store.set_ready(False, f"restore failed: {self.error}")
         self.restore_stats["seconds"] = time.time() - t0
+        self.server.servicer.metrics.watch(  # exported as engram_mem_log_bytes / _snapshot_age_seconds
+            log_bytes=lambda: self.wal.size_bytes() if self.wal else -1,
+            snapshot_time=lambda: self.last_snapshot if self.snapshots else None)
         if cfg.data_dir and cfg.snapshot_interval_s:
             threading.Thread(target=self._snapshot_loop, name="engram-snapshots", daemon=True).start()
 
@@ -161,8 +166,12 @@ class ShardActor:
                 "epoch": self.store.epoch, "shm_dir": self.store.shm_dir or "", "lsn": self.store.lsn,
                 "restore": self.restore_stats, "snapshots": self.snapshots,
                 "log_bytes": self.wal.size_bytes() if self.wal else 0,
+                "metrics_address": self.server.metrics_address,
                 "tables": {n: {"uid": ts.uid, "spec": ts.spec.to_dict(), "optimizer": ts.optimizer_spec.to_dict(),
                                "slots": ts.owned_slots()} for n, ts in self.store.tables.items()}}
+
+    def __repr__(self) -> str:  # how the Ray dashboard and log prefixes name this actor
+        return f"ShardActor({self.cfg.name} shard {self.shard_id})"
 
     def add_table(self, spec: dict, optimizer: dict, slots: np.ndarray, epoch: int, uid: str = "") -> None:
         name = spec["name"]
@@ -189,6 +198,22 @@ class ShardActor:
         self.store.remove_slots(name, slots)
         if self.wal:
             self.wal.flush()
+
+    def set_credentials(self, security: dict) -> None:
+        self.server.set_credentials(security)
+
+    def credentials(self) -> dict:
+        return self.server.security.to_dict()
+
+    def _current_credentials(self) -> None:
+        """Ray restarts a shard with its startup config: take the credentials in force now (rotation)."""
+        import ray
+
+        try:
+            ctl = ray.get_actor(self.cfg.controller_name, namespace=NAMESPACE)
+            self.server.set_credentials(ray.get(ctl.shard_security.remote(), timeout=30))
+        except Exception as e:  # noqa: BLE001 - no controller now: keep the startup credentials
+            log.warning("shard %d: kept its startup credentials (%s: %s)", self.shard_id, type(e).__name__, e)
 
     def set_epoch(self, epoch: int) -> None:
         self.store.set_epoch(epoch)

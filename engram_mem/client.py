@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from engram_mem.auth import ClientSecurity, client_security
 from engram_mem.config import DEFAULT_NAME, ClusterConfig
 from engram_mem.errors import (ERROR_CLASSES, EngramMemError, InvalidArgument, NotReady, ReadOnlyTable,
                                RequestTooLarge, ShardUnavailable, StaleEpoch, UnknownTable)
@@ -37,7 +38,7 @@ from engram_mem.optim import OptimizerSpec
 from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.table import TableSpec, from_float32, np_dtype
 from engram_mem.validate import check_grads, check_ids, check_lr, check_rows_finite
-from engram_mem.wire import SERVICE, decode_rows_chunk, ids_bytes
+from engram_mem.wire import SERVICE, decode_rows_chunk, ids_bytes, max_reply_bytes
 
 log = logging.getLogger("engram_mem.client")
 _RETRYABLE = (StaleEpoch, NotReady, ShardUnavailable)
@@ -97,9 +98,10 @@ def _rpc_error(e: grpc.aio.AioRpcError, address: str) -> EngramMemError:
 class _Channels:
     """One uvloop event loop thread, one grpc.aio channel per shard address."""
 
-    def __init__(self, max_message_bytes: int):
+    def __init__(self, max_message_bytes: int, security: ClientSecurity | None = None):
         import uvloop
 
+        self.security = security or ClientSecurity()
         self.opts = [("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes)]
         self.loop = uvloop.new_event_loop()
@@ -121,11 +123,10 @@ class _Channels:
     def stubs(self, address: str):
         """(gather, write, push, stats, health, describe) callables for a shard; loop thread only."""
         if address not in self._chans:
-            ch = grpc.aio.insecure_channel(address, options=self.opts)
+            ch = self.security.channel(address, self.opts)
             ser = lambda m: m.SerializeToString()  # noqa: E731
             path = f"/{SERVICE}/"
-            self._chans[address] = (
-                ch,
+            self._chans[address] = (ch,) + tuple(map(self.security.wrap, (
                 ch.unary_stream(path + "Gather", request_serializer=ser, response_deserializer=decode_rows_chunk),
                 ch.unary_unary(path + "Write", request_serializer=ser, response_deserializer=pb.WriteReply.FromString),
                 ch.unary_unary(path + "Push", request_serializer=ser, response_deserializer=pb.PushReply.FromString),
@@ -133,7 +134,7 @@ class _Channels:
                 ch.unary_unary(path + "Health", request_serializer=ser, response_deserializer=pb.HealthReply.FromString),
                 ch.unary_unary(path + "Describe", request_serializer=ser,
                                response_deserializer=pb.DescribeReply.FromString),
-            )
+            )))
         return self._chans[address][1:]
 
     def forget(self, address: str) -> None:
@@ -198,7 +199,7 @@ class GatherFuture:
 
 class MemoryClient:
     def __init__(self, controller, *, on_close=None, retry_timeout: float = 60.0, worker: str = "",
-                 client_id: str | None = None):
+                 client_id: str | None = None, security: dict | None = None, read_only: bool = False):
         import uuid
 
         import ray
@@ -216,7 +217,9 @@ class MemoryClient:
         self._view = ClusterView(ray.get(controller.describe.remote()))
         cfg = self._view.raw["config"]
         self.max_request_bytes = cfg["max_request_bytes"]
-        self._chans = _Channels(2 * self.max_request_bytes + (1 << 20))
+        if security is None:  # through Ray: the controller hands out the credential (auth.py)
+            security = ray.get(controller.client_security.remote(read_only))
+        self._chans = _Channels(2 * self.max_request_bytes + (1 << 20), ClientSecurity(**security))
         self._pending: dict[str, set] = {}   # table -> in-flight writes/pushes (loop thread only)
         self._unacked: dict[str, int] = {}   # table -> writes/pushes sent and not yet answered
         self._unacked_lock = threading.Lock()
@@ -435,7 +438,8 @@ class MemoryClient:
         address = view.address(rank)
         gather = self._chans.stubs(address)[0]
         dim, dtype = out.shape[1], out.dtype
-        max_ids = self.max_request_bytes // 8
+        max_ids = min(self.max_request_bytes // 8,  # and a reply within the shard's limit (wire.max_reply_bytes)
+                      max(1, max_reply_bytes(self.max_request_bytes) // (dim * dtype.itemsize)))
         for first in range(0, ids.size, max_ids):
             sub = ids[first:first + max_ids]
             pos, end = first, first + sub.size
@@ -718,7 +722,8 @@ def _as_dict(msg) -> dict:
 
 # ---- connect -----------------------------------------------------------------------------------
 def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_NAME,
-            retry_timeout: float = 60.0, **cluster) -> MemoryClient:
+            retry_timeout: float = 60.0, credential: str | None = None, tls: dict | None = None,
+            read_only: bool = False, **cluster) -> MemoryClient:
     """A client of a memory cluster.
 
     - address given: attach to the memory cluster `name` in the Ray cluster at that address.
@@ -728,8 +733,14 @@ def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_
       start an embedded local Ray cluster (node address 127.0.0.2) with a memory cluster of
       `shards` shards; both live as long as the client.
 
+    credential / tls: for clients that do not get them from the cluster through Ray (auth.py):
+    tls = {"ca": path, "cert": path, "key": path (mutual TLS), "server_name": name}. read_only asks
+    the cluster for its read-only credential (Gather, Describe, Stats, Health only).
+
     Extra keyword arguments (data_dir, cpus_per_shard, ...) configure a cluster this call starts.
     """
+    sec = dict(retry_timeout=retry_timeout, read_only=read_only,
+               security=client_security(credential, tls) if credential or tls else None)
     import ray
 
     from engram_mem import local
@@ -752,19 +763,19 @@ def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_
         if ctl is None:
             raise EngramMemError(f"no memory cluster named {name!r} in the Ray cluster at {address}; "
                                  f"start one with `engram-mem up --address {address}`")
-        return MemoryClient(ctl, retry_timeout=retry_timeout)
+        return MemoryClient(ctl, **sec)
     if ray.is_initialized():
         ctl = get_controller(name)
         if ctl is not None:
-            return MemoryClient(ctl, retry_timeout=retry_timeout)
+            return MemoryClient(ctl, **sec)
         ctl = start_controller(ClusterConfig(name=name, shards=shards, **cluster))
-        return MemoryClient(ctl, on_close=own(ctl, False), retry_timeout=retry_timeout)
+        return MemoryClient(ctl, on_close=own(ctl, False), **sec)
     state = local.read_state(name)
     if state is not None:
         local.attach_ray(state["ray_address"])
         ctl = get_controller(name)
         if ctl is not None:
-            return MemoryClient(ctl, on_close=ray.shutdown, retry_timeout=retry_timeout)
+            return MemoryClient(ctl, on_close=ray.shutdown, **sec)
         ray.shutdown()
     local.init_embedded_ray(shards=shards)
     try:
@@ -772,4 +783,4 @@ def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_
     except BaseException:
         ray.shutdown()
         raise
-    return MemoryClient(ctl, on_close=own(ctl, True), retry_timeout=retry_timeout)
+    return MemoryClient(ctl, on_close=own(ctl, True), **sec)

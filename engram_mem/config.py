@@ -36,6 +36,7 @@ class ClusterConfig:
     move_batch_bytes: int = 256 << 20   # slots move between shards in batches of about this size
     storage: str = "shm"                # where shard rows live: "shm" or "disk:/dir" (storage.py)
     memory_budget: int = 0              # disk storage: bytes of page cache each shard keeps (0 = no bound)
+    security: dict | None = None        # auth.Security as a dict: credentials, TLS; None = new random credentials
 
     def __post_init__(self):
         if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", self.name):
@@ -65,6 +66,9 @@ class ClusterConfig:
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         object.__setattr__(self, "shards", int(self.shards))
+        from engram_mem.auth import Security
+
+        object.__setattr__(self, "security", Security.from_dict(self.security).to_dict())  # validated; never None
 
     @property
     def controller_name(self) -> str:
@@ -72,3 +76,9 @@ class ClusterConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def public_dict(self) -> dict:
+        """to_dict() without secrets (credentials, TLS keys), for describe() and status output."""
+        from engram_mem.auth import redact
+
+        return dict(self.to_dict(), security=redact(self.security))

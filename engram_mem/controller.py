@@ -61,6 +61,7 @@ class ClusterController:
 
         infos = ray.get([h.info.remote() for h in live.values()], timeout=300)
         self.shards, self.infos = live, {i["shard_id"]: i for i in infos}
+        self._adopt_credentials()
         persisted = ClusterState.load(self.cfg.data_dir, missing_ok=True) if self.cfg.data_dir else None
         if persisted is not None:
             self.state = persisted
@@ -138,6 +139,47 @@ class ClusterController:
         if self.cfg.data_dir:
             self.state.save(self.cfg.data_dir, fsync=self.cfg.durability == "fsync")
 
+    def _adopt_credentials(self) -> None:
+        """A restarted controller takes the live shards' credentials (a rotation may have changed them)."""
+        import dataclasses
+
+        import ray
+
+        sec = ray.get(next(iter(self.shards.values())).credentials.remote(), timeout=60)
+        self.cfg = self.sup.cfg = dataclasses.replace(self.cfg, security=sec)
+
+    def shard_security(self) -> dict:
+        """The current credentials for a shard that Ray restarted with its startup config (actor.py)."""
+        return self.cfg.security
+
+    def client_security(self, read_only: bool = False) -> dict:
+        """The credential (and TLS files) a client attaching through Ray uses; Ray's token auth guards this call."""
+        from engram_mem.auth import Security
+
+        return Security.from_dict(self.cfg.security).client(read_only)
+
+    def rotate_credentials(self, credentials: list | None = None, read_only_credentials: list | None = None,
+                           finish: bool = False) -> dict:
+        """Credential rotation (auth.rotated): start = new credentials first, old ones still accepted;
+        finish = only the current ones. Shards apply it at once; restarted shards get it from the config."""
+        import dataclasses
+
+        import ray
+
+        from engram_mem.auth import Security, rotated
+
+        with self._lock:
+            sec = rotated(Security.from_dict(self.cfg.security), credentials, read_only_credentials, finish)
+            self.cfg = self.sup.cfg = dataclasses.replace(self.cfg, security=sec.to_dict())
+            ray.get([h.set_credentials.remote(self.cfg.security) for h in self.shards.values()], timeout=60)
+            return {"accepted": len(sec.credentials), "read_only_accepted": len(sec.read_only_credentials)}
+
+    def metrics_endpoints(self) -> dict:
+        """Prometheus endpoints of the shards: {shard_id: "host:port"} (see engram_mem/metrics.py)."""
+        with self._lock:
+            self._refresh_infos()  # a restarted shard serves its metrics on a new port
+            return {sid: i.get("metrics_address", "") for sid, i in self.infos.items()}
+
     # ---- what clients read -----------------------------------------------------------------
     def describe(self) -> dict:
         # No lock: a restarting shard asks for this while the controller may be waiting on it.
@@ -145,7 +187,7 @@ class ClusterController:
             "name": self.cfg.name,
             "cluster_id": self.cluster_id,
             "epoch": self.state.epoch,
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.public_dict(),
             "shards": {sid: {k: v for k, v in i.items() if k != "tables"} | {"actor": self.sup.shard_name(sid)}
                        for sid, i in list(self.infos.items())},
             "tables": {n: {"spec": t.spec.to_dict(), "optimizer": t.optimizer.to_dict(), "uid": t.uid,

@@ -85,9 +85,21 @@ class ShardUnavailable(EngramMemError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(EngramMemError):
+    """The call carried no cluster credential, or a wrong one."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(EngramMemError):
+    """The credential is valid but does not allow this call (a read-only credential and Write/Push)."""
+
+    code = "PERMISSION_DENIED"
+
+
 ERROR_CLASSES = {
     cls.__name__: cls
     for cls in (EngramMemError, InvalidArgument, UnknownTable, TableExists, RowOutOfRange,
                 NonFiniteGradient, NonFiniteUpdate, SequenceTooOld, CorruptData, ReadOnlyTable, RequestTooLarge,
-                StaleEpoch, NotReady, ShardUnavailable)
+                StaleEpoch, NotReady, ShardUnavailable, Unauthenticated, PermissionDenied)
 }

@@ -3,21 +3,24 @@
 Ray replaces 127.0.0.1 by the machine's network address, so local clusters use the loopback
 address 127.0.0.2 for their node (a simulated second node would be 127.0.0.3).
 
-`engram-mem up` (without --address) runs `python -m engram_mem.local serve ...` in the
-background: that process starts a local Ray cluster and a detached memory cluster in it, writes
-a state file (~/.engram-mem/<name>.json: Ray address, its pid) and waits; `engram-mem down`
-signals it, and it shuts the memory cluster and Ray down cleanly.
+`engram-mem up` (without --address) starts a Ray head with `ray start --head` (its own daemons,
+session directory under /tmp and ports), creates the memory cluster in it as
+detached actors, writes a state file (~/.engram-mem/<name>.json) and exits: no process of
+`up` stays behind for the cluster to depend on. `engram-mem down` shuts the memory cluster down
+and stops exactly that Ray cluster's processes (never other Ray clusters on the machine), and
+removes the cluster's shared-memory files even if its shards died.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import signal
+import shutil
+import socket
+import subprocess
 import sys
-import threading
+import time
 
 LOCAL_NODE_IP = "127.0.0.2"
 STATE_DIR = os.path.expanduser(os.environ.get("ENGRAM_MEM_HOME", "~/.engram-mem"))
@@ -27,12 +30,25 @@ def state_path(name: str) -> str:
     return os.path.join(STATE_DIR, f"{name}.json")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+def ray_dir(name: str) -> str:
+    """Ray's session directory for the `up` cluster `name`: short (Ray's socket paths must stay under
+    108 bytes) and unique to this state directory and name (its processes are found by it)."""
+    import hashlib
+
+    return f"/tmp/engram-mem-ray-{hashlib.sha1(f'{STATE_DIR}/{name}'.encode()).hexdigest()[:12]}"
+
+
+def _ray_processes(name: str):
+    """The processes of the Ray cluster `up` started for `name` (their command lines name its directory)."""
+    import psutil
+
+    mark = ray_dir(name)
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(mark in a for a in (p.info["cmdline"] or [])):
+                yield p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
 
 
 def read_state(name: str) -> dict | None:
@@ -43,10 +59,18 @@ def read_state(name: str) -> dict | None:
             state = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if not _alive(int(state.get("pid", -1))):
+    if not any(True for _ in _ray_processes(name)):
         os.unlink(path)
         return None
     return state
+
+
+def write_state(name: str, state: dict) -> None:
+    os.makedirs(STATE_DIR, exist_ok=True)
+    tmp = state_path(name) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, state_path(name))
 
 
 def attach_ray(address: str) -> None:
@@ -79,43 +103,78 @@ def init_embedded_ray(shards: int = 2, num_cpus: int | None = None, object_store
              configure_logging=True)
 
 
-def serve(name: str, shards: int, tables: str | None, cluster: dict) -> None:
-    """Body of the background process behind `engram-mem up`."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCAL_NODE_IP, 0))
+        return s.getsockname()[1]
+
+
+def start_ray_head(name: str, shards: int, object_store_bytes: int = 1 << 30) -> str:
+    """`ray start --head` on the loopback node address, with this cluster's own directory and ports."""
+    os.makedirs(ray_dir(name), exist_ok=True)
+    port = _free_port()
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
+           f"--node-ip-address={LOCAL_NODE_IP}", f"--port={port}", f"--num-cpus={max(4, shards + 2)}",
+           f"--object-store-memory={object_store_bytes}", f"--temp-dir={ray_dir(name)}",
+           f"--ray-client-server-port={_free_port()}", f"--dashboard-port={_free_port()}",
+           "--include-dashboard=false", "--disable-usage-stats"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    if out.returncode != 0:
+        raise RuntimeError(f"`ray start --head` failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return f"{LOCAL_NODE_IP}:{port}"
+
+
+def stop_ray_head(name: str, timeout: float = 30) -> int:
+    """Stop the Ray processes of this cluster (SIGTERM, then SIGKILL). Returns how many there were."""
+    import psutil
+
+    procs = list(_ray_processes(name))
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    shutil.rmtree(ray_dir(name), ignore_errors=True)
+    return len(procs)
+
+
+def up(name: str, shards: int, tables: str | None, cluster: dict) -> dict:
+    """Start a Ray head and a detached memory cluster in it; returns the state written."""
     import ray
 
     from engram_mem.config import ClusterConfig
-    from engram_mem.controller import get_controller, start_controller
+    from engram_mem.controller import start_controller
 
-    init_embedded_ray(shards=shards)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    ctl = None
+    cfg = ClusterConfig(name=name, shards=shards, **cluster)
+    address = start_ray_head(name, shards)
     try:
-        ctl = start_controller(ClusterConfig(name=name, shards=shards, **cluster), detached=True)
+        attach_ray(address)
+        ctl = start_controller(cfg, detached=True)
         if tables:
             create_tables_from_file(ctl, tables)
-        os.makedirs(STATE_DIR, exist_ok=True)
-        ctx = ray.get_runtime_context()
-        state = {"name": name, "pid": os.getpid(), "ray_address": ctx.gcs_address, "shards": shards}
-        tmp = state_path(name) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, state_path(name))
-        print(json.dumps(state), flush=True)
-        stop.wait()
-    finally:
-        try:
-            os.unlink(state_path(name))
-        except FileNotFoundError:
-            pass
-        ctl = ctl or get_controller(name)
-        if ctl is not None:
-            try:
-                ray.get(ctl.shutdown.remote(), timeout=120)
-            finally:
-                ray.kill(ctl, no_restart=True)
+        cluster_id = ray.get(ctl.ping.remote())
+        state = {"name": name, "ray_address": address, "shards": shards, "cluster_id": cluster_id,
+                 "shm_dir": cfg.shm_dir}
+        write_state(name, state)
+        return state
+    except BaseException:
         ray.shutdown()
+        stop_ray_head(name)
+        raise
+    finally:
+        ray.shutdown()
+
+
+def remove_shm(state: dict) -> None:
+    """The cluster's shared-memory files, also when its shards died without cleaning up."""
+    if state.get("shm_dir") and state.get("cluster_id"):
+        shutil.rmtree(os.path.join(state["shm_dir"], state["cluster_id"]), ignore_errors=True)
 
 
 def create_tables_from_file(ctl, path: str) -> None:
@@ -134,17 +193,10 @@ def create_tables_from_file(ctl, path: str) -> None:
         ray.get(ctl.create_table.remote(TableSpec(**t).to_dict(), opt, True))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m engram_mem.local")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve")
-    s.add_argument("--name", required=True)
-    s.add_argument("--shards", type=int, required=True)
-    s.add_argument("--tables")
-    s.add_argument("--cluster", default="{}", help="JSON of extra ClusterConfig fields")
-    args = p.parse_args(argv)
-    serve(args.name, args.shards, args.tables, json.loads(args.cluster))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def wait_gone(name: str, timeout: float = 30) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not any(True for _ in _ray_processes(name)):
+            return True
+        time.sleep(0.2)
+    return False

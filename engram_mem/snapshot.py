@@ -34,6 +34,7 @@ import lmdb
 import numpy as np
 
 from engram_mem.errors import CorruptData
+from engram_mem.wal import fsync_path
 
 MANIFEST = "MANIFEST.json"
 _MAP_SIZE = 1 << 40  # address space only: lmdb files are sparse, disk use is what is written
@@ -52,14 +53,6 @@ def _manifest_crc(doc: dict) -> int:
     return crc32c.crc32c(body)
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: str, doc: dict, fsync: bool) -> None:
     """Write doc (with its crc32c added) to path atomically: temp file, rename."""
     doc = dict(doc)
@@ -72,7 +65,7 @@ def write_json_atomic(path: str, doc: dict, fsync: bool) -> None:
             os.fsync(f.fileno())
     os.replace(tmp, path)
     if fsync:
-        _fsync_path(os.path.dirname(path) or ".")
+        fsync_path(os.path.dirname(path) or ".")
 
 
 def read_json_checked(path: str, what: str) -> dict:
@@ -155,7 +148,7 @@ class SnapshotWriter:
                "base_lsn": self.min_lsn if self.min_lsn is not None else last_lsn, "last_lsn": last_lsn,
                "tables": self.tables}
         if self.fsync:
-            _fsync_path(os.path.join(self.gen_dir, "data.mdb"))
+            fsync_path(os.path.join(self.gen_dir, "data.mdb"))
         write_json_atomic(os.path.join(self.dir, MANIFEST), doc, self.fsync)
         prune(self.dir, self.generation, keep)
         return doc

@@ -20,8 +20,9 @@ Durability policies (per cluster):
     fsync    also fdatasync'ed before the acknowledgement: survives a machine crash
 
 Recovery reads the segments in order. A torn record at the very end of the newest segment (the
-process died mid-write) is cut off; a bad record anywhere else is corruption and raises
-CorruptData naming the file and offset.
+process died mid-write: the record is cut short, or a machine crash left its last bytes
+unwritten) is cut off; a bad record anywhere else, or one followed by more data, is corruption
+and raises CorruptData naming the file and offset.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class WriteAheadLog:
         self._fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._seg_bytes = os.fstat(self._fd).st_size
         if self.policy == "fsync":
-            _fsync_dir(self.path)
+            fsync_path(self.path)
 
     def start(self, next_lsn: int) -> None:
         """Begin appending (after replay): a fresh segment starting at next_lsn."""
@@ -240,7 +241,8 @@ def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
             fut.set_exception(error)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file or directory by path (a directory: so a new or renamed entry in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -254,22 +256,26 @@ def _read_segment(path: str, after: int, last: bool):
     mv = memoryview(data)
     pos = 0
     while pos < len(data):
-        bad = None
+        bad, torn = None, False  # torn: what a process or machine dying mid-append leaves at the very end
         if pos + _FRAME.size > len(data):
-            bad = "a truncated record header"
+            bad, torn = "a truncated record header", True
         else:
             n, crc = _FRAME.unpack_from(mv, pos)
             body = mv[pos + _FRAME.size: pos + _FRAME.size + n]
-            if body.nbytes < n:
-                bad = f"a truncated record ({body.nbytes} of {n} bytes)"
+            if n < _HEAD.size:
+                bad = f"a record of impossible length {n}"
+                torn = not any(data[pos:])  # zeros past the end of what was written (a machine crash)
+            elif body.nbytes < n:
+                bad, torn = f"a truncated record ({body.nbytes} of {n} bytes)", True
             elif crc32c.crc32c(body) != crc:
                 bad = "a record whose crc32c does not match"
+                torn = pos + _FRAME.size + n == len(data)  # only the very last record can be half written
         if bad is not None:
-            if last:  # the process died mid-append: what follows was never acknowledged
+            if last and torn:  # never acknowledged: the append did not complete
                 log.warning("write-ahead log %s: cutting %d bytes at offset %d (%s)", path, len(data) - pos, pos, bad)
                 os.truncate(path, pos)
                 return
-            raise CorruptData(f"write-ahead log segment {path} has {bad} at offset {pos} (not at its end): "
+            raise CorruptData(f"write-ahead log segment {path} has {bad} at offset {pos} (not a torn end): "
                               f"the log is damaged; restore from a checkpoint")
         lsn, kind, mlen = _HEAD.unpack_from(body, 0)
         meta = json.loads(bytes(body[_HEAD.size:_HEAD.size + mlen]))

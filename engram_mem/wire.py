@@ -60,3 +60,32 @@ def chunk_rows_for(row_bytes: int) -> int:
 
 def ids_bytes(ids: np.ndarray) -> bytes:
     return np.ascontiguousarray(ids, dtype="<i8").tobytes()
+
+
+# ---- what a shard accepts (any bytes get a defined status) -------------------------------------
+MAX_CHUNK_BYTES = 16 << 20  # a Gather reply chunk is at most this big, whatever `chunk_rows` asks for
+REPLY_LIMIT_FACTOR = 4      # a Gather reply is at most this many times the request limit (1 GiB by default)
+
+
+def gather_chunk_rows(requested: int, row_bytes: int) -> int:
+    """Rows per reply chunk: the request's `chunk_rows` (0 = ~1 MB), clamped to MAX_CHUNK_BYTES."""
+    cap = max(1, MAX_CHUNK_BYTES // max(1, row_bytes))
+    return min(int(requested), cap) if requested else min(chunk_rows_for(row_bytes), cap)
+
+
+def max_reply_bytes(max_request_bytes: int) -> int:
+    """The largest Gather reply a shard builds; larger requests are refused before any row is copied."""
+    return REPLY_LIMIT_FACTOR * max_request_bytes
+
+
+def decode_request(rpc: str, raw: bytes):
+    """The request message of `rpc` parsed from raw bytes, or InvalidArgument naming what failed."""
+    from engram_mem.errors import InvalidArgument
+    from engram_mem.pb.v1 import memory_pb2 as pb
+
+    cls = getattr(pb, f"{rpc}Request")
+    try:
+        return cls.FromString(raw)
+    except Exception as e:  # noqa: BLE001 - DecodeError, invalid UTF-8 in a string field, ...
+        raise InvalidArgument(f"{rpc}: could not parse the {len(raw)}-byte request as {cls.DESCRIPTOR.full_name} "
+                              f"({type(e).__name__}: {e}); send a message built from proto/engram_mem/v1/memory.proto") from None

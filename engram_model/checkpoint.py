@@ -8,12 +8,15 @@ Layout:
     config.json            {"model": ModelConfig, "train": TrainConfig, "step": int, "extra": {...}}
     model.safetensors      dense weights and buffers (router biases, compression lookup)
     tables.safetensors     the RowSource's state: rows and row-wise Adam state per table (if any)
+    cluster-tables/        tables living in a memory cluster: its consistent cut (engram-mem checkpoint DIR)
     optimizer.safetensors  AdamW state flattened as "<param name>.<exp_avg|exp_avg_sq|step>"
     tokenizer.json         the BPE tokenizer (compression is recomputed from it)
 
 A checkpoint is written to a sibling temp directory and renamed into place, so a crash mid-save
 leaves the previous checkpoint intact. With a remote RowSource, tables.safetensors holds
-whatever its state_dict returns (the memory cluster checkpoints its own rows).
+whatever its state_dict returns, and a RowSource with `save_cut` (the memory cluster) writes a cut
+of its tables beside it, taken at the same step, which `load_checkpoint(..., rows=that source)`
+restores: dense model and tables come back to the same step.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from engram_model.config import ModelConfig, TrainConfig
 from engram_model.model import EngramModel
 from engram_model.rows import TABLE_OPTIMIZER, LocalRows, RowSource, table_specs
 from engram_model.tokenizer import CompressedTokenizer
+
+
+CLUSTER_CUT = "cluster-tables"
 
 
 @dataclass
@@ -85,6 +91,8 @@ def save_checkpoint(path: str | Path, model: EngramModel, rows: RowSource | None
                 "step": int(step), "extra": extra or {}}
     (tmp / "config.json").write_text(json.dumps(manifest, indent=2))
     st_save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    if rows is not None and hasattr(rows, "save_cut"):
+        rows.save_cut(str((tmp / CLUSTER_CUT).resolve()))
     table_state = rows.state_dict() if rows is not None else {}
     if table_state:
         save_file({k: v.contiguous().cpu() for k, v in table_state.items()}, str(tmp / "tables.safetensors"))
@@ -113,6 +121,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", rows: 
     cfg = ModelConfig.from_dict(manifest["model"])
     train_cfg = TrainConfig.from_dict(manifest["train"]) if manifest.get("train") else None
     tok = CompressedTokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None
+    if rows is not None and hasattr(rows, "restore_cut") and trainable and (path / CLUSTER_CUT).exists():
+        rows.restore_cut(str((path / CLUSTER_CUT).resolve()))
     if rows is None and cfg.engram is not None:
         rows = LocalRows(table_specs(cfg), device=device, optimizer=TABLE_OPTIMIZER if trainable else None)
         rows.load_state_dict(load_file(str(path / "tables.safetensors"), device=str(device)))

@@ -148,7 +148,18 @@ class ClusterRows(RowSource):
         return dict(self.fetcher.summary(), wait_s=self.wait_s, row_fetches=self.fetches)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}  # the tables live in the cluster (its lmdb snapshots persist them)
+        return {}  # the tables live in the cluster; a checkpoint takes their cut with save_cut
+
+    def save_cut(self, path: str) -> None:
+        """A consistent cut of the cluster's tables (rows, Adam state, idempotency keys) into path,
+        after this worker's pushes landed. The shards write it: path must be reachable from them."""
+        self.flush()
+        self.client.checkpoint(str(path))
+
+    def restore_cut(self, path: str) -> None:
+        """Put the cluster's tables back to a cut taken by save_cut (any shard count)."""
+        self.flush()
+        self.client.restore(str(path))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Import tables (e.g. a LocalRows checkpoint's "<table>.weight") into the cluster with Write.

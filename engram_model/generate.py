@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-mb", type=int, default=64, help="with --memory: hot-row cache per table")
     p.add_argument("--import-tables", action="store_true",
                    help="with --memory: first write the checkpoint's own tables into the cluster")
+    p.add_argument("--record-ids", metavar="PATH.npz", help="save the Engram row ids read (for engram-mem plan --trace)")
     args = p.parse_args(argv)
     from pathlib import Path
 
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         from engram_model.cluster_rows import load_for_inference
         from engram_model.train import _resolve_memory
 
-        mem = engram_mem.connect(_resolve_memory(args.memory, args.memory_name), name=args.memory_name)
+        mem = engram_mem.connect(_resolve_memory(args.memory, args.memory_name), name=args.memory_name,
+                                 read_only=not args.import_tables)  # inference only reads rows
         model, tok = load_for_inference(args.checkpoint, mem, device=args.device, cache_bytes=args.cache_mb << 20,
                                         import_tables=args.import_tables)
     else:
@@ -171,7 +173,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"engram-generate: {args.checkpoint} has no tables.safetensors: its Engram tables live in "
                              f"a memory cluster; pass --memory RAY_ADDRESS (or 'local')")
         model, tok = load_model(args.checkpoint, device=args.device)
+    if args.record_ids and model.rows is not None:
+        from engram_model.trace import IdRecorder
+
+        model.rows = IdRecorder(model.rows, args.record_ids)
     texts = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if args.record_ids and model.rows is not None:
+        print(f"row ids saved to {model.rows.save()}")
     for prompt, text in zip(args.prompt, texts):
         print(f"--- {prompt!r}\n{prompt}{text}")
     if mem is not None:

@@ -1,226 +1,180 @@
-"""engram-serve: answer generation requests over HTTP, batching prompts that arrive together.
+"""engram-serve: an OpenAI-compatible server for a trained model, one process or Ray Serve replicas.
 
-    engram-serve --checkpoint runs/demo/ckpt --memory 127.0.0.2:6379      # Engram rows from the cluster
-    engram-serve --checkpoint runs/small/ckpt                              # in-process tables
-    curl -s localhost:8000/generate -d '{"prompt": "def main(", "max_new_tokens": 32}'
+    engram-serve --checkpoint runs/small/ckpt                                  # in-process tables, uvicorn
+    engram-serve --checkpoint runs/demo/ckpt --memory local                     # rows from `engram-mem up`
+    engram-serve --checkpoint runs/demo/ckpt --memory local --replicas 2        # Ray Serve, 2 replicas
+    engram-serve --checkpoint runs/demo/ckpt --memory embedded --autoscale 1:3  # starts Ray + memory here
+    engram-serve --checkpoint runs/small/ckpt --memory embedded --import-tables --replicas 2
 
-POST /generate  {"prompt": str, "max_new_tokens": 64, "temperature": 0.0, "top_k": null, "top_p": null,
-                 "seed": null}  ->  {"completion": str, "batch_size": int, "seconds": float}
-GET  /health    {"status": "ok"}
-GET  /stats     requests, batches, mean batch size, tokens/s, and where the Engram rows came from
+    curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "engram", "prompt": "def main(", "max_tokens": 32, "temperature": 0}'
+    python -c 'import openai; c = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-"); \\
+               print(c.completions.create(model="engram", prompt="import os", max_tokens=16).choices[0].text)'
 
-Requests that arrive within --batch-window-ms of each other (up to --max-batch) are decoded
-together when they share sampling settings: generate() left-pads prompts of different lengths into
-one batch, and each completion equals what the prompt would get alone (greedy). Bad requests get HTTP 400 with a message naming the field; the server keeps serving.
+The API is openai_api.py; the continuous-batching engine behind it is engine.py. Without
+--replicas/--autoscale one process serves (uvicorn). With them the model is a Ray Serve deployment
+(deployment.py) in the Ray cluster of the memory cluster: each replica attaches to it as a
+read-only inference worker. --memory embedded starts a local Ray cluster and a memory cluster in
+this process (or attaches to `engram-mem up`'s), imports the checkpoint's tables when the cluster
+lacks them, and shuts all of it down on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import queue
+import signal
 import threading
-import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-from engram_model.generate import generate
+from pathlib import Path
 
 
-@dataclass
-class Request:
-    prompt: str
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future, repr=False)
-
-    @classmethod
-    def parse(cls, body: bytes, max_new_tokens_limit: int) -> "Request":
-        try:
-            d = json.loads(body or b"{}")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"body is not JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError("body must be a JSON object")
-        unknown = set(d) - {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
-        if unknown:
-            raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
-        if not isinstance(d.get("prompt"), str) or not d["prompt"]:
-            raise ValueError("field 'prompt' must be a non-empty string")
-        r = cls(prompt=d["prompt"], max_new_tokens=min(64, max_new_tokens_limit))
-        for name, typ in (("max_new_tokens", int), ("temperature", (int, float)), ("top_k", int),
-                          ("top_p", (int, float)), ("seed", int)):
-            if d.get(name) is not None:
-                if not isinstance(d[name], typ) or isinstance(d[name], bool):
-                    raise ValueError(f"field {name!r} has the wrong type: {d[name]!r}")
-                setattr(r, name, d[name])
-        if not 1 <= r.max_new_tokens <= max_new_tokens_limit:
-            raise ValueError(f"field 'max_new_tokens' is {r.max_new_tokens}; must be in [1, {max_new_tokens_limit}]")
-        if r.temperature < 0:
-            raise ValueError(f"field 'temperature' is {r.temperature}; must be >= 0")
-        if r.top_k is not None and r.top_k < 1:
-            raise ValueError(f"field 'top_k' is {r.top_k}; must be >= 1")
-        if r.top_p is not None and not 0 < r.top_p <= 1:
-            raise ValueError(f"field 'top_p' is {r.top_p}; must be in (0, 1]")
-        return r
-
-    def settings(self) -> tuple:
-        return (self.max_new_tokens, float(self.temperature), self.top_k, self.top_p, self.seed)
+def _parse_autoscale(value: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--autoscale takes MIN:MAX, e.g. 1:4; got {value!r}") from None
+    return lo, hi
 
 
-class Batcher:
-    """One thread runs the model; requests queue up and leave in batches."""
-
-    def __init__(self, model, tokenizer, max_batch: int = 8, window_ms: float = 10.0):
-        self.model, self.tok = model, tokenizer
-        self.max_batch, self.window = max_batch, window_ms / 1000
-        self.queue: queue.Queue[Request | None] = queue.Queue()
-        self.stats = {"requests": 0, "batches": 0, "new_tokens": 0, "busy_s": 0.0, "errors": 0}
-        self._thread = threading.Thread(target=self._run, name="engram-serve-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, r: Request) -> concurrent.futures.Future:
-        self.queue.put(r)
-        return r.future
-
-    def _run(self) -> None:
-        while True:
-            first = self.queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.window
-            while len(batch) < self.max_batch:
-                try:
-                    r = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if r is None:
-                    self.queue.put(None)
-                    break
-                batch.append(r)
-            groups: dict[tuple, list[Request]] = {}
-            for r in batch:
-                groups.setdefault(r.settings(), []).append(r)
-            for (n, temp, top_k, top_p, seed), reqs in groups.items():
-                t0 = time.perf_counter()
-                try:
-                    texts = generate(self.model, self.tok, [r.prompt for r in reqs], max_new_tokens=n,
-                                     temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
-                except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
-                    self.stats["errors"] += len(reqs)
-                    for r in reqs:
-                        r.future.set_exception(e)
-                    continue
-                dt = time.perf_counter() - t0
-                self.stats["batches"] += 1
-                self.stats["requests"] += len(reqs)
-                self.stats["busy_s"] += dt
-                self.stats["new_tokens"] += sum(len(self.tok.encode(t)) for t in texts)
-                for r, text in zip(reqs, texts):
-                    r.future.set_result({"completion": text, "batch_size": len(reqs), "seconds": dt})
-
-    def summary(self) -> dict:
-        s = dict(self.stats)
-        s["mean_batch"] = s["requests"] / s["batches"] if s["batches"] else 0.0
-        s["tokens_per_s"] = s["new_tokens"] / s["busy_s"] if s["busy_s"] else 0.0
-        rows = getattr(self.model, "rows", None)
-        if rows is not None and hasattr(rows, "stats"):
-            s["rows"] = rows.stats()
-        return s
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self._thread.join(timeout=30)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engram-serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory written by engram-train (…/ckpt)")
+    p.add_argument("--memory", default=None, metavar="RAY_ADDRESS",
+                   help="Engram rows from the memory cluster at this Ray address; 'local': the `engram-mem up` "
+                        "one; 'embedded': start one in this process (or use `engram-mem up`'s)")
+    p.add_argument("--memory-name", default="engram-mem")
+    p.add_argument("--shards", type=int, default=2, help="with --memory embedded: shards of a cluster started here")
+    p.add_argument("--import-tables", action="store_true", help="write the checkpoint's tables into the cluster first")
+    p.add_argument("--cache-mb", type=int, default=64, help="hot-row cache per table and replica (with --memory)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default="engram", help="the model id clients pass (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=16, help="running sequences per engine (replica)")
+    p.add_argument("--policy", choices=["continuous", "static"], default="continuous",
+                   help="static: admit a new batch only when the running one has finished (the baseline)")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt positions prefilled between two decode steps of the running requests")
+    p.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request gives none")
+    p.add_argument("--device", default="cpu")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--replicas", type=int, default=None, help="Ray Serve deployment with N replicas")
+    g.add_argument("--autoscale", type=_parse_autoscale, default=None, metavar="MIN:MAX",
+                   help="Ray Serve deployment autoscaling between MIN and MAX replicas")
+    p.add_argument("--replica-cpus", type=float, default=1.0)
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (places replicas on GPU nodes)")
+    p.add_argument("--replica-resources", type=json.loads, default={}, metavar="JSON",
+                   help='custom Ray resources per replica, e.g. \'{"inference_node": 1}\'')
+    return p
 
 
-def make_http_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8000,
-                     max_new_tokens_limit: int = 512, timeout_s: float = 300.0) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def _memory_client(args):
+    """(client, Ray address) of the memory cluster --memory names; the client owns what it started."""
+    import engram_mem
 
-        def _reply(self, code: int, doc: dict) -> None:
-            body = json.dumps(doc).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    if args.memory == "embedded":
+        mem = engram_mem.connect(None, shards=args.shards, name=args.memory_name)
+    else:
+        from engram_model.train import _resolve_memory
 
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            if self.path == "/health":
-                self._reply(200, {"status": "ok"})
-            elif self.path == "/stats":
-                self._reply(200, batcher.summary())
-            else:
-                self._reply(404, {"error": f"no such path {self.path!r}; try POST /generate, GET /health, GET /stats"})
+        mem = engram_mem.connect(_resolve_memory(args.memory, args.memory_name), name=args.memory_name)
+    import ray
 
-        def do_POST(self):  # noqa: N802
-            if self.path != "/generate":
-                self._reply(404, {"error": f"no such path {self.path!r}; POST /generate"})
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 1 << 20:
-                self._reply(413, {"error": f"body is {length} bytes; the limit is 1 MiB"})
-                return
-            try:
-                req = Request.parse(self.rfile.read(length), max_new_tokens_limit)
-            except ValueError as e:
-                self._reply(400, {"error": str(e)})
-                return
-            try:
-                self._reply(200, batcher.submit(req).result(timeout_s))
-            except ValueError as e:  # e.g. a prompt longer than the model's context
-                self._reply(400, {"error": str(e)})
-            except Exception as e:  # noqa: BLE001
-                self._reply(500, {"error": f"{type(e).__name__}: {e}"})
+    return mem, ray.get_runtime_context().gcs_address
 
-        def log_message(self, fmt, *args):  # quiet by default
-            pass
 
-    return ThreadingHTTPServer((host, port), Handler)
+def _ensure_tables(args, mem) -> None:
+    """Import the checkpoint's tables when asked, or when an embedded cluster does not have them yet."""
+    from engram_model.cluster_rows import ClusterRows
+    from engram_model.config import ModelConfig
+    from engram_model.rows import table_specs
+
+    cfg = ModelConfig.from_dict(json.loads((Path(args.checkpoint) / "config.json").read_text())["model"])
+    specs = table_specs(cfg)
+    have = mem.tables()
+    missing = [s.name for s in specs.values() if s.name not in have]
+    if not specs or not (args.import_tables or (missing and args.memory == "embedded")):
+        if missing:
+            raise SystemExit(f"engram-serve: the memory cluster lacks tables {missing}; pass --import-tables to "
+                             f"write the checkpoint's own tables into it")
+        return
+    tables = Path(args.checkpoint) / "tables.safetensors"
+    if not tables.exists():
+        raise SystemExit(f"engram-serve: {args.checkpoint} has no tables.safetensors to import; its tables live in "
+                         f"the memory cluster it was trained with")
+    from safetensors.torch import load_file
+
+    writer = ClusterRows(mem, specs, train=False, node_local=False)
+    writer.load_state_dict(load_file(str(tables)))
+    writer.close()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="engram-serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--memory", help="Ray address of the memory cluster holding the Engram tables")
-    p.add_argument("--memory-name", default="engram-mem")
-    p.add_argument("--import-tables", action="store_true", help="write the checkpoint's tables into the cluster first")
-    p.add_argument("--cache-mb", type=int, default=64, help="hot-row cache per table (with --memory)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--batch-window-ms", type=float, default=10.0)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    mem = None
+    args = build_parser().parse_args(argv)
+    mem = address = None
     if args.memory:
-        import engram_mem
+        mem, address = _memory_client(args)
+        _ensure_tables(args, mem)
+    if args.replicas is None and args.autoscale is None:
+        return _serve_in_process(args, mem)
+    if mem is None:
+        raise SystemExit("engram-serve: --replicas/--autoscale need a Ray cluster: pass --memory (RAY_ADDRESS, "
+                         "'local' or 'embedded')")
+    from ray import serve
+
+    from engram_model.deployment import ServeSpec, deploy
+
+    spec = ServeSpec(checkpoint=str(Path(args.checkpoint).resolve()), memory_address=address,
+                     memory_name=args.memory_name, model_name=args.model_name, replicas=args.replicas or 1,
+                     autoscale=args.autoscale, max_batch=args.max_batch, policy=args.policy, cache_mb=args.cache_mb,
+                     prefill_chunk=args.prefill_chunk,
+                     device=args.device, num_cpus=args.replica_cpus, num_gpus=args.replica_gpus,
+                     replica_resources=args.replica_resources, host=args.host, port=args.port,
+                     default_max_tokens=args.default_max_tokens)
+    try:
+        url = deploy(spec)
+        scale = f"autoscaling {args.autoscale[0]}-{args.autoscale[1]}" if args.autoscale else f"{args.replicas}"
+        print(f"engram-serve: {url}/v1 ({scale} Ray Serve replicas, rows from the memory cluster at {address})",
+              flush=True)
+        _wait_for_signal()
+    finally:
+        serve.shutdown()
+        mem.close()
+    return 0
+
+
+def _serve_in_process(args, mem) -> int:
+    import uvicorn
+
+    from engram_model.engine import Engine, EngineConfig
+    from engram_model.openai_api import make_app
+
+    if mem is not None:
         from engram_model.cluster_rows import load_for_inference
 
-        mem = engram_mem.connect(args.memory, name=args.memory_name)
-        model, tok = load_for_inference(args.checkpoint, mem, device=args.device, cache_bytes=args.cache_mb << 20,
-                                        import_tables=args.import_tables)
+        model, tok = load_for_inference(args.checkpoint, mem, device=args.device, cache_bytes=args.cache_mb << 20)
     else:
         from engram_model.checkpoint import load_model
 
         model, tok = load_model(args.checkpoint, device=args.device)
-    batcher = Batcher(model, tok, max_batch=args.max_batch, window_ms=args.batch_window_ms)
-    server = make_http_server(batcher, args.host, args.port)
-    print(f"engram-serve: http://{args.host}:{server.server_address[1]}/generate "
-          f"(rows from {'the memory cluster at ' + args.memory if args.memory else 'in-process tables'})", flush=True)
+    engine = Engine(model, tok, EngineConfig(max_batch=args.max_batch, policy=args.policy,
+                                                  prefill_chunk=args.prefill_chunk))
+    app = make_app(engine, args.model_name, args.default_max_tokens)
+    print(f"engram-serve: http://{args.host}:{args.port}/v1 (rows from "
+          f"{'the memory cluster' if mem is not None else 'in-process tables'})", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
-        server.server_close()
-        batcher.close()
+        engine.close()
+        if model.rows is not None:
+            model.rows.close()
         if mem is not None:
             mem.close()
     return 0

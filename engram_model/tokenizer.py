@@ -17,6 +17,11 @@ Compressed ids go to keys in order of first appearance. The normalizer chain is 
 
 Only the model's embedding and output use the full vocabulary; only the hash uses compressed ids.
 The lookup is recomputed from tokenizer.json on load (it is a pure function of the vocabulary).
+
+A Hugging Face tokenizer.json made elsewhere loads too (CompressedTokenizer.load): its end-of-text
+token is the first of EOS_ALIASES it has (<|endoftext|>, </s>, ...); when it has none of
+PAD_ALIASES, a <|pad|> special token is appended to its vocabulary. The compression mapping is
+built from its vocabulary the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, PAD]
+# A tokenizer.json made elsewhere names its end-of-text and padding tokens in its own way.
+EOS_ALIASES = [EOS, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]"]
+PAD_ALIASES = [PAD, "<pad>", "[PAD]", "<|finetune_right_pad_id|>"]
 _SENTINEL = "\ue000"   # private-use char: protects a lone " " from Strip
 
 
@@ -73,20 +81,25 @@ def build_lookup(keys: list[str]) -> tuple[np.ndarray, int]:
 class CompressedTokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        self.eos_token = self._find(EOS_ALIASES, "end-of-text")
+        if next((t for t in PAD_ALIASES if tokenizer.token_to_id(t) is not None), None) is None:
+            tokenizer.add_special_tokens([PAD])        # a foreign tokenizer without one: append it
+        self.pad_token = self._find(PAD_ALIASES, "padding")
         self.vocab_size = tokenizer.get_vocab_size()
         ids = list(range(self.vocab_size))
         texts = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
         raw = [tokenizer.id_to_token(i) for i in ids]
         self.lookup, self.compressed_vocab_size = build_lookup(compression_keys(texts, raw))  # int64 [V]
         self._lookup_t: dict[str, torch.Tensor] = {}
-        self.eos_id = self._special(EOS)
-        self.pad_id = self._special(PAD)
+        self.eos_id = self.tokenizer.token_to_id(self.eos_token)
+        self.pad_id = self.tokenizer.token_to_id(self.pad_token)
 
-    def _special(self, token: str) -> int:
-        tid = self.tokenizer.token_to_id(token)
-        if tid is None:
-            raise ValueError(f"tokenizer has no {token!r} token; train it with CompressedTokenizer.train")
-        return tid
+    def _find(self, aliases: list[str], what: str) -> str:
+        for token in aliases:
+            if self.tokenizer.token_to_id(token) is not None:
+                return token
+        raise ValueError(f"the tokenizer has no {what} token (looked for {', '.join(aliases)}); add one to its "
+                         f"tokenizer.json or train one with CompressedTokenizer.train")
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod

@@ -5,6 +5,8 @@
     engram-train --resume runs/small/ckpt --steps 2000             # continue a run
     engram-train --memory local --reset-tables                     # tables in the `engram-mem up` cluster
     engram-train --memory 127.0.0.2:6379 --nproc 2                 # two data-parallel workers, one cluster
+    engram-train --data my_docs/ 'more/*.jsonl' data.parquet --config tiny   # your own text (documents.py)
+    engram-train --data corpus.txt --tokenizer path/to/tokenizer.json        # a Hugging Face tokenizer made elsewhere
 
     from engram_model.train import train
     history = train(model_cfg, train_cfg, out_dir="runs/x", device="cpu")
@@ -16,7 +18,8 @@ clipping never touches them. MoE routers are balanced with the bias update after
 
 Outputs in --out: ckpt/ (safetensors checkpoint, see checkpoint.py), history.json, loss.png.
 The tokenizer is trained once on the training split and cached (runs/tokenizer/), as is the
-tokenized corpus (runs/cache/).
+tokenized corpus (runs/cache/). --data trains on the user's files instead of the stdlib (text,
+directories/globs, JSON Lines, Parquet; see documents.py); progress shows tokens/s and the ETA.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from engram_model import distributed
 from engram_model.checkpoint import load_checkpoint, load_optimizer_tensors, save_checkpoint
 from engram_model.config import ModelConfig, TrainConfig, load_config
 from engram_model.data import Corpus, read_texts, split_files, stdlib_files
+from engram_model.documents import build_data_corpus, data_fingerprint, expand_data_paths, training_texts
 from engram_model.model import EngramModel, count_params
 from engram_model.rows import LocalRows, RowSource, table_specs
 from engram_model.tokenizer import CompressedTokenizer
@@ -58,15 +62,26 @@ def make_row_source(cfg: ModelConfig, args, device: torch.device | str) -> RowSo
     return LocalRows(table_specs(cfg), device=device)
 
 
+def default_tokenizer_path(vocab_size: int, data: list[str] | None = None) -> Path:
+    if data:
+        return DEFAULT_RUNS / "tokenizer" / f"data-{data_fingerprint(expand_data_paths(data))}-bpe-{vocab_size}.json"
+    return DEFAULT_RUNS / "tokenizer" / f"stdlib-bpe-{vocab_size}.json"
+
+
 def load_or_train_tokenizer(path: str | Path | None, vocab_size: int, val_fraction: float = 0.05,
-                            log=print) -> CompressedTokenizer:
-    """Load a saved tokenizer, or train one on the stdlib's training files and save it."""
-    path = Path(path) if path is not None else DEFAULT_RUNS / "tokenizer" / f"stdlib-bpe-{vocab_size}.json"
+                            log=print, data: list[str] | None = None) -> CompressedTokenizer:
+    """Load a saved tokenizer (ours, or any Hugging Face tokenizer.json), or train one on the training
+    split of the stdlib (data None) or of the user's --data files, and save it."""
+    path = Path(path) if path is not None else default_tokenizer_path(vocab_size, data)
     if path.exists():
         return CompressedTokenizer.load(path)
-    train_files, _ = split_files(stdlib_files(), val_fraction)   # never fit the tokenizer on validation
     t0 = time.time()
-    tok = CompressedTokenizer.train(read_texts(train_files), vocab_size=vocab_size)
+    if data:
+        train_files = expand_data_paths(data)
+        tok = CompressedTokenizer.train(training_texts(train_files, val_fraction), vocab_size=vocab_size)
+    else:
+        train_files, _ = split_files(stdlib_files(), val_fraction)   # never fit the tokenizer on validation
+        tok = CompressedTokenizer.train(read_texts(train_files), vocab_size=vocab_size)
     tok.save(path)
     log(f"tokenizer: trained {tok.vocab_size} tokens on {len(train_files)} files in {time.time() - t0:.0f}s -> {path}; "
         f"compressed vocab {tok.compressed_vocab_size} ({tok.reduction:.2%} reduction)")
@@ -166,7 +181,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
           device: torch.device | str = "cpu", tokenizer: CompressedTokenizer | None = None,
           tokenizer_path: str | Path | None = None, corpus: Corpus | None = None, rows: RowSource | None = None,
           resume: str | Path | None = None, stop_at: int | None = None, progress: bool = True,
-          name: str = "train", log=None) -> TrainResult:
+          name: str = "train", log=None, data: list[str] | None = None,
+          record_ids: str | None = None) -> TrainResult:
     """Train a model; the returned history is JSON-serializable (and saved as out_dir/history.json).
 
     tokenizer/corpus: pass them to share one across runs (the benchmark does); otherwise they are
@@ -176,6 +192,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
     stop_at: end this call after that step (checkpointing there), e.g. to run a long schedule in
     chunks; the lr schedule still spans train_cfg.steps.
     out_dir: where ckpt/, history.json and loss.png go (None: nothing is written).
+    data: paths/globs of the user's files to train on (documents.py) instead of the stdlib.
 
     Under torch.distributed (engram_model.distributed.launch), every worker calls train(): each
     draws its own batches, dense gradients and router loads are averaged/summed across workers,
@@ -199,13 +216,19 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
         rng_state = ckpt.extra.get("data_rng")
     else:
         if tokenizer is None:
-            tokenizer = load_or_train_tokenizer(tokenizer_path, tc.tokenizer_vocab, tc.val_fraction, log=log)
+            tokenizer = load_or_train_tokenizer(tokenizer_path, tc.tokenizer_vocab, tc.val_fraction, log=log, data=data)
         cfg = model_cfg.for_tokenizer(tokenizer)
         rows = rows if rows is not None else make_row_source(cfg, tc, device)
         model = EngramModel(cfg, rows=rows, compress_lookup=tokenizer.lookup).to(device)
+    if record_ids and rows is not None:  # engram_model.trace: keep the row ids each forward reads
+        from engram_model.trace import IdRecorder
+
+        model.rows = rows = IdRecorder(rows, record_ids)
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-    if corpus is None:
+    if corpus is None and data:
+        corpus = build_data_corpus(tokenizer, data, tc.val_fraction, cache_dir=DEFAULT_RUNS / "cache", log=log)
+    elif corpus is None:
         corpus = Corpus.build(tokenizer, tc.val_fraction, cache_dir=DEFAULT_RUNS / "cache")
     model.train()
     opt = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=1e-8)
@@ -284,11 +307,20 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
             history["val_step"].append(step + 1)
             history["val_loss"].append(val)
             history["val_elapsed"].append(time.time() - t0)
-            log(f"[{name}] step {step + 1}/{tc.steps}: train {loss_sum:.4f}  val {val:.4f}  ({time.time() - t0:.0f}s)")
-        if out is not None and ((tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or last):
+            rate = tc.tokens_per_step * (step + 1 - start) / max(time.time() - run_t0, 1e-9)
+            eta = (time.time() - run_t0) / (step + 1 - start) * (end - step - 1)
+            log(f"[{name}] step {step + 1}/{tc.steps}: train {loss_sum:.4f}  val {val:.4f}  ({time.time() - t0:.0f}s, "
+                f"{rate:.0f} tok/s, ETA {eta:.0f}s)")
+        checkpointing = (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or last
+        if checkpointing and hasattr(rows, "flush") and distributed.is_distributed():
+            rows.flush()  # every worker's pushes of this step are in before rank 0 takes the tables' cut
+            torch.distributed.barrier()
+        if out is not None and checkpointing:
             save_checkpoint(out / "ckpt", model, rows, opt, tokenizer, tc, step=step + 1,
                             extra={"history": history, "data_rng": data_rng.bit_generator.state})
     bar.close()
+    if record_ids and rows is not None:
+        log(f"[{name}] row ids saved to {rows.save()}")
     history["train_seconds"] = history["elapsed"][-1] if history["elapsed"] else 0.0
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -333,7 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="small", help="config name in engram_model/configs or a JSON path (default: small)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default: runs/tokenizer/...)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default: runs/tokenizer/...); "
+                   "any Hugging Face tokenizer.json works")
+    p.add_argument("--data", nargs="+", action="extend", default=None, metavar="PATH",
+                   help="train on these text files, directories, glob patterns, .jsonl ({'text': ...} per line) "
+                        "and .parquet ('text' column) instead of the Python standard library")
     p.add_argument("--resume", default=None, help="checkpoint directory to continue from")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
@@ -354,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --memory: drop the model's tables first, so they start from their initial rows")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel training workers on this machine (needs --memory: they share its tables)")
+    p.add_argument("--record-ids", metavar="PATH.npz", help="save the Engram row ids read (for engram-mem plan --trace)")
     return p
 
 
@@ -381,7 +418,8 @@ def _memory_worker(rank: int, world: int, model_cfg: ModelConfig, train_cfg: Tra
             rows = ClusterRows(mem, table_specs(cfg), device=opts["device"], grad_scale=1.0 / world)
         try:
             res = train(model_cfg, train_cfg, out_dir=opts["out"], device=opts["device"], tokenizer=tok, rows=rows,
-                        resume=opts["resume"], progress=opts["progress"], name=opts["name"])
+                        resume=opts["resume"], progress=opts["progress"], name=opts["name"], data=opts.get("data"),
+                        record_ids=opts.get("record_ids") if rank == 0 else None)
         finally:
             if rows is not None:
                 rows.close()
@@ -422,7 +460,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("engram-train: --nproc > 1 needs --memory: data-parallel workers share the Engram "
                              "tables through a memory cluster (start one with `engram-mem up`)")
         res = train(model_cfg, train_cfg, out_dir=out, device=args.device, tokenizer_path=args.tokenizer,
-                    resume=args.resume, progress=not args.no_progress, name=Path(args.config).stem)
+                    resume=args.resume, progress=not args.no_progress, name=Path(args.config).stem, data=args.data,
+                    record_ids=args.record_ids)
         _report(res, out)
         return
     # Tables in the memory cluster: the tokenizer is made once here, then each worker attaches.
@@ -430,10 +469,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume:
         tok_path = str(Path(args.resume) / "tokenizer.json")
     else:
-        tok = load_or_train_tokenizer(args.tokenizer, train_cfg.tokenizer_vocab, train_cfg.val_fraction)
+        tok = load_or_train_tokenizer(args.tokenizer, train_cfg.tokenizer_vocab, train_cfg.val_fraction, data=args.data)
         tok_path = str(Path(args.tokenizer) if args.tokenizer else
-                       DEFAULT_RUNS / "tokenizer" / f"stdlib-bpe-{train_cfg.tokenizer_vocab}.json")
-        Corpus.build(tok, train_cfg.val_fraction, cache_dir=DEFAULT_RUNS / "cache")  # tokenized once, cached
+                       default_tokenizer_path(train_cfg.tokenizer_vocab, args.data))
+        if args.data:   # tokenized once, cached
+            build_data_corpus(tok, args.data, train_cfg.val_fraction, cache_dir=DEFAULT_RUNS / "cache")
+        else:
+            Corpus.build(tok, train_cfg.val_fraction, cache_dir=DEFAULT_RUNS / "cache")
         if args.reset_tables and model_cfg.engram is not None:
             import engram_mem
 
@@ -442,7 +484,8 @@ def main(argv: list[str] | None = None) -> None:
                     if spec.name in mem.tables():
                         mem.drop_table(spec.name)
     opts = {"memory": address, "memory_name": args.memory_name, "tokenizer": tok_path, "device": args.device,
-            "out": str(out), "resume": args.resume, "progress": not args.no_progress, "name": Path(args.config).stem}
+            "out": str(out), "resume": args.resume, "progress": not args.no_progress, "name": Path(args.config).stem,
+            "data": args.data, "record_ids": args.record_ids}
     if args.nproc == 1:
         _memory_worker(0, 1, model_cfg, train_cfg, opts)
     else:

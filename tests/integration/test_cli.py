@@ -33,3 +33,31 @@ def test_up_status_scale_down(tmp_path):
     assert down.returncode == 0 and "is down" in down.stdout, down.stdout + down.stderr
     status = _run(["--name", "cli-test", "status"], env)
     assert status.returncode != 0 and "no local memory cluster" in status.stderr
+
+
+def test_up_on_damaged_data_dir_says_which_file_and_down_leaves_no_shm(tmp_path):
+    env = dict(os.environ, ENGRAM_MEM_HOME=str(tmp_path / "home"))
+    data = tmp_path / "data"
+    tables = tmp_path / "tables.json"
+    tables.write_text(json.dumps([{"name": "emb", "rows": 10_000, "dim": 8}]))
+    up = _run(["--name", "cli-dmg", "up", "--shards", "2", "--tables", str(tables), "--data-dir", str(data)], env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "durable (process)" in up.stdout
+        state = json.loads((tmp_path / "home" / "cli-dmg.json").read_text())
+        shm = os.path.join(state["shm_dir"], state["cluster_id"])
+        assert os.path.isdir(shm)
+    finally:
+        down = _run(["--name", "cli-dmg", "down"], env)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not os.path.exists(shm)
+    os.unlink(data / "cluster.json")
+    again = _run(["--name", "cli-dmg", "up", "--shards", "2", "--data-dir", str(data)], env)
+    assert again.returncode != 0
+    assert "CorruptData" in again.stderr and "cluster.json is missing" in again.stderr, again.stderr
+    assert _run(["--name", "cli-dmg", "status"], env).returncode != 0  # nothing was left running
+    nodata = _run(["--name", "cli-nodata", "up", "--shards", "1"], env)
+    try:
+        assert nodata.returncode == 0 and "NOT durable" in nodata.stdout, nodata.stdout + nodata.stderr
+    finally:
+        _run(["--name", "cli-nodata", "down"], env)

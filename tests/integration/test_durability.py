@@ -36,6 +36,16 @@ def _pusher(mem, table, n, acked, errors, ids=SPREAD, pause=0.0):
             time.sleep(pause)
 
 
+def _reader(mem, table, stop, gathered, errors):
+    """Gather continuously until stop is set; count successes and errors."""
+    while not stop.is_set():
+        try:
+            mem.gather(table, SPREAD)
+            gathered.append(1)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+
 def _check_exact(mem, table, base, expect_adds):
     """Tables start at 0 (init_std=0), so each row holds exactly the count of pushes applied to it."""
     got = mem.gather(table, SPREAD)
@@ -85,17 +95,8 @@ def test_kill9_controller_during_gathers_and_pushes(ray_local, tmp_path):
         ctl_pid = ray.get(mem.controller.__ray_call__.remote(lambda self: os.getpid()))
         acked, errors, gathered = [], [], []
         stop = threading.Event()
-
-        def reader():
-            while not stop.is_set():
-                try:
-                    mem.gather("c", SPREAD)
-                    gathered.append(1)
-                except Exception as e:  # noqa: BLE001
-                    errors.append(repr(e))
-
         t_push = threading.Thread(target=_pusher, args=(mem, "c", 200, acked, errors), kwargs={"pause": 0.01})
-        t_read = threading.Thread(target=reader)
+        t_read = threading.Thread(target=_reader, args=(mem, "c", stop, gathered, errors))
         t_push.start()
         t_read.start()
         while len(acked) < 30:
@@ -156,23 +157,12 @@ def test_scale_2_4_3_under_gathers_and_pushes(ray_local, tmp_path):
         acked, errors, gathered = [], [], []
         stop = threading.Event()
         worker = engram_mem.connect(name="scale-load")
-
-        def reader():
-            while not stop.is_set():
-                try:
-                    worker.gather("s", SPREAD)
-                    gathered.append(1)
-                except Exception as e:  # noqa: BLE001
-                    errors.append(repr(e))
-
         t_push = threading.Thread(target=_pusher, args=(worker, "s", 300, acked, errors), kwargs={"pause": 0.005})
-        t_read = threading.Thread(target=reader)
+        t_read = threading.Thread(target=_reader, args=(worker, "s", stop, gathered, errors))
         t_push.start()
         t_read.start()
-        pauses = []
         for n in (4, 3):
             mem.scale(n)
-            pauses.append(mem.describe()["last_scale"]["write_pause_s"])
         t_push.join()
         stop.set()
         t_read.join()
@@ -184,11 +174,6 @@ def test_scale_2_4_3_under_gathers_and_pushes(ray_local, tmp_path):
 
 def _adam_cluster(name, tmp_path, shards):
     return engram_mem.connect(shards=shards, name=name, data_dir=str(tmp_path / "data"), snapshot_interval_s=0)
-
-
-def _state_of(mem, table, ids):
-    """Rows, and the Adam state as it shows in the next update (delta of a zero-lr push is 0; use rows)."""
-    return mem.gather(table, ids)
 
 
 def test_down_up_and_checkpoint_restore_across_shard_counts_are_bit_exact(ray_local, tmp_path):

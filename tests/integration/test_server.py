@@ -1,14 +1,15 @@
 """One shard's gRPC server over real loopback gRPC, spoken to with the generated protobuf stub."""
 
 import os
+import shutil
 import tempfile
 
 import grpc
 import numpy as np
 import pytest
 
+from engram_mem.auth import authorized_stub
 from engram_mem.pb.v1 import memory_pb2 as pb
-from engram_mem.pb.v1 import memory_pb2_grpc
 from engram_mem.server import ShardServer
 from engram_mem.shard import ShardStore
 from engram_mem.table import TableSpec
@@ -25,11 +26,12 @@ def served():
     address = server.start()
     channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20),
                                                       ("grpc.max_receive_message_length", 64 << 20)])
-    stub = memory_pb2_grpc.MemoryStub(channel)
+    stub = authorized_stub(channel, server.security.credentials[0])
     yield store, spec, stub
     channel.close()
     server.stop(grace=1.0)
     store.close()
+    shutil.rmtree(shm, ignore_errors=True)
 
 
 def _ids(*ids):

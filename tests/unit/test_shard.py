@@ -8,7 +8,6 @@ import pytest
 
 from engram_mem.errors import (InvalidArgument, NonFiniteGradient, NotReady, RequestTooLarge, RowOutOfRange,
                                StaleEpoch, TableExists, UnknownTable)
-from engram_mem.persist import Restorer, SlotStore
 from engram_mem.shard import ShardStore
 from engram_mem.table import TableSpec, to_float32
 
@@ -125,25 +124,6 @@ def test_slots_move_with_their_rows_and_optimizer_state(shm_dir):
     a.add_slots("t", b.export_slots("t", [40]))
     assert a.tables["t"].buffer.frames == frames
     a.close(), b.close()
-
-
-def test_snapshot_restores_rows_and_state_on_any_shard(shm_dir, tmp_path):
-    a, spec = _store(shm_dir, slots=range(0, 64), optimizer={"name": "adam"})
-    a.push("t", [1, 500], np.ones((2, 16), np.float32), lr=0.1)
-    persist = SlotStore(str(tmp_path), 0)
-    assert persist.save(a.tables["t"], np.nonzero(a.tables["t"].dirty)[0]) > 0
-    assert not a.tables["t"].dirty.any()
-    want = a.gather("t", [1, 500, 9000])
-    a.close(), persist.close()
-    # A different shard id restores from shard 0's snapshot, and unsnapshotted slots from init.
-    b = ShardStore(7, shm_dir=shm_dir)
-    own = SlotStore(str(tmp_path), 7)
-    b.add_table(spec, range(64), optimizer={"name": "adam"}, restore=Restorer(own, b))
-    assert np.array_equal(b.gather("t", [1, 500, 9000]), want)
-    b.push("t", [1], np.ones((1, 16), np.float32), lr=0.1)  # Adam state came back: step 2, not 1
-    ts = b.tables["t"]
-    assert int(ts.state["step"][b._local_rows(ts, np.array([1]))[0]]) == 2
-    b.close()
 
 
 def test_resident_memory_stays_near_table_bytes(shm_dir):
