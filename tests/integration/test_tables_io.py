@@ -17,12 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import engram_mem
+from engram_mem.auth import authorized_stub
 from engram_mem.errors import InvalidArgument, ReadOnlyTable
 from engram_mem.exporter import export_tables
 from engram_mem.fetcher import RowFetcher
 from engram_mem.importer import import_tables
 from engram_mem.pb.v1 import memory_pb2 as pb
-from engram_mem.pb.v1 import memory_pb2_grpc
 from engram_mem.quant import dequantize_reference, quantize
 from engram_mem.storage import resident_bytes
 from engram_mem.synthetic import write_demo, write_v41
@@ -93,7 +93,8 @@ def test_fp8_table_imported_from_safetensors_serves_its_dequantized_rows_through
             f.close()
 
 
-def test_quantized_tables_take_writes_but_refuse_pushes(mem):
+def test_quantized_tables_take_writes_but_refuse_pushes(mem, ray_local):
+    ray = ray_local
     mem.create_table_spec(TableSpec("fp8.rw", 1000, 64, dtype="fp8_e4m3", block=32))
     x = np.random.default_rng(1).standard_normal((10, 64)).astype(np.float32) * 5
     ids = np.arange(100, 110)
@@ -106,8 +107,9 @@ def test_quantized_tables_take_writes_but_refuse_pushes(mem):
         mem.push("fp8.rw", ids, np.zeros((10, 64), np.float32))
     # The shard refuses too, whoever sends the push, and keeps serving.
     view = mem.refresh()
+    credential = ray.get(mem.controller.client_security.remote())["credential"]
     with grpc.insecure_channel(view.address(int(view.table("fp8.rw").placement[0]))) as ch:
-        stub = memory_pb2_grpc.MemoryStub(ch)
+        stub = authorized_stub(ch, credential)
         with pytest.raises(grpc.RpcError) as e:
             stub.Push(pb.PushRequest(table="fp8.rw", ids=ids_bytes(np.array([0])), grads=bytes(256),
                                      dtype="float32"))
