@@ -16,7 +16,7 @@ steps for bias correction, as in torch.optim.SparseAdam).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 

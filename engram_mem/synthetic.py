@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import os
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 

@@ -74,7 +74,6 @@ def main(argv=None) -> int:
     import dataclasses
 
     import ray
-    import torch
 
     import engram_mem
     from engram_model.cluster_rows import ClusterRows
