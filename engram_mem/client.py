@@ -8,8 +8,9 @@
         mem.push("t", ids, grads, lr=1e-3)             # duplicate ids' gradients are summed first
 
 The control plane (tables, placement, shard addresses) comes from the controller actor through
-Ray; the data plane is gRPC straight to the shards, from one uvloop event loop on a background
-thread. A gather de-duplicates its ids, splits them by shard, sends the per-shard requests at
+Ray; the data plane is gRPC straight to the shards (channel.py), from one uvloop event loop on a
+background thread. This class is the front: validation is validate.py's, cutting a request into
+per-shard parts routing.py's, retrying retry.py's. A gather de-duplicates its ids, splits them by shard, sends the per-shard requests at
 once, receives the streamed chunks into one buffer grouped by shard, and only then (in
 `result()`, on the caller's thread) expands them back to the ids' order and shape.
 
@@ -25,176 +26,24 @@ import concurrent.futures
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from engram_mem.auth import ClientSecurity, client_security
+from engram_mem.channel import ShardChannels, rpc_error
 from engram_mem.config import DEFAULT_NAME, ClusterConfig
-from engram_mem.errors import (ERROR_CLASSES, EngramMemError, InvalidArgument, NotReady, ReadOnlyTable,
-                               RequestTooLarge, ShardUnavailable, StaleEpoch, UnknownTable)
+from engram_mem.errors import EngramMemError, InvalidArgument, ReadOnlyTable, ShardUnavailable, StaleEpoch
+from engram_mem.gather_future import GatherFuture, Reshaped
 from engram_mem.optim import OptimizerSpec
 from engram_mem.pb.v1 import memory_pb2 as pb
+from engram_mem.retry import RETRYABLE, RetryPolicy
+from engram_mem.routing import ClusterView, dest_rows, slot_aligned_chunks, split_by_shard
 from engram_mem.table import TableSpec, from_float32, np_dtype
 from engram_mem.validate import check_grads, check_ids, check_lr, check_rows_finite
-from engram_mem.wire import SERVICE, decode_rows_chunk, ids_bytes, max_reply_bytes
+from engram_mem.wire import ids_bytes, max_reply_bytes
 
 log = logging.getLogger("engram_mem.client")
-_RETRYABLE = (StaleEpoch, NotReady, ShardUnavailable)
-
-
-# ---- the cluster as the client sees it ---------------------------------------------------------
-@dataclass(frozen=True)
-class TableView:
-    spec: TableSpec
-    optimizer: OptimizerSpec
-    placement: np.ndarray  # int32 [n_slots]: shard rank of each slot
-
-
-class ClusterView:
-    """An immutable snapshot of the controller's describe()."""
-
-    def __init__(self, d: dict):
-        self.raw = d
-        self.epoch: int = d["epoch"]
-        self.shard_ids: list[int] = sorted(d["shards"])         # rank -> shard id
-        self.shards: dict[int, dict] = d["shards"]
-        self.tables = {n: TableView(TableSpec.from_dict(t["spec"]), OptimizerSpec.from_dict(t["optimizer"]),
-                                    np.asarray(t["placement"], dtype=np.int32)) for n, t in d["tables"].items()}
-
-    def table(self, name: str) -> TableView:
-        t = self.tables.get(name)
-        if t is None:
-            known = ", ".join(sorted(self.tables)) or "none"
-            raise UnknownTable(f"unknown table {name!r} (the cluster has: {known})")
-        return t
-
-    def address(self, rank: int) -> str:
-        return self.shards[self.shard_ids[rank]]["address"]
-
-    def with_shard(self, info: dict) -> "ClusterView":
-        """The same view with one shard's address (and pid, node) replaced: a restarted shard."""
-        raw = dict(self.raw, shards=dict(self.raw["shards"]))
-        sid = info["shard_id"]
-        raw["shards"][sid] = dict(raw["shards"][sid], **{k: v for k, v in info.items() if k != "tables"})
-        return ClusterView(raw)
-
-
-def _rpc_error(e: grpc.aio.AioRpcError, address: str) -> EngramMemError:
-    """The typed exception a shard meant, rebuilt from its status and trailing metadata."""
-    cls_name = dict(e.trailing_metadata() or ()).get("engram-error")
-    cls = ERROR_CLASSES.get(cls_name or "")
-    if cls is not None:
-        return cls(e.details())
-    code = e.code()
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RequestTooLarge(f"shard {address}: {e.details()}")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return ShardUnavailable(f"shard {address} unreachable: {code.name}: {e.details()}")
-    return EngramMemError(f"shard {address}: {code.name}: {e.details()}")
-
-
-class _Channels:
-    """One uvloop event loop thread, one grpc.aio channel per shard address."""
-
-    def __init__(self, max_message_bytes: int, security: ClientSecurity | None = None):
-        import uvloop
-
-        self.security = security or ClientSecurity()
-        self.opts = [("grpc.max_receive_message_length", max_message_bytes),
-                     ("grpc.max_send_message_length", max_message_bytes)]
-        self.loop = uvloop.new_event_loop()
-        self._chans: dict[str, tuple] = {}
-        ready = threading.Event()
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.loop.call_soon(ready.set)
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, name="engram-mem-client", daemon=True)
-        self.thread.start()
-        ready.wait()
-
-    def submit(self, coro) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stubs(self, address: str):
-        """(gather, write, push, stats, health, describe) callables for a shard; loop thread only."""
-        if address not in self._chans:
-            ch = self.security.channel(address, self.opts)
-            ser = lambda m: m.SerializeToString()  # noqa: E731
-            path = f"/{SERVICE}/"
-            self._chans[address] = (ch,) + tuple(map(self.security.wrap, (
-                ch.unary_stream(path + "Gather", request_serializer=ser, response_deserializer=decode_rows_chunk),
-                ch.unary_unary(path + "Write", request_serializer=ser, response_deserializer=pb.WriteReply.FromString),
-                ch.unary_unary(path + "Push", request_serializer=ser, response_deserializer=pb.PushReply.FromString),
-                ch.unary_unary(path + "Stats", request_serializer=ser, response_deserializer=pb.StatsReply.FromString),
-                ch.unary_unary(path + "Health", request_serializer=ser, response_deserializer=pb.HealthReply.FromString),
-                ch.unary_unary(path + "Describe", request_serializer=ser,
-                               response_deserializer=pb.DescribeReply.FromString),
-            )))
-        return self._chans[address][1:]
-
-    def forget(self, address: str) -> None:
-        entry = self._chans.pop(address, None)
-        if entry is not None:
-            asyncio.ensure_future(entry[0].close())
-
-    def close(self) -> None:
-        async def _close():
-            for ch, *_ in self._chans.values():
-                await ch.close()
-            self._chans.clear()
-
-        if self.loop.is_running():
-            try:
-                self.submit(_close()).result(timeout=10)
-            except Exception:  # noqa: BLE001
-                pass
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=10)
-
-
-class _Reshaped:
-    """A future whose result is reshaped (gather returns [N, dim]; the caller wants ids.shape + (dim,))."""
-
-    def __init__(self, inner: concurrent.futures.Future, shape: tuple):
-        self.inner, self.shape = inner, shape
-
-    def done(self) -> bool:
-        return self.inner.done()
-
-    def result(self, timeout: float | None = None):
-        return self.inner.result(timeout).reshape(self.shape)
-
-
-class GatherFuture:
-    """Rows on their way. `result()` returns them in the ids' order and shape."""
-
-    def __init__(self, inner: concurrent.futures.Future, dtype: str, as_torch: bool = False, device=None,
-                 spec: TableSpec | None = None):
-        self._inner, self._dtype, self._as_torch, self._device = inner, dtype, as_torch, device
-        self._spec = spec  # fp8 tables: torch results are dequantized on the device
-
-    def done(self) -> bool:
-        return self._inner.done()
-
-    def result(self, timeout: float | None = None):
-        out = self._inner.result(timeout)
-        if not (self._as_torch or self._device is not None):
-            return out
-        from engram_mem.table import as_torch
-
-        if self._spec is not None and self._spec.dtype == "fp8_e4m3":
-            from engram_mem.quant import dequantize
-
-            return dequantize(out, self._spec.dim, self._spec.block, self._device)
-        t = as_torch(out, self._dtype)
-        if self._device is not None and str(self._device) != "cpu":
-            t = t.pin_memory().to(self._device, non_blocking=True)
-        return t
 
 
 class MemoryClient:
@@ -219,7 +68,7 @@ class MemoryClient:
         self.max_request_bytes = cfg["max_request_bytes"]
         if security is None:  # through Ray: the controller hands out the credential (auth.py)
             security = ray.get(controller.client_security.remote(read_only))
-        self._chans = _Channels(2 * self.max_request_bytes + (1 << 20), ClientSecurity(**security))
+        self._chans = ShardChannels(2 * self.max_request_bytes + (1 << 20), ClientSecurity(**security))
         self._pending: dict[str, set] = {}   # table -> in-flight writes/pushes (loop thread only)
         self._unacked: dict[str, int] = {}   # table -> writes/pushes sent and not yet answered
         self._unacked_lock = threading.Lock()
@@ -306,34 +155,18 @@ class MemoryClient:
         shape = tuple(ids.shape) if hasattr(ids, "shape") else np.shape(ids)
         return check_ids(spec, ids), shape
 
-    @staticmethod
-    def _split(t: TableView, uniq: np.ndarray, n_shards: int):
-        """Group distinct ids by shard rank: (ids[order], [(rank, start, stop)], order or None if identity)."""
-        ranks = t.placement[uniq // t.spec.slot_rows]
-        if n_shards == 1 or uniq.size == 0:
-            return uniq, [(int(ranks[0]) if uniq.size else 0, 0, uniq.size)], None
-        order = np.argsort(ranks, kind="stable")
-        counts = np.bincount(ranks, minlength=n_shards)
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        parts = [(r, int(bounds[r]), int(bounds[r + 1])) for r in range(n_shards) if counts[r]]
-        return uniq[order], parts, order
-
-    async def _retrying(self, what: str, attempt, deadline: float | None = None):
+    async def _retrying(self, what: str, attempt):
         """Run attempt(view) until it succeeds or a non-retryable error; re-read the view between tries."""
-        deadline = deadline or time.monotonic() + self.retry_timeout
-        delay = 0.02
+        policy = RetryPolicy(self.retry_timeout, what)
         while True:
             view = self._view
             try:
                 return await attempt(view)
-            except _RETRYABLE as e:
-                if time.monotonic() > deadline:
-                    raise type(e)(f"{what}: gave up after {self.retry_timeout:.0f}s: {e}") from e
+            except RETRYABLE as e:
+                policy.give_up_if_late(e)
                 log.debug("%s: %s; retrying", what, e)
                 await self._recover(view, e)
-                if not isinstance(e, StaleEpoch):
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.5)
+                await policy.pause(e)
 
     async def _recover(self, view: ClusterView, e: Exception) -> None:
         """After a retryable error: a new placement (StaleEpoch), or new shard addresses (a shard
@@ -403,7 +236,7 @@ class MemoryClient:
             rep = np.nonzero(repeat)[0]
             dups = (rep, first[inverse[rep]])
         inner = self._chans.submit(self._gather(name, send, dest, flat.size, dups))
-        return GatherFuture(_Reshaped(inner, tuple(shape) + (t.spec.storage_dim,)), t.spec.dtype, as_torch=as_torch,
+        return GatherFuture(Reshaped(inner, tuple(shape) + (t.spec.storage_dim,)), t.spec.dtype, as_torch=as_torch,
                             device=device, spec=t.spec)
 
     async def _gather(self, name: str, send: np.ndarray, dest: np.ndarray | None, n_out: int,
@@ -414,10 +247,10 @@ class MemoryClient:
 
         async def attempt(view: ClusterView):
             t = view.table(name)
-            grouped, parts, order = self._split(t, send, len(view.shard_ids))
+            grouped, parts, order = split_by_shard(t, send, len(view.shard_ids))
             out = np.empty((n_out, t.spec.storage_dim), dtype=t.spec.storage_dtype)
             await asyncio.gather(*(self._gather_part(view, name, rank, grouped[a:b], out, a,
-                                                     self._dest(dest, order, a, b))
+                                                     dest_rows(dest, order, a, b))
                                    for rank, a, b in parts if b > a))
             if dups is not None and dups[0].size:
                 out[dups[0]] = out[dups[1]]
@@ -425,18 +258,11 @@ class MemoryClient:
 
         return await self._retrying(f"gather {name!r}", attempt)
 
-    @staticmethod
-    def _dest(dest: np.ndarray | None, order: np.ndarray | None, a: int, b: int) -> np.ndarray | None:
-        """Output rows of send[order[a:b]] (None: the contiguous rows a:b)."""
-        if order is None:
-            return None if dest is None else dest[a:b]
-        return order[a:b] if dest is None else dest[order[a:b]]
-
     async def _gather_part(self, view: ClusterView, name: str, rank: int, ids: np.ndarray, out: np.ndarray,
                            start: int, dest: np.ndarray | None):
         """Stream one shard's rows into out[start:start+len(ids)], or scattered to out[dest]."""
         address = view.address(rank)
-        gather = self._chans.stubs(address)[0]
+        gather = self._chans.stubs(address).gather
         dim, dtype = out.shape[1], out.dtype
         max_ids = min(self.max_request_bytes // 8,  # and a reply within the shard's limit (wire.max_reply_bytes)
                       max(1, max_reply_bytes(self.max_request_bytes) // (dim * dtype.itemsize)))
@@ -456,7 +282,7 @@ class MemoryClient:
                         out[dest[pos:pos + k]] = rows
                     pos += k
             except grpc.aio.AioRpcError as e:
-                raise _rpc_error(e, address) from None
+                raise rpc_error(e, address) from None
             if pos != end:
                 raise ShardUnavailable(f"shard {address}: gather reply ended early ({pos} of {end} rows)")
 
@@ -539,7 +365,7 @@ class MemoryClient:
         async def run():
             seq = await self._take_seq() if key is None else None
             client, s = (self.client_id, seq) if key is None else key
-            deadline = time.monotonic() + self.retry_timeout
+            deadline = time.monotonic() + self.retry_timeout  # one deadline for every part of the request
             try:
                 fut = asyncio.ensure_future(self._send_ids(name, kind, uniq, rows, dtype, lr, step, client, s,
                                                            deadline))
@@ -582,11 +408,11 @@ class MemoryClient:
         key makes any part sent twice apply once."""
         view = self._view
         t = view.table(name)
-        grouped, parts, order = self._split(t, ids, len(view.shard_ids))
+        grouped, parts, order = split_by_shard(t, ids, len(view.shard_ids))
         data = rows if order is None else rows[order]
 
         async def part(rank: int, a: int, b: int) -> int:
-            delay = 0.02
+            policy = RetryPolicy(self.retry_timeout, f"{kind} {name!r}", deadline=deadline)
             while True:
                 v = self._view
                 if v.epoch != view.epoch:  # re-routed under the new placement
@@ -595,13 +421,10 @@ class MemoryClient:
                 try:
                     return await self._send_part(v, name, kind, rank, grouped[a:b], data[a:b], dtype, lr, step,
                                                  client, seq)
-                except _RETRYABLE as e:
-                    if time.monotonic() > deadline:
-                        raise type(e)(f"{kind} {name!r}: gave up after {self.retry_timeout:.0f}s: {e}") from e
+                except RETRYABLE as e:
+                    policy.give_up_if_late(e)
                     await self._recover(v, e)
-                    if not isinstance(e, StaleEpoch):
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 0.5)
+                    await policy.pause(e)
 
         replies = await asyncio.gather(*(part(rank, a, b) for rank, a, b in parts if b > a))
         return int(sum(replies))
@@ -615,22 +438,22 @@ class MemoryClient:
         stubs = self._chans.stubs(address)
         slot_rows = view.table(name).spec.slot_rows
         done = 0
-        for a, b in _slot_aligned_chunks(ids, slot_rows, max(1, self.max_request_bytes // max(rows.shape[1] * rows.itemsize, 8))):
+        for a, b in slot_aligned_chunks(ids, slot_rows, max(1, self.max_request_bytes // max(rows.shape[1] * rows.itemsize, 8))):
             i, r = ids_bytes(ids[a:b]), memoryview(np.ascontiguousarray(rows[a:b])).cast("B")
             try:
                 if kind == "write":
-                    reply = await stubs[1](pb.WriteRequest(table=name, ids=i, rows=bytes(r), dtype=dtype,
+                    reply = await stubs.write(pb.WriteRequest(table=name, ids=i, rows=bytes(r), dtype=dtype,
                                                            epoch=view.epoch, client=client, seq=seq))
                     done += reply.rows_written
                 else:
                     info = pb.StepInfo(step=step, worker=self.worker)
                     if lr is not None:
                         info.lr = lr
-                    reply = await stubs[2](pb.PushRequest(table=name, ids=i, grads=bytes(r), dtype=dtype,
+                    reply = await stubs.push(pb.PushRequest(table=name, ids=i, grads=bytes(r), dtype=dtype,
                                                           epoch=view.epoch, step=info, client=client, seq=seq))
                     done += reply.rows_updated
             except grpc.aio.AioRpcError as e:
-                raise _rpc_error(e, address) from None
+                raise rpc_error(e, address) from None
         return done
 
     def flush(self, name: str | None = None, timeout: float | None = None) -> None:
@@ -659,9 +482,9 @@ class MemoryClient:
         """The Describe reply of the shard at `address` (its tables, frame layout, shm files)."""
         async def run():
             try:
-                return await self._chans.stubs(address)[5](pb.DescribeRequest())
+                return await self._chans.stubs(address).describe(pb.DescribeRequest())
             except grpc.aio.AioRpcError as e:
-                raise _rpc_error(e, address) from None
+                raise rpc_error(e, address) from None
 
         return self._chans.submit(run()).result(timeout)
 
@@ -670,9 +493,9 @@ class MemoryClient:
         """Per-shard counters and rates (the Stats RPC of every shard)."""
         async def one(address):
             try:
-                return _as_dict(await self._chans.stubs(address)[3](pb.StatsRequest()))
+                return _as_dict(await self._chans.stubs(address).stats(pb.StatsRequest()))
             except grpc.aio.AioRpcError as e:
-                return {"error": str(_rpc_error(e, address))}
+                return {"error": str(rpc_error(e, address))}
 
         view = self.refresh()
 
@@ -688,27 +511,11 @@ class MemoryClient:
         view = self.refresh()
 
         async def run():
-            return await asyncio.gather(*(self._chans.stubs(view.address(r))[4](pb.HealthRequest())
+            return await asyncio.gather(*(self._chans.stubs(view.address(r)).health(pb.HealthRequest())
                                           for r in range(len(view.shard_ids))))
 
         return [dict(_as_dict(h), status=pb.HealthReply.Status.Name(h.status))
                 for h in self._chans.submit(run()).result(30)]
-
-
-def _slot_aligned_chunks(ids: np.ndarray, slot_rows: int, max_ids: int):
-    """(start, stop) ranges of sorted ids, at most max_ids long where a slot allows, never cutting a
-    slot: a key is remembered per slot, so one slot's rows of a request must travel together."""
-    if ids.size <= max_ids:
-        yield 0, ids.size
-        return
-    slots = ids // slot_rows
-    bounds = np.concatenate([[0], np.nonzero(np.diff(slots))[0] + 1, [ids.size]])
-    a = 0
-    for i in range(1, bounds.size):
-        if bounds[i] - a > max_ids and bounds[i - 1] > a:
-            yield a, int(bounds[i - 1])
-            a = int(bounds[i - 1])
-    yield a, ids.size
 
 
 def _as_dict(msg) -> dict:

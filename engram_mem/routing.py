@@ -1,0 +1,89 @@
+"""Request routing: the cluster as a client sees it, and how a request is cut into per-shard parts.
+
+    view = ClusterView(controller.describe())
+    grouped, parts, order = split_by_shard(view.table("t"), sorted_distinct_ids, len(view.shard_ids))
+    for a, b in slot_aligned_chunks(ids, slot_rows, max_ids): ...   # never cut a slot (idempotency keys)
+
+Nothing here does I/O: it is arithmetic over the placement (slot -> shard rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engram_mem.errors import UnknownTable
+from engram_mem.optim import OptimizerSpec
+from engram_mem.table import TableSpec
+
+
+@dataclass(frozen=True)
+class TableView:
+    spec: TableSpec
+    optimizer: OptimizerSpec
+    placement: np.ndarray  # int32 [n_slots]: shard rank of each slot
+
+
+class ClusterView:
+    """An immutable snapshot of the controller's describe()."""
+
+    def __init__(self, d: dict):
+        self.raw = d
+        self.epoch: int = d["epoch"]
+        self.shard_ids: list[int] = sorted(d["shards"])         # rank -> shard id
+        self.shards: dict[int, dict] = d["shards"]
+        self.tables = {n: TableView(TableSpec.from_dict(t["spec"]), OptimizerSpec.from_dict(t["optimizer"]),
+                                    np.asarray(t["placement"], dtype=np.int32)) for n, t in d["tables"].items()}
+
+    def table(self, name: str) -> TableView:
+        t = self.tables.get(name)
+        if t is None:
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise UnknownTable(f"unknown table {name!r} (the cluster has: {known})")
+        return t
+
+    def address(self, rank: int) -> str:
+        return self.shards[self.shard_ids[rank]]["address"]
+
+    def with_shard(self, info: dict) -> "ClusterView":
+        """The same view with one shard's address (and pid, node) replaced: a restarted shard."""
+        raw = dict(self.raw, shards=dict(self.raw["shards"]))
+        sid = info["shard_id"]
+        raw["shards"][sid] = dict(raw["shards"][sid], **{k: v for k, v in info.items() if k != "tables"})
+        return ClusterView(raw)
+
+
+def split_by_shard(t: TableView, uniq: np.ndarray, n_shards: int):
+    """Group distinct ids by shard rank: (ids[order], [(rank, start, stop)], order or None if identity)."""
+    ranks = t.placement[uniq // t.spec.slot_rows]
+    if n_shards == 1 or uniq.size == 0:
+        return uniq, [(int(ranks[0]) if uniq.size else 0, 0, uniq.size)], None
+    order = np.argsort(ranks, kind="stable")
+    counts = np.bincount(ranks, minlength=n_shards)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    parts = [(r, int(bounds[r]), int(bounds[r + 1])) for r in range(n_shards) if counts[r]]
+    return uniq[order], parts, order
+
+
+def dest_rows(dest: np.ndarray | None, order: np.ndarray | None, a: int, b: int) -> np.ndarray | None:
+    """Output rows of send[order[a:b]] (None: the contiguous rows a:b)."""
+    if order is None:
+        return None if dest is None else dest[a:b]
+    return order[a:b] if dest is None else dest[order[a:b]]
+
+
+def slot_aligned_chunks(ids: np.ndarray, slot_rows: int, max_ids: int):
+    """(start, stop) ranges of sorted ids, at most max_ids long where a slot allows, never cutting a
+    slot: a key is remembered per slot, so one slot's rows of a request must travel together."""
+    if ids.size <= max_ids:
+        yield 0, ids.size
+        return
+    slots = ids // slot_rows
+    bounds = np.concatenate([[0], np.nonzero(np.diff(slots))[0] + 1, [ids.size]])
+    a = 0
+    for i in range(1, bounds.size):
+        if bounds[i] - a > max_ids and bounds[i - 1] > a:
+            yield a, int(bounds[i - 1])
+            a = int(bounds[i - 1])
+    yield a, ids.size
