@@ -67,7 +67,7 @@ class ShardActor:
         self.server.servicer.metrics.watch(  # exported as engram_mem_log_bytes / _snapshot_age_seconds
             log_bytes=lambda: self.wal.size_bytes() if self.wal else -1,
             snapshot_time=lambda: self.last_snapshot if self.snapshots else None)
-        if cfg.data_dir and cfg.snapshot_interval_s:
+        if cfg.data_dir:  # by time (snapshot_interval_s > 0) and by log size (always)
             threading.Thread(target=self._snapshot_loop, name="engram-snapshots", daemon=True).start()
 
     # ---- restore -----------------------------------------------------------------------------
@@ -271,7 +271,8 @@ class ShardActor:
         """Snapshot when the interval has passed or the log has grown past its budget."""
         while not self._stop.wait(0.5):
             try:
-                due = time.time() - self.last_snapshot >= self.cfg.snapshot_interval_s
+                every = self.cfg.snapshot_interval_s
+                due = bool(every) and time.time() - self.last_snapshot >= every
                 big = self.wal is not None and self.wal.bytes_since_truncate >= self.cfg.snapshot_log_bytes
                 if self.store.ready and (due or big):
                     self.snapshot()

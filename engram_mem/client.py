@@ -33,7 +33,8 @@ import numpy as np
 from engram_mem.auth import ClientSecurity, client_security
 from engram_mem.channel import ShardChannels, rpc_error
 from engram_mem.config import DEFAULT_NAME, ClusterConfig
-from engram_mem.errors import EngramMemError, InvalidArgument, ReadOnlyTable, ShardUnavailable, StaleEpoch
+from engram_mem.errors import (EngramMemError, InvalidArgument, ReadOnlyTable, ShardUnavailable, StaleEpoch,
+                               UnknownTable)
 from engram_mem.gather_future import GatherFuture, Reshaped
 from engram_mem.optim import OptimizerSpec
 from engram_mem.pb.v1 import memory_pb2 as pb
@@ -110,6 +111,13 @@ class MemoryClient:
 
     def tables(self) -> dict[str, TableSpec]:
         return {n: t.spec for n, t in self.refresh().tables.items()}
+
+    def _table(self, name: str):
+        """The table's view; a table created after this client attached is found by re-reading the cluster."""
+        try:
+            return self._view.table(name)
+        except UnknownTable:
+            return self.refresh().table(name)
 
     # ---- control plane ---------------------------------------------------------------------
     def create_table(self, name: str, rows: int, dim: int, dtype: str = "float32", seed: int = 0, *,
@@ -221,7 +229,7 @@ class MemoryClient:
         return self.gather_async(name, ids, as_torch=as_torch, device=device).result()
 
     def gather_async(self, name: str, ids, *, as_torch: bool = False, device=None) -> GatherFuture:
-        t = self._view.table(name)
+        t = self._table(name)
         flat, shape = self._ids(t.spec, ids)
         uniq, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
         if uniq.size == flat.size:  # distinct: rows arrive straight into place, in request order
@@ -293,7 +301,7 @@ class MemoryClient:
     def write_async(self, name: str, ids, rows, key: tuple[str, int] | None = None) -> concurrent.futures.Future:
         """Set rows (the last of duplicate ids wins). key=(client id, seq) overrides the client's own
         idempotency key: a new client retrying a dead one's request with its key applies it once."""
-        t = self._view.table(name)
+        t = self._table(name)
         flat, _ = self._ids(t.spec, ids)
         rows, dtype = self._rows(t.spec, rows, flat.size, "rows")
         # Last write wins among duplicates: keep each id's last occurrence.
@@ -312,7 +320,7 @@ class MemoryClient:
         Applied exactly once however often it is retried (idempotency key; `key` as in write_async)."""
         import torch
 
-        t = self._view.table(name)
+        t = self._table(name)
         if t.spec.is_bytes:
             raise ReadOnlyTable(f"table {name!r} holds {t.spec.dtype} rows, which take write (import) but not push; "
                                 f"train a float32 or bfloat16 table and quantize it on export")
@@ -470,7 +478,7 @@ class MemoryClient:
 
     def gather_distinct_async(self, name: str, ids: np.ndarray) -> concurrent.futures.Future:
         """Rows [n, dim] for distinct int64 ids, in their order (no de-duplication pass, no expansion)."""
-        t = self._view.table(name)
+        t = self._table(name)
         flat, _ = self._ids(t.spec, ids)
 
         async def run():

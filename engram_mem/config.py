@@ -24,7 +24,7 @@ class ClusterConfig:
     shm_dir: str = "/dev/shm/engram-mem"  # shard row buffers live here, shared with same-node workers
     data_dir: str | None = None         # snapshots + write-ahead log; None = no persistence (rows restart from init)
     durability: str = "process"         # none | process (survives kill -9) | fsync (survives a machine crash)
-    snapshot_interval_s: float = 60.0   # each shard snapshots this often (0 = only on checkpoint) ...
+    snapshot_interval_s: float = 60.0   # each shard snapshots this often (0 = not by time) ...
     snapshot_log_bytes: int = 1 << 30   # ... or when its log has grown by this much since the last one
     wal_segment_bytes: int = 256 << 20  # log segment size (whole segments are dropped behind a snapshot)
     keep_generations: int = 2           # snapshot generations kept per shard

@@ -25,7 +25,14 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    init_embedded_ray(num_cpus=8, object_store_bytes=512 << 20)
+    for attempt in range(3):  # on a loaded 2-core machine Ray's own start-up can time out; try again
+        try:
+            init_embedded_ray(num_cpus=8, object_store_bytes=512 << 20)
+            break
+        except RuntimeError:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         yield ray
     finally:

@@ -171,3 +171,10 @@ def test_status_rows_and_stats(mem):
     assert len(stats) == len(mem.view.shard_ids)
     assert all(s["table_bytes"] > 0 and s["rss_bytes"] > 0 for s in stats)
     assert sum(s["requests"].get("Gather", 0) for s in stats) > 0
+
+
+def test_a_client_attached_before_a_table_is_created_finds_it(mem):
+    with engram_mem.connect(name="test-cluster") as early:  # e.g. a worker that attached before rank 0 made it
+        spec = mem.create_table("late", rows=100, dim=4, optimizer={"name": "sgd", "lr": 1.0})
+        early.push("late", [7], -np.ones((1, 4), np.float32))
+        assert np.allclose(early.gather("late", [7])[0], spec.init_rows([7])[0] + 1.0)
