@@ -201,6 +201,15 @@ class Run:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+async def _collect(run, n: int) -> tuple[list[str], list]:
+    """The whole text and finish reason of each of a non-streamed request's n choices."""
+    texts, finishes = [""] * n, [None] * n
+    async for i, delta, finish in run.events():
+        texts[i] += delta
+        finishes[i] = finish or finishes[i]
+    return texts, finishes
+
+
 def _sse(doc) -> str:
     return f"data: {json.dumps(doc)}\n\n"
 
@@ -285,10 +294,7 @@ def make_app(engine: Engine, model_name: str = "engram", default_max_tokens: int
                     yield _sse({**base, "choices": [], "usage": run.usage(req.n)})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(_guarded(stream()), media_type="text/event-stream")
-        texts, finishes = [""] * len(jobs), [None] * len(jobs)
-        async for i, delta, finish in run.events():
-            texts[i] += delta
-            finishes[i] = finish or finishes[i]
+        texts, finishes = await _collect(run, len(jobs))
         choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
                    for i, (t, f) in enumerate(zip(texts, finishes))]
         return {**base, "choices": choices, "usage": run.usage(req.n)}
@@ -322,10 +328,7 @@ def make_app(engine: Engine, model_name: str = "engram", default_max_tokens: int
                     yield _sse({**chunk, "choices": [], "usage": run.usage(req.n)})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(_guarded(stream()), media_type="text/event-stream")
-        texts, finishes = [""] * len(jobs), [None] * len(jobs)
-        async for i, delta, finish in run.events():
-            texts[i] += delta
-            finishes[i] = finish or finishes[i]
+        texts, finishes = await _collect(run, len(jobs))
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                     "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finishes))]
         return {**base, "choices": choices, "usage": run.usage(req.n)}
