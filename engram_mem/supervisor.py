@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import time
 
 from engram_mem.config import NAMESPACE, ClusterConfig
@@ -60,10 +62,11 @@ class Supervisor:
             ).remote(sid, self.cfg.to_dict(), self.cluster_id)
         infos = ray.get([h.info.remote() for h in handles.values()], timeout=timeout)
         errors = [i for i in infos if i.get("error")]
-        if errors:
-            for h in handles.values():
-                ray.kill(h, no_restart=True)
+        if errors:  # shards that could not restore are up but not ready: stop them (their /dev/shm files too)
+            self.stop(handles)
             ray.util.remove_placement_group(pg)
+            if self.cfg.shm_dir:
+                shutil.rmtree(os.path.join(self.cfg.shm_dir, self.cluster_id), ignore_errors=True)
             first = errors[0]["error"]
             cls_name, _, msg = first.partition(": ")
             raise ERROR_CLASSES.get(cls_name, EngramMemError)(f"shard {errors[0]['shard_id']} could not start: {msg}")
