@@ -56,17 +56,25 @@ class _Bins:
             return self.head_mass(cache_rows)
         if policy != "lru":
             raise PlanInputError(f"cache policy must be 'lfu' or 'lru', got {policy!r}")
+        t = self._che_time(cache_rows)
+        return float(np.sum(self.n * self.p * -np.expm1(-self.p * t)))
+
+    def _occupancy(self, t: float) -> float:
+        return float(np.sum(self.n * -np.expm1(-self.p * t)))
+
+    def _che_time(self, cache_rows: float) -> float:
+        """Che's characteristic time T of an LRU cache of cache_rows rows: occupancy(T) == cache_rows."""
         lo, hi = 0.0, 1.0
         while self._occupancy(hi) < cache_rows:
             hi *= 2
         for _ in range(100):
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if self._occupancy(mid) < cache_rows else (lo, mid)
-        t = 0.5 * (lo + hi)
-        return float(np.sum(self.n * self.p * -np.expm1(-self.p * t)))
+        return 0.5 * (lo + hi)
 
-    def _occupancy(self, t: float) -> float:
-        return float(np.sum(self.n * -np.expm1(-self.p * t)))
+    def _seen(self, draws: float) -> np.ndarray:
+        """Expected distinct rows per bin among `draws` independent lookups."""
+        return self.n * -np.expm1(draws * np.log1p(-np.minimum(self.p, 1 - 1e-16)))
 
     def rows_for_hit_rate(self, target: float, policy: str = "lfu") -> float:
         if not 0 <= target < 1:
@@ -81,23 +89,17 @@ class _Bins:
 
     def distinct(self, draws: float) -> float:
         """Expected distinct rows among `draws` independent lookups."""
-        return float(np.sum(self.n * -np.expm1(draws * np.log1p(-np.minimum(self.p, 1 - 1e-16)))))
+        return float(self._seen(draws).sum())
 
     def distinct_missing(self, draws: float, cache_rows: float, policy: str = "lfu") -> float:
         """Expected distinct rows among `draws` lookups that a cache of `cache_rows` rows does not hold."""
-        seen = self.n * -np.expm1(draws * np.log1p(-np.minimum(self.p, 1 - 1e-16)))   # per bin
+        seen = self._seen(draws)
         if cache_rows <= 0:
             return float(seen.sum())
         if cache_rows >= self.rows:
             return 0.0
         if policy == "lru":   # Che: row i is cached with probability 1 - exp(-p_i T)
-            lo, hi = 0.0, 1.0
-            while self._occupancy(hi) < cache_rows:
-                hi *= 2
-            for _ in range(100):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if self._occupancy(mid) < cache_rows else (lo, mid)
-            return float(np.sum(seen * np.exp(-self.p * 0.5 * (lo + hi))))
+            return float(np.sum(seen * np.exp(-self.p * self._che_time(cache_rows))))
         cached = np.clip(cache_rows - (self.cum_rows - self.n), 0, self.n)                # top rows held
         return float(np.sum(seen * (1 - cached / self.n)))
 
