@@ -9,6 +9,12 @@ controller nor any client is needed for that.
 
     actor = ray.remote(ShardActor).options(...).remote(shard_id=0, cluster=cfg.to_dict(), cluster_id="ab12")
     info = ray.get(actor.info.remote())       # {"address": "127.0.0.2:PORT", "node_id": ..., "error": ...}
+
+With `replicas=R` a shard has R members (replication.py): member 0, the primary, is the shard
+above; members 1..R-1 are replicas, named `<cluster>-shard-<id>-r<k>`, that keep no log or
+snapshots of their own: each (re)builds itself by copying its primary's slots and then applies
+the changes the primary ships. A restarted primary tells its replicas to rebuild from it; one
+without a data directory first restores itself from a live replica.
 """
 
 from __future__ import annotations
@@ -28,18 +34,30 @@ from engram_mem.table import TableSpec
 log = logging.getLogger("engram_mem.actor")
 
 
+def member_name(cluster: str, shard_id: int, member: int = 0) -> str:
+    """The Ray actor name of a shard's member: its primary (0) or replica k."""
+    return f"{cluster}-shard-{shard_id}" if member == 0 else f"{cluster}-shard-{shard_id}-r{member}"
+
+
 class ShardActor:
-    def __init__(self, shard_id: int, cluster: dict, cluster_id: str):
+    def __init__(self, shard_id: int, cluster: dict, cluster_id: str, member: int = 0):
         import ray
 
+        from engram_mem.replication import ReplicaFeed, ReplicaSync
         from engram_mem.server import ShardServer
 
         cfg = ClusterConfig(**cluster)
-        self.cfg, self.shard_id, self.cluster_id = cfg, shard_id, cluster_id
+        self.cfg, self.shard_id, self.cluster_id, self.member = cfg, shard_id, cluster_id, member
         shm_dir = os.path.join(cfg.shm_dir, cluster_id) if cfg.shm_dir else None
         self.store = ShardStore(shard_id, shm_dir=shm_dir, max_request_bytes=cfg.max_request_bytes,
                                 max_lr=cfg.max_lr, max_grad_abs=cfg.max_grad_abs, storage=cfg.storage,
-                                memory_budget=cfg.memory_budget)
+                                memory_budget=cfg.memory_budget, member=member)
+        self.feed = None           # primary of a replicated shard: ships its changes to the replicas
+        if member == 0 and cfg.replicas > 1:
+            self.feed = ReplicaFeed(self._wait_logged, cfg.replica_max_lag_bytes)
+            self.store.taps.append(self.feed.publish)
+        self.sync = ReplicaSync(self.store, member_name(cfg.name, shard_id, member), cfg.move_batch_bytes)
+        self._syncing = threading.Lock()
         self.store.set_ready(False, "restoring")
         self.error = ""
         self.wal = None
@@ -55,6 +73,9 @@ class ShardActor:
         if ctx.was_current_actor_reconstructed:
             self._current_credentials()
         self.restore_stats: dict = {}
+        if member > 0:  # a replica: copies its primary in the background, ready once it has
+            self.resync("")
+            return
         t0 = time.time()
         try:
             self._restore()
@@ -66,9 +87,12 @@ class ShardActor:
         self.restore_stats["seconds"] = time.time() - t0
         self.server.servicer.metrics.watch(  # exported as engram_mem_log_bytes / _snapshot_age_seconds
             log_bytes=lambda: self.wal.size_bytes() if self.wal else -1,
-            snapshot_time=lambda: self.last_snapshot if self.snapshots else None)
+            snapshot_time=lambda: self.last_snapshot if self.snapshots else None,
+            replica_lag=self.feed.lag_seconds if self.feed else None)
         if cfg.data_dir:  # by time (snapshot_interval_s > 0) and by log size (always)
             threading.Thread(target=self._snapshot_loop, name="engram-snapshots", daemon=True).start()
+        if self.feed is not None and ctx.was_current_actor_reconstructed:
+            self._rebuild_replicas()
 
     # ---- restore -----------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -79,7 +103,8 @@ class ShardActor:
 
         cfg = self.cfg
         if not cfg.data_dir:
-            self._init_from_controller()
+            if not (self.feed is not None and self._restore_from_replica()):
+                self._init_from_controller()
             return
         from engram_mem.wal import WriteAheadLog
 
@@ -138,6 +163,104 @@ class ShardActor:
                                  epoch=d["epoch"], uid=t.get("uid", ""))
         self.store.set_epoch(d["epoch"])
 
+    # ---- replication (replication.py) ------------------------------------------------------
+    def _member_handles(self) -> dict[int, object]:
+        import ray
+
+        out = {}
+        for k in range(self.cfg.replicas):
+            try:
+                out[k] = ray.get_actor(member_name(self.cfg.name, self.shard_id, k), namespace=NAMESPACE)
+            except ValueError:
+                pass
+        return out
+
+    def _restore_from_replica(self) -> bool:
+        """No data directory, and Ray restarted this primary: copy a live, ready replica (it trails by
+        at most its replication lag). False if there is none (a new cluster, or all replicas down)."""
+        import ray
+
+        if not ray.get_runtime_context().was_current_actor_reconstructed:
+            return False
+        for k, h in self._member_handles().items():
+            if k == 0:
+                continue
+            try:
+                if not ray.get(h.info.remote(), timeout=10)["ready"]:
+                    continue
+                self.restore_stats = dict(self.sync.sync(h, follow=False), source=f"replica {k}")
+                log.warning("shard %d: restored from replica %d (no data directory)", self.shard_id, k)
+                return True
+            except Exception as e:  # noqa: BLE001 - try the next replica
+                log.warning("shard %d: restoring from replica %d failed: %s", self.shard_id, k, e)
+        return False
+
+    def _rebuild_replicas(self) -> None:
+        """A restarted primary: its replicas' followers died with it; each re-joins with a full copy."""
+        for k, h in self._member_handles().items():
+            if k > 0:
+                h.resync.remote("")
+
+    def _wait_logged(self, lsn: int) -> None:
+        if self.wal is not None and self.wal.written_lsn < lsn:
+            self.wal.flush()
+
+    def follow(self, member: str | None, token: str) -> dict:
+        """A member (re)joins: register it as a follower (paused until start_follower) and return the
+        tables and slots it must copy. member None: only the list (a primary restoring from here)."""
+        import ray
+
+        from engram_mem.errors import InvalidArgument, NotReady
+
+        if not self.store.ready:
+            raise NotReady(f"shard {self.shard_id} member {self.member} is not ready: {self.store.not_ready_reason}")
+        handle = None
+        if member is not None:
+            if self.feed is None:
+                raise InvalidArgument(f"shard {self.shard_id} member {self.member} is not a primary with replicas")
+            handle = ray.get_actor(member, namespace=NAMESPACE)
+        with self.store.order:
+            if handle is not None:
+                self.feed.add(member, token, handle)
+            tables = [{"spec": ts.spec.to_dict(), "optimizer": ts.optimizer_spec.to_dict(), "uid": ts.uid,
+                       "slots": ts.owned_slots()} for ts in self.store.tables.values()]
+            return {"tables": tables, "epoch": self.store.epoch, "lsn": self.store.lsn}
+
+    def copy_slots(self, name: str, slots) -> tuple[int, dict]:
+        return self.store.copy_slots(name, slots)
+
+    def start_follower(self, member: str, token: str) -> bool:
+        return self.feed is not None and self.feed.start(member, token)
+
+    def apply_records(self, token: str, records: list) -> bool:
+        return self.sync.apply(token, records)
+
+    def resync(self, token: str) -> bool:
+        """(Replica) rebuild from the primary by a full copy, in the background: token "" always, else
+        only if it names the follower this replica is on (the primary dropped that one)."""
+        if self.member == 0 or (token and token != self.sync.token) or not self._syncing.acquire(blocking=False):
+            return False
+        threading.Thread(target=self._resync_loop, name="engram-resync", daemon=True).start()
+        return True
+
+    def _resync_loop(self) -> None:
+        import ray
+
+        try:
+            while not self._stop.is_set():
+                try:
+                    primary = ray.get_actor(member_name(self.cfg.name, self.shard_id, 0), namespace=NAMESPACE)
+                    self.restore_stats = self.sync.sync(primary)
+                    self.error = ""
+                    return
+                except Exception as e:  # noqa: BLE001 - the primary may be restarting: try again
+                    log.warning("shard %d replica %d: copy from the primary failed (%s: %s); retrying",
+                                self.shard_id, self.member, type(e).__name__, e)
+                    self.store.set_ready(False, f"re-joining its primary: {type(e).__name__}")
+                    self._stop.wait(1.0)
+        finally:
+            self._syncing.release()
+
     def restore_from(self, source_dir: str, tables: list[dict], epoch: int) -> dict:
         """Replace this shard's tables by slots read from another directory (a checkpoint, or the
         data directory of a cluster with another shard count): tables = [{spec, optimizer, uid,
@@ -161,17 +284,20 @@ class ShardActor:
 
     # ---- control plane, called by the controller ------------------------------------------
     def info(self) -> dict:
-        return {"shard_id": self.shard_id, "address": self.address, "node_id": self.node_id,
+        return {"shard_id": self.shard_id, "member": self.member, "address": self.address, "node_id": self.node_id,
                 "node_ip": self.node_ip, "pid": os.getpid(), "ready": self.store.ready, "error": self.error,
                 "epoch": self.store.epoch, "shm_dir": self.store.shm_dir or "", "lsn": self.store.lsn,
                 "restore": self.restore_stats, "snapshots": self.snapshots,
                 "log_bytes": self.wal.size_bytes() if self.wal else 0,
                 "metrics_address": self.server.metrics_address,
+                "replication": (self.feed.describe() if self.feed else
+                                {"applied_lsn": self.sync.applied_lsn, "syncs": self.sync.syncs,
+                                 "sync_seconds": self.sync.seconds} if self.member else {}),
                 "tables": {n: {"uid": ts.uid, "spec": ts.spec.to_dict(), "optimizer": ts.optimizer_spec.to_dict(),
                                "slots": ts.owned_slots()} for n, ts in self.store.tables.items()}}
 
     def __repr__(self) -> str:  # how the Ray dashboard and log prefixes name this actor
-        return f"ShardActor({self.cfg.name} shard {self.shard_id})"
+        return f"ShardActor({member_name(self.cfg.name, self.shard_id, self.member)})"
 
     def add_table(self, spec: dict, optimizer: dict, slots: np.ndarray, epoch: int, uid: str = "") -> None:
         name = spec["name"]
@@ -180,9 +306,13 @@ class ShardActor:
         self.store.add_table(TableSpec.from_dict(spec), slots, OptimizerSpec.from_dict(optimizer), epoch=epoch, uid=uid)
 
     def drop_table(self, name: str) -> None:
+        if self.member and name not in self.store.tables:
+            return  # a replica re-joining may not have copied it yet
         self.store.drop_table(name)
 
     def set_optimizer(self, name: str, optimizer: dict) -> None:
+        if self.member and name not in self.store.tables:
+            return
         self.store.set_optimizer(name, optimizer)
 
     def export_slots(self, name: str, slots) -> dict:
@@ -282,6 +412,8 @@ class ShardActor:
 
     def stop(self, grace: float = 2.0) -> None:
         self._stop.set()
+        if self.feed is not None:
+            self.feed.close()
         self.server.stop(grace)
         if self.wal:
             self.wal.close()

@@ -1,6 +1,6 @@
 """`engram-mem`: run and inspect a memory cluster.
 
-    engram-mem up [--shards N] [--tables FILE] [--address RAY_ADDRESS] [--data-dir DIR] [--shard-resource R=1]
+    engram-mem up [--shards N] [--replicas R] [--tables FILE] [--address RAY_ADDRESS] [--data-dir DIR] [--shard-resource R=1]
     engram-mem status [--address RAY_ADDRESS] [--json]
     engram-mem scale N [--address RAY_ADDRESS]
     engram-mem checkpoint [DIR] [--address RAY_ADDRESS]
@@ -62,6 +62,8 @@ def _cluster_options(args) -> dict:
     if args.cpus_per_shard is not None:
         cluster["cpus_per_shard"] = args.cpus_per_shard
     cluster["durability"] = args.durability
+    if args.replicas != 1:
+        cluster["replicas"] = args.replicas
     if args.snapshot_interval is not None:
         cluster["snapshot_interval_s"] = args.snapshot_interval
     if args.reinit_missing:
@@ -279,6 +281,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start a memory cluster")
     up.add_argument("--shards", type=int, default=2)
+    up.add_argument("--replicas", type=int, default=1,
+                    help="members per shard on different nodes: one primary and R-1 read replicas that follow it "
+                         "(without --address, a local cluster gets R simulated nodes at 127.0.0.2, .3, ...)")
     up.add_argument("--tables", help="JSON file: list of tables to create")
     up.add_argument("--address", help="Ray cluster address (default: start an embedded local one)")
     up.add_argument("--data-dir", help="snapshots and write-ahead log here; a restart restores from them")

@@ -17,6 +17,12 @@ once, receives the streamed chunks into one buffer grouped by shard, and only th
 Consistency: a client's gather of a table waits for that client's earlier pushes and writes to
 the table, so it always sees its own updates (read-your-writes). Stale placements, restarting
 shards and slot moves are retried transparently until `retry_timeout`.
+
+Replicas (`replicas=R`, replication.py): writes and pushes go to each shard's primary. Gathers of a
+read-only client (inference) are spread over all members; other clients read the primary, which
+keeps read-your-writes. Either way a gather fails over at once to the next member when one does
+not answer or is not ready (a dead member is skipped for a second while its new address is
+looked up in the background), so a killed replica or primary costs a gather one extra round trip.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ import numpy as np
 from engram_mem.auth import ClientSecurity, client_security
 from engram_mem.channel import ShardChannels, rpc_error
 from engram_mem.config import DEFAULT_NAME, ClusterConfig
-from engram_mem.errors import (EngramMemError, InvalidArgument, ReadOnlyTable, ShardUnavailable, StaleEpoch,
-                               UnknownTable)
+from engram_mem.errors import (EngramMemError, InvalidArgument, NotReady, ReadOnlyTable, ShardUnavailable,
+                               StaleEpoch, UnknownTable)
 from engram_mem.gather_future import GatherFuture, Reshaped
 from engram_mem.optim import OptimizerSpec
 from engram_mem.pb.v1 import memory_pb2 as pb
@@ -49,7 +55,8 @@ log = logging.getLogger("engram_mem.client")
 
 class MemoryClient:
     def __init__(self, controller, *, on_close=None, retry_timeout: float = 60.0, worker: str = "",
-                 client_id: str | None = None, security: dict | None = None, read_only: bool = False):
+                 client_id: str | None = None, security: dict | None = None, read_only: bool = False,
+                 read_replicas: bool | None = None):
         import uuid
 
         import ray
@@ -76,6 +83,11 @@ class MemoryClient:
         self._view_lock = threading.Lock()
         self._closed = False
         self.chunk_rows = 0  # rows per Gather reply chunk; 0 = the server default (~1 MB)
+        self.read_replicas = read_only if read_replicas is None else read_replicas  # spread gathers over members
+        self._down: dict[str, float] = {}   # member address -> skip it until (monotonic time)
+        self._relocating: set[str] = set()
+        self._rr = 0
+        self.failovers = 0
 
     # ---- context manager -------------------------------------------------------------------
     def __enter__(self) -> "MemoryClient":
@@ -188,28 +200,64 @@ class MemoryClient:
                 self._chans.forget(addr)
             await loop.run_in_executor(None, self._relocate, view)
 
-    def _relocate(self, view: ClusterView) -> None:
-        """Re-read the address of every shard of `view` from its actor (waits while one restarts)."""
+    def _relocate(self, view: ClusterView, only: list[dict] | None = None) -> None:
+        """Re-read the address of every member (or of `only`) of `view` from its actor (waits while one restarts)."""
         from engram_mem.config import NAMESPACE
 
         ray = self._ray
-        names = {sid: s.get("actor") for sid, s in view.shards.items()}
-        refs = {}
-        for sid, name in names.items():
+        members = only if only is not None else [m for r in range(len(view.shard_ids)) for m in view.members(r)]
+        refs = []
+        for m in members:
             try:
-                refs[sid] = ray.get_actor(name, namespace=NAMESPACE).info.remote()
+                refs.append((m, ray.get_actor(m.get("actor"), namespace=NAMESPACE).info.remote()))
             except (ValueError, TypeError):  # gone: the cluster was re-sharded; the controller knows
                 self.refresh()
                 return
-        for sid, ref in refs.items():
+        for m, ref in refs:
             try:
                 info = ray.get(ref, timeout=self.retry_timeout)
             except Exception as err:  # noqa: BLE001 - keep the old address; the caller retries
-                log.debug("shard %s: %s", sid, err)
+                log.debug("%s: %s", m.get("actor"), err)
                 continue
             with self._view_lock:
-                if self._view.epoch == view.epoch and sid in self._view.shards:
+                if self._view.epoch == view.epoch and info["shard_id"] in self._view.shards:
                     self._view = self._view.with_shard(info)
+
+    # ---- replicas: which member to read --------------------------------------------------
+    def _read_members(self, view: ClusterView, rank: int) -> list[dict]:
+        """The members to read shard `rank` from, in the order to try them: members not marked down
+        first (rotated for a client that spreads reads, else the primary first), then the others."""
+        members = view.members(rank)
+        if len(members) == 1:
+            return members
+        now = time.monotonic()
+        up = [m for m in members if self._down.get(m["address"], 0.0) <= now]
+        if self.read_replicas and len(up) > 1:
+            k = self._rr % len(up)
+            self._rr += 1
+            up = up[k:] + up[:k]
+        return up + [m for m in members if m not in up]
+
+    def member_up(self, address: str) -> bool:
+        return self._down.get(address, 0.0) <= time.monotonic()
+
+    def _mark_down(self, view: ClusterView, member: dict, e: Exception) -> None:
+        """Skip a member that failed a read for a second; look up a dead one's new address meanwhile."""
+        self.failovers += 1
+        address = member["address"]
+        self._down[address] = time.monotonic() + 1.0
+        log.debug("read from %s failed (%s); next member", address, e)
+        if isinstance(e, ShardUnavailable) and address not in self._relocating:
+            self._relocating.add(address)
+            self._chans.forget(address)
+
+            def relocate():
+                try:
+                    self._relocate(view, [member])
+                finally:
+                    self._relocating.discard(address)
+
+            asyncio.get_running_loop().run_in_executor(None, relocate)
 
     async def _after_pending(self, name: str) -> None:
         pending = self._pending.get(name)
@@ -268,8 +316,22 @@ class MemoryClient:
 
     async def _gather_part(self, view: ClusterView, name: str, rank: int, ids: np.ndarray, out: np.ndarray,
                            start: int, dest: np.ndarray | None):
-        """Stream one shard's rows into out[start:start+len(ids)], or scattered to out[dest]."""
-        address = view.address(rank)
+        """One shard's rows, from the first of its members that answers (see _read_members)."""
+        members = self._read_members(view, rank)
+        for i, m in enumerate(members):
+            try:
+                return await self._gather_from(m["address"], view.epoch, name, ids, out, start, dest)
+            except EngramMemError as e:
+                # The last member's error goes to the caller (retried, or what the primary refuses); a
+                # replica's error of any kind, and a primary that is down or not ready, fail over.
+                if i == len(members) - 1 or (m.get("member", 0) == 0 and not isinstance(e, (ShardUnavailable,
+                                                                                            NotReady))):
+                    raise
+                self._mark_down(view, m, e)
+
+    async def _gather_from(self, address: str, epoch: int, name: str, ids: np.ndarray, out: np.ndarray,
+                           start: int, dest: np.ndarray | None):
+        """Stream one member's rows into out[start:start+len(ids)], or scattered to out[dest]."""
         gather = self._chans.stubs(address).gather
         dim, dtype = out.shape[1], out.dtype
         max_ids = min(self.max_request_bytes // 8,  # and a reply within the shard's limit (wire.max_reply_bytes)
@@ -278,7 +340,7 @@ class MemoryClient:
             sub = ids[first:first + max_ids]
             pos, end = first, first + sub.size
             try:
-                async for chunk in gather(pb.GatherRequest(table=name, ids=ids_bytes(sub), epoch=view.epoch,
+                async for chunk in gather(pb.GatherRequest(table=name, ids=ids_bytes(sub), epoch=epoch,
                                                            chunk_rows=self.chunk_rows)):
                     rows = np.frombuffer(chunk, dtype=dtype).reshape(-1, dim)
                     k = rows.shape[0]
@@ -538,7 +600,7 @@ def _as_dict(msg) -> dict:
 # ---- connect -----------------------------------------------------------------------------------
 def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_NAME,
             retry_timeout: float = 60.0, credential: str | None = None, tls: dict | None = None,
-            read_only: bool = False, **cluster) -> MemoryClient:
+            read_only: bool = False, read_replicas: bool | None = None, **cluster) -> MemoryClient:
     """A client of a memory cluster.
 
     - address given: attach to the memory cluster `name` in the Ray cluster at that address.
@@ -551,10 +613,11 @@ def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_
     credential / tls: for clients that do not get them from the cluster through Ray (auth.py):
     tls = {"ca": path, "cert": path, "key": path (mutual TLS), "server_name": name}. read_only asks
     the cluster for its read-only credential (Gather, Describe, Stats, Health only).
+    read_replicas: spread gathers over a replicated shard's members (default: when read_only).
 
     Extra keyword arguments (data_dir, cpus_per_shard, ...) configure a cluster this call starts.
     """
-    sec = dict(retry_timeout=retry_timeout, read_only=read_only,
+    sec = dict(retry_timeout=retry_timeout, read_only=read_only, read_replicas=read_replicas,
                security=client_security(credential, tls) if credential or tls else None)
     import ray
 

@@ -18,6 +18,8 @@ NAMESPACE = "engram-mem"  # Ray namespace of the controller and shard actors
 class ClusterConfig:
     name: str = DEFAULT_NAME            # the controller is the named Ray actor f"{name}-controller"
     shards: int = 2
+    replicas: int = 1                   # members per shard, each on its own node: a primary and replicas-1 replicas
+    replica_max_lag_bytes: int = 256 << 20  # a replica further behind than this rebuilds from a full copy
     cpus_per_shard: float = 1.0         # Ray CPU resource each shard reserves (its placement-group bundle)
     placement_strategy: str = "SPREAD"  # placement-group strategy for the shards
     shard_resources: dict | None = None  # extra Ray resources per shard bundle, e.g. {"memory_node": 1}
@@ -43,6 +45,10 @@ class ClusterConfig:
             raise InvalidArgument(f"cluster name {self.name!r} must be 1-64 characters of [A-Za-z0-9_.-]")
         if int(self.shards) < 1:
             raise InvalidArgument(f"shards must be >= 1, got {self.shards}")
+        if int(self.replicas) < 1:
+            raise InvalidArgument(f"replicas must be >= 1, got {self.replicas}")
+        if self.replica_max_lag_bytes < 1 << 20:
+            raise InvalidArgument(f"replica_max_lag_bytes must be >= 1 MiB, got {self.replica_max_lag_bytes}")
         if self.cpus_per_shard < 0:
             raise InvalidArgument(f"cpus_per_shard must be >= 0, got {self.cpus_per_shard}")
         if self.placement_strategy not in ("SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"):
@@ -66,6 +72,7 @@ class ClusterConfig:
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         object.__setattr__(self, "shards", int(self.shards))
+        object.__setattr__(self, "replicas", int(self.replicas))
         from engram_mem.auth import Security
 
         object.__setattr__(self, "security", Security.from_dict(self.security).to_dict())  # validated; never None

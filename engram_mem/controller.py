@@ -43,6 +43,8 @@ class ClusterController:
         self.state = ClusterState(cluster_id, self.cfg.shards)
         self.shards: dict[int, object] = {}     # shard id -> actor handle (ids are 0..n-1)
         self.infos: dict[int, dict] = {}
+        self.replicas: dict[int, list] = {}     # shard id -> its replicas' handles (replicas > 1)
+        self.replica_infos: dict[int, list[dict]] = {}
         self.last_scale: dict = {}
         self._lock = threading.RLock()
         self._adopt()
@@ -61,6 +63,8 @@ class ClusterController:
 
         infos = ray.get([h.info.remote() for h in live.values()], timeout=300)
         self.shards, self.infos = live, {i["shard_id"]: i for i in infos}
+        self.replicas = self.sup.find_replicas(live)
+        self._refresh_replica_infos()
         self._adopt_credentials()
         persisted = ClusterState.load(self.cfg.data_dir, missing_ok=True) if self.cfg.data_dir else None
         if persisted is not None:
@@ -97,6 +101,7 @@ class ClusterController:
                 self.state.shards = n_start
                 self.state.save(self.cfg.data_dir, fsync=self.cfg.durability == "fsync")
             self.shards = self.sup.start_shards(list(range(n_start)))
+            self.replicas = self.sup.start_replicas(list(self.shards))
             self._refresh_infos()
             self._save()
             if n_start != self.cfg.shards:  # the data directory was written by a cluster of another size
@@ -115,13 +120,49 @@ class ClusterController:
 
         infos = ray.get([h.info.remote() for h in self.shards.values()], timeout=300)
         self.infos = {i["shard_id"]: i for i in infos}
+        self._refresh_replica_infos()
+
+    def _refresh_replica_infos(self, timeout: float = 10) -> None:
+        """Replicas' addresses and readiness; one that does not answer in time is listed as not ready."""
+        import ray
+
+        out = {}
+        for sid, hs in self.replicas.items():
+            refs = [h.info.remote() for h in hs]
+            infos = []
+            for k, ref in enumerate(refs, start=1):
+                try:
+                    infos.append(ray.get(ref, timeout=timeout))
+                except Exception as e:  # noqa: BLE001 - restarting: clients skip it until it is back
+                    old = next((i for i in self.replica_infos.get(sid, []) if i.get("member") == k), {})
+                    infos.append(dict(old, shard_id=sid, member=k, ready=False, error=f"{type(e).__name__}"))
+            out[sid] = infos
+        self.replica_infos = out
+
+    def _members(self) -> list:
+        """Every shard actor: primaries, then replicas (control-plane changes go to all of them)."""
+        return list(self.shards.values()) + [h for hs in self.replicas.values() for h in hs]
+
+    def resync_replicas(self, wait: bool = True, timeout: float = 600) -> dict:
+        """Every replica rebuilds from its primary (after rows changed without the log: import, restore)."""
+        import ray
+
+        with self._lock:
+            hs = [h for hs in self.replicas.values() for h in hs]
+            ray.get([h.resync.remote("") for h in hs], timeout=60)
+            time.sleep(0.2)
+            if wait and hs:
+                self.sup.wait_ready(hs, timeout)
+            self._refresh_replica_infos()
+            return self.describe()
 
     def shutdown(self, snapshot: bool = True) -> None:
         with self._lock:
             if snapshot and self.cfg.data_dir and self.shards:
                 self._snapshot_all()
-            self.sup.stop(self.shards)
+            self.sup.stop(dict(enumerate(self._members())))
             self.shards.clear()
+            self.replicas.clear()
             self.sup.remove_unused_groups(set())
             if self.cfg.shm_dir:
                 shutil.rmtree(os.path.join(self.cfg.shm_dir, self.cluster_id), ignore_errors=True)
@@ -171,7 +212,7 @@ class ClusterController:
         with self._lock:
             sec = rotated(Security.from_dict(self.cfg.security), credentials, read_only_credentials, finish)
             self.cfg = self.sup.cfg = dataclasses.replace(self.cfg, security=sec.to_dict())
-            ray.get([h.set_credentials.remote(self.cfg.security) for h in self.shards.values()], timeout=60)
+            ray.get([h.set_credentials.remote(self.cfg.security) for h in self._members()], timeout=60)
             return {"accepted": len(sec.credentials), "read_only_accepted": len(sec.read_only_credentials)}
 
     def metrics_endpoints(self) -> dict:
@@ -188,7 +229,10 @@ class ClusterController:
             "cluster_id": self.cluster_id,
             "epoch": self.state.epoch,
             "config": self.cfg.public_dict(),
-            "shards": {sid: {k: v for k, v in i.items() if k != "tables"} | {"actor": self.sup.shard_name(sid)}
+            "shards": {sid: {k: v for k, v in i.items() if k != "tables"} | {
+                "actor": self.sup.shard_name(sid),
+                "replicas": [{k: v for k, v in r.items() if k != "tables"} | {"actor": self.sup.shard_name(sid, m)}
+                             for m, r in enumerate(self.replica_infos.get(sid, []), start=1)]}
                        for sid, i in list(self.infos.items())},
             "tables": {n: {"spec": t.spec.to_dict(), "optimizer": t.optimizer.to_dict(), "uid": t.uid,
                            "placement": t.placement.copy()} for n, t in self.state.tables.items()},
@@ -217,7 +261,8 @@ class ClusterController:
             rec = TableRecord(spec_obj, opt, uuid.uuid4().hex[:12], placement)
             self.state.epoch += 1
             ray.get([h.add_table.remote(spec_obj.to_dict(), opt.to_dict(), np.nonzero(placement == sid)[0],
-                                        self.state.epoch, rec.uid) for sid, h in self.shards.items()])
+                                        self.state.epoch, rec.uid)
+                     for sid, hs in self._by_shard().items() for h in hs])
             self.state.tables[spec_obj.name] = rec
             self._save()
             self._set_epoch_all()
@@ -232,7 +277,7 @@ class ClusterController:
             del self.state.tables[name]
             self.state.epoch += 1
             self._save()
-            ray.get([h.drop_table.remote(name) for h in self.shards.values()])
+            ray.get([h.drop_table.remote(name) for h in self._members()])
             self._set_epoch_all()
             return self.describe()
 
@@ -243,15 +288,18 @@ class ClusterController:
             if name not in self.state.tables:
                 raise UnknownTable(f"unknown table {name!r}")
             opt = OptimizerSpec.from_dict(optimizer)
-            ray.get([h.set_optimizer.remote(name, opt.to_dict()) for h in self.shards.values()])
+            ray.get([h.set_optimizer.remote(name, opt.to_dict()) for h in self._members()])
             self.state.tables[name].optimizer = opt
             self._save()
             return self.describe()
 
+    def _by_shard(self) -> dict[int, list]:
+        return {sid: [h, *self.replicas.get(sid, [])] for sid, h in self.shards.items()}
+
     def _set_epoch_all(self) -> None:
         import ray
 
-        ray.get([h.set_epoch.remote(self.state.epoch) for h in self.shards.values()])
+        ray.get([h.set_epoch.remote(self.state.epoch) for h in self._members()])
         for i in self.infos.values():
             i["epoch"] = self.state.epoch
 
@@ -305,11 +353,27 @@ class ClusterController:
                 if self.cfg.data_dir:
                     for sid in gone:  # their slots live elsewhere now; the directories would only mislead
                         shutil.rmtree(os.path.join(self.cfg.data_dir, f"shard-{sid:04d}"), ignore_errors=True)
+            self._replicas_after_scale()
             self.sup.remove_unused_groups(set(self.shards))
             self._refresh_infos()
             self.last_scale = {"from": old, "to": shards, "write_pause_s": pause, "moved_bytes": moved_bytes,
                                "seconds": time.perf_counter() - t_start}
             return self.describe()
+
+    def _replicas_after_scale(self) -> None:
+        """Replicas follow a scale by re-joining: those of removed shards stop, those of new shards start,
+        the others rebuild from their primary (its slots changed by whole-slot moves). Gathers go to
+        the primaries meanwhile (a replica that is not ready refuses them)."""
+        import ray
+
+        if self.cfg.replicas <= 1:
+            return
+        gone = {sid: hs for sid, hs in self.replicas.items() if sid not in self.shards}
+        for sid, hs in gone.items():
+            self.sup.stop(dict(enumerate(hs)))
+            del self.replicas[sid]
+        ray.get([h.resync.remote("") for hs in self.replicas.values() for h in hs], timeout=60)
+        self.replicas.update(self.sup.start_replicas([sid for sid in self.shards if sid not in self.replicas]))
 
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint(self, target_dir: str | None = None) -> dict:
@@ -362,6 +426,7 @@ class ClusterController:
                 stats = ray.get(jobs, timeout=3600)
                 self._save()
                 self._set_epoch_all()
+            ray.get([h.resync.remote("") for hs in self.replicas.values() for h in hs], timeout=60)
             return {"slots_restored": sum(s["slots_restored"] for s in stats), "epoch": self.state.epoch}
 
 

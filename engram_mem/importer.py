@@ -238,6 +238,7 @@ def import_tables(client, mapping: str, paths: list[str], *, sha256: str | None 
     bar.close()
     seconds = time.perf_counter() - t0
     ray.get([a.snapshot.remote() for a in actors.values()])  # durable where the cluster persists
+    ray.get(client.controller.resync_replicas.remote())  # imported rows bypass the log: replicas copy them
     return {"rows": n_rows, "bytes": n_bytes, "seconds": seconds, "gbps": n_bytes / max(seconds, 1e-9) / 1e9,
             "skipped_rows": skipped, "tables": [p.name for p in plans], "journal": journal}
 

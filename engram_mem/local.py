@@ -109,8 +109,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ray_head(name: str, shards: int, object_store_bytes: int = 1 << 30) -> str:
-    """`ray start --head` on the loopback node address, with this cluster's own directory and ports."""
+def start_ray_head(name: str, shards: int, object_store_bytes: int = 1 << 30, nodes: int = 1) -> str:
+    """`ray start --head` on the loopback node address, with this cluster's own directory and ports;
+    nodes > 1 adds Ray nodes at the next loopback addresses (replicas need one node per member)."""
     os.makedirs(ray_dir(name), exist_ok=True)
     port = _free_port()
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
@@ -121,7 +122,16 @@ def start_ray_head(name: str, shards: int, object_store_bytes: int = 1 << 30) ->
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     if out.returncode != 0:
         raise RuntimeError(f"`ray start --head` failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
-    return f"{LOCAL_NODE_IP}:{port}"
+    address = f"{LOCAL_NODE_IP}:{port}"
+    for i in range(1, nodes):  # more simulated nodes on this machine: 127.0.0.3, 127.0.0.4, ...
+        ip = f"127.0.0.{2 + i}"
+        cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", f"--address={address}",
+               f"--node-ip-address={ip}", f"--num-cpus={max(2, -(-shards // nodes) + 1)}",
+               f"--object-store-memory={object_store_bytes}", f"--temp-dir={ray_dir(name)}", "--disable-usage-stats"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        if out.returncode != 0:
+            raise RuntimeError(f"`ray start` of node {ip} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return address
 
 
 def stop_ray_head(name: str, timeout: float = 30) -> int:
@@ -152,7 +162,7 @@ def up(name: str, shards: int, tables: str | None, cluster: dict) -> dict:
     from engram_mem.controller import start_controller
 
     cfg = ClusterConfig(name=name, shards=shards, **cluster)
-    address = start_ray_head(name, shards)
+    address = start_ray_head(name, shards, nodes=cfg.replicas)
     try:
         attach_ray(address)
         ctl = start_controller(cfg, detached=True)

@@ -106,8 +106,11 @@ class ShardMetrics:
     def set_replica_lag(self, seconds: float) -> None:
         self.replica_lag.set(seconds)
 
-    def watch(self, log_bytes=None, snapshot_time=None) -> None:
-        """Read these at every scrape instead: log_bytes() -> int, snapshot_time() -> unix time or None."""
+    def watch(self, log_bytes=None, snapshot_time=None, replica_lag=None) -> None:
+        """Read these at every scrape instead: log_bytes() -> int, snapshot_time() -> unix time or None,
+        replica_lag() -> seconds the furthest-behind replica trails (a primary with replicas)."""
+        if replica_lag is not None:
+            self.replica_lag.set_function(lambda: _safe(replica_lag))
         if log_bytes is not None:
             self.log_bytes.set_function(lambda: _safe(log_bytes))
         if snapshot_time is not None:

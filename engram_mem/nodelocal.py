@@ -73,7 +73,14 @@ class NodeLocalTier:
 
     def local_ranks(self) -> list[int]:
         view = self.client.view
-        return [r for r, sid in enumerate(view.shard_ids) if view.shards[sid].get("node_id") == self.node_id]
+        return [r for r in range(len(view.shard_ids)) if self._member_here(view, r) is not None]
+
+    def _member_here(self, view, rank: int) -> dict | None:
+        """The member of shard `rank` on this node: its primary, or (for a client that reads replicas)
+        a replica not marked down."""
+        members = view.members(rank) if self.client.read_replicas else view.members(rank)[:1]
+        return next((m for m in members if m.get("node_id") == self.node_id and self.client.member_up(m["address"])),
+                    None)
 
     def _load(self, address: str) -> _ShardMap | None:
         d = self.client.describe_shard(address)
@@ -92,10 +99,8 @@ class NodeLocalTier:
 
     def read(self, name: str, rank: int, ids: np.ndarray) -> np.ndarray | None:
         """Rows of `ids` (all owned by the shard at `rank`) if that shard is on this node, else None."""
-        view = self.client.view
-        sid = view.shard_ids[rank]
-        info = view.shards[sid]
-        if info.get("node_id") != self.node_id:
+        info = self._member_here(self.client.view, rank)
+        if info is None:
             return None
         address = info["address"]
         for attempt in range(2):

@@ -44,13 +44,25 @@ class ClusterView:
         return t
 
     def address(self, rank: int) -> str:
+        """The address of the shard's primary (writes and pushes go there)."""
         return self.shards[self.shard_ids[rank]]["address"]
 
+    def members(self, rank: int) -> list[dict]:
+        """The shard's primary, then its replicas (each: address, node_id, member, actor, ...)."""
+        primary = self.shards[self.shard_ids[rank]]
+        return [primary, *primary.get("replicas", [])]
+
     def with_shard(self, info: dict) -> "ClusterView":
-        """The same view with one shard's address (and pid, node) replaced: a restarted shard."""
+        """The same view with one member's address (and pid, node) replaced: a restarted shard or replica."""
         raw = dict(self.raw, shards=dict(self.raw["shards"]))
-        sid = info["shard_id"]
-        raw["shards"][sid] = dict(raw["shards"][sid], **{k: v for k, v in info.items() if k != "tables"})
+        sid, member = info["shard_id"], info.get("member", 0)
+        fresh = {k: v for k, v in info.items() if k != "tables"}
+        if member == 0:
+            raw["shards"][sid] = dict(raw["shards"][sid], **fresh)
+        else:
+            reps = [dict(r, **fresh) if r.get("member") == member else r
+                    for r in raw["shards"][sid].get("replicas", [])]
+            raw["shards"][sid] = dict(raw["shards"][sid], replicas=reps)
         return ClusterView(raw)
 
 

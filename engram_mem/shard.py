@@ -51,14 +51,19 @@ from engram_mem.wal import KIND_DROP, KIND_INSTALL, KIND_PUSH, KIND_WRITE, Recor
 _PAGE = mmap.PAGESIZE
 
 
-def rows_path(shm_dir: str | None, shard_id: int, spec: TableSpec, storage: str) -> str | None:
+def member_dir(shard_id: int, member: int = 0) -> str:
+    """A shard member's directory name for its row files: the primary's, or replica k's."""
+    return f"shard-{shard_id}" if member == 0 else f"shard-{shard_id}-r{member}"
+
+
+def rows_path(shm_dir: str | None, shard_id: int, spec: TableSpec, storage: str, member: int = 0) -> str | None:
     """Where a table's rows file lives: in shm_dir (shared memory), or in the table's or the
     cluster's disk directory ("disk:/path")."""
     where = spec.storage or storage or "shm"
     if where.startswith("disk:"):
         cluster = os.path.basename(shm_dir.rstrip("/")) if shm_dir else "local"
-        return os.path.join(where[5:], cluster, f"shard-{shard_id}", f"{spec.name}.rows")
-    return os.path.join(shm_dir, f"shard-{shard_id}", f"{spec.name}.rows") if shm_dir else None
+        return os.path.join(where[5:], cluster, member_dir(shard_id, member), f"{spec.name}.rows")
+    return os.path.join(shm_dir, member_dir(shard_id, member), f"{spec.name}.rows") if shm_dir else None
 
 
 def _unlink(path: str) -> None:
@@ -174,13 +179,14 @@ class TableShard:
 class ShardStore:
     def __init__(self, shard_id: int = 0, shm_dir: str | None = None, max_request_bytes: int = 256 << 20,
                  log=None, max_lr: float = MAX_LR, max_grad_abs: float = MAX_GRAD_ABS,
-                 storage: str = "shm", memory_budget: int = 0):
-        self.shard_id = shard_id
+                 storage: str = "shm", memory_budget: int = 0, member: int = 0):
+        self.shard_id, self.member = shard_id, member   # member 0: the primary; k > 0: replica k
         self.shm_dir = shm_dir
         self.storage, self.memory_budget = storage, memory_budget  # disk-backed rows: storage.py
         self.max_request_bytes = max_request_bytes
         self.max_lr, self.max_grad_abs = max_lr, max_grad_abs
         self.log = log            # a WriteAheadLog, or None (nothing logged)
+        self.taps: list = []      # tap(lsn, kind, meta, blobs) for every change, in lsn order (replication.py)
         self.lsn = 0              # last lsn applied
         self.order = threading.RLock()
         self.epoch = 0
@@ -190,7 +196,7 @@ class ShardStore:
         self.tables: dict[str, TableShard] = {}
         self.budgets: dict = {}  # table -> storage.PageBudget, for disk-backed tables
         self._lock = threading.Lock()  # guards the tables dict
-        self.layout = _Layout(os.path.join(shm_dir, f"shard-{shard_id}", "layout") if shm_dir else None)
+        self.layout = _Layout(os.path.join(shm_dir, member_dir(shard_id, member), "layout") if shm_dir else None)
 
     # ---- tables and slots ------------------------------------------------------------------
     def add_table(self, spec: TableSpec, slots, optimizer: OptimizerSpec | dict | None = None,
@@ -201,7 +207,7 @@ class ShardStore:
             if spec.name in self.tables:
                 raise TableExists(f"table {spec.name!r} already exists on shard {self.shard_id}")
             opt_spec = optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.from_dict(optimizer)
-            path = rows_path(self.shm_dir, self.shard_id, spec, self.storage)
+            path = rows_path(self.shm_dir, self.shard_id, spec, self.storage, self.member)
             ts = TableShard(spec=spec, optimizer_spec=opt_spec, optimizer=make_optimizer(opt_spec),
                             buffer=_Buffer(path, spec.slot_rows, spec.storage_dim, spec.storage_dtype),
                             frame_of=np.full(spec.n_slots, -1, dtype=np.int32),
@@ -295,6 +301,31 @@ class ShardStore:
                                   "dedup": ts.dedup.export(np.array([int(slot)]))}
         return out
 
+    def copy_slots(self, name: str, slots) -> tuple[int, dict[int, dict]]:
+        """export_slots as a cut: (the lsn it reflects, the copies), for a replica's full copy."""
+        with self.order:
+            return self.lsn, self.export_slots(name, slots)
+
+    def install_copy(self, name: str, data: dict[int, dict], lsn: int) -> None:
+        """Make slots exact copies of another member's (copy_slots), as of `lsn`: later records
+        (replay) apply to them, earlier ones do not. Not logged: a replica keeps no log."""
+        ts = self._table(name)
+        with self.order:
+            new = np.array([s for s in data if ts.frame_of[s] < 0], dtype=np.int64)
+            self._fill_slots(ts, new, data={int(s): data[s] for s in new.tolist()})
+            held = {s: d for s, d in data.items() if s not in set(new.tolist())}
+            if held:
+                self._overwrite_slots(ts, held)
+            ts.slot_lsn[np.fromiter(data, dtype=np.int64, count=len(data))] = lsn
+
+    def keep_only_slots(self, name: str, slots) -> None:
+        """Release every slot of the table but `slots` (a replica re-joining after a scale)."""
+        ts = self._table(name)
+        with self.order:
+            keep = np.zeros(ts.spec.n_slots, dtype=bool)
+            keep[np.asarray(slots, dtype=np.int64)] = True
+            self._drop_slots(ts, np.nonzero((ts.frame_of >= 0) & ~keep)[0].tolist())
+
     def remove_slots(self, name: str, slots) -> int:
         ts = self._table(name)
         slots = [int(x) for x in slots]
@@ -327,6 +358,8 @@ class ShardStore:
         self.lsn = lsn
         if self.log is not None:
             self.log.append(lsn, kind, meta, blobs)
+        for tap in self.taps:
+            tap(lsn, kind, meta, blobs)
 
     def set_epoch(self, epoch: int) -> None:
         with self.layout:
@@ -694,7 +727,7 @@ class ShardStore:
         for name in list(self.tables):
             self.drop_table(name)
         if self.shm_dir:
-            shutil.rmtree(os.path.join(self.shm_dir, f"shard-{self.shard_id}"), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.shm_dir, member_dir(self.shard_id, self.member)), ignore_errors=True)
 
 
 def _dtype_name(rows, ts: TableShard) -> str:

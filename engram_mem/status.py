@@ -95,6 +95,11 @@ def render(describe: dict, rows: list[dict]) -> str:
             f"{fmt_bytes(r['rss_bytes']):>10} {r['requests']:>9,} {r['errors']:>6,} {r['requests_per_s']:>7.1f} "
             f"{r['gather_bytes_per_s'] / 1e6:>8.1f} {_ms(r['gather_p50_ms']):>8}/{_ms(r['gather_p99_ms']):<8} "
             f"{r['restarts']:>8}")
+        for rep in d["shards"].get(r["shard"], {}).get("replicas") or []:
+            lag = r.get("replica_lag_s", -1)
+            out.append(f"{'':>5}   replica {rep.get('member', '?')} at {rep.get('address', '-')} on node "
+                       f"{rep.get('node_ip', '-')}: {'ready' if rep.get('ready') else 'not ready (copying)'}; "
+                       f"primary's replicas trail by {'-' if lag < 0 else f'{lag:.2f} s'}")
     for name, t in d["tables"].items():
         spec = t["spec"]
         out.append(f"table {name}: {spec['rows']:,} x {spec['dim']} {spec['dtype']}, "

@@ -1,0 +1,261 @@
+"""Replication: a shard's replicas follow its stream of changes, in order (primary-backup log shipping).
+
+With `replicas=R` each shard is R actors on R different nodes: the primary (`<cluster>-shard-<id>`)
+takes every Write and Push; the replicas (`<cluster>-shard-<id>-r<k>`) hold the same slots and
+serve gathers, so inference workers read a copy on their own node and keep reading when a member
+dies.
+
+    primary                                   replica
+    -------                                   -------
+    follow(member, token) -> tables, slots    <- (re)joining: a new process, or told to resync
+    copy_slots(t, slots) -> (lsn, rows...)    <- every slot, in batches: a per-slot cut
+    start_follower(member, token)             <- records queued since follow() start to flow
+    Follower thread: apply_records(token, batch) ->  replay each record on slots whose cut is older
+
+Asynchronous with a bounded, reported lag. A Write or Push is acknowledged once the primary's own
+log has it (its durability policy); the primary then ships the record to every replica in lsn
+order, and only records its log has written, so a replica is never ahead of what its primary
+recovers after a crash. The backlog per replica is bounded (`replica_max_lag_bytes`): a replica
+that falls that far behind (or whose call fails) is dropped and rebuilds itself by a full copy;
+how far each replica trails is exported as `engram_mem_replica_lag_seconds` (the oldest change
+not yet applied there) and shown by `engram-mem status`.
+
+Tokens: every join gets a fresh token. A replica applies records only from the follower of its
+current token, so a follower left over from before a restart can never apply twice or out of order.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from engram_mem.wal import Record
+
+log = logging.getLogger("engram_mem.replication")
+
+
+def shippable(lsn: int, kind: int, meta: dict, blobs) -> Record:
+    """A change as a Record that pickles (its buffers copied out of the request)."""
+    return Record(lsn, kind, dict(meta), [np.ascontiguousarray(b).tobytes() for b in blobs])
+
+
+class Follower:
+    """On the primary: one replica's queue of records and the thread that ships them."""
+
+    def __init__(self, member: str, token: str, handle, wait_logged, max_lag_bytes: int,
+                 on_broken, batch_bytes: int = 8 << 20):
+        self.member, self.token, self.handle = member, token, handle
+        self._wait_logged = wait_logged     # wait_logged(lsn): the primary's log has written lsn
+        self.max_lag_bytes, self.batch_bytes = max_lag_bytes, batch_bytes
+        self._on_broken = on_broken
+        self._q: collections.deque = collections.deque()   # (commit time, Record, bytes)
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self.closed = False
+        self.broken = ""
+        self.shipped_lsn = 0
+        self.records = 0
+        self._thread: threading.Thread | None = None
+
+    def publish(self, rec: Record) -> None:
+        """Queue a change (the primary's order lock is held: records arrive in lsn order)."""
+        n = sum(len(b) for b in rec.blobs) + 256
+        with self._cond:
+            if self.closed:
+                return
+            if self._bytes + n > self.max_lag_bytes:
+                self._break_locked(f"its backlog passed {self.max_lag_bytes} bytes")
+                return
+            self._q.append((time.time(), rec, n))
+            self._bytes += n
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"engram-follow-{self.member}", daemon=True)
+        self._thread.start()
+
+    def lag_seconds(self) -> float:
+        """Age of the oldest change this replica has not applied (0 when it has them all)."""
+        with self._cond:
+            return time.time() - self._q[0][0] if self._q else 0.0
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._q.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+
+    def _break_locked(self, why: str) -> None:
+        self.closed, self.broken = True, why
+        self._q.clear()
+        self._bytes = 0
+        self._cond.notify_all()
+        threading.Thread(target=self._on_broken, args=(self,), daemon=True).start()
+
+    def _run(self) -> None:
+        import ray
+
+        while True:
+            with self._cond:
+                while not self.closed and not self._q:
+                    self._cond.wait(0.5)
+                if self.closed:
+                    return
+                batch, size = [], 0
+                for _t, rec, n in self._q:
+                    if batch and size + n > self.batch_bytes:
+                        break
+                    batch.append(rec)
+                    size += n
+            try:
+                self._wait_logged(batch[-1].lsn)
+                applied = ray.get(self.handle.apply_records.remote(self.token, batch), timeout=120)
+            except Exception as e:  # noqa: BLE001 - the replica died or hangs: it rejoins with a full copy
+                with self._cond:
+                    if not self.closed:
+                        self._break_locked(f"shipping failed: {type(e).__name__}: {e}")
+                return
+            with self._cond:
+                if self.closed:
+                    return
+                if not applied:  # the replica has re-joined since (a new token): this follower is stale
+                    self.closed, self.broken = True, "replica re-joined with a new token"
+                    return
+                for _ in batch:
+                    _t, _rec, n = self._q.popleft()
+                    self._bytes -= n
+                self.shipped_lsn = batch[-1].lsn
+                self.records += len(batch)
+
+
+class ReplicaFeed:
+    """On the primary: its followers, fed from the store's commit tap (ShardStore.taps)."""
+
+    def __init__(self, wait_logged, max_lag_bytes: int):
+        self._wait_logged = wait_logged
+        self.max_lag_bytes = max_lag_bytes
+        self.followers: dict[str, Follower] = {}
+        self._lock = threading.Lock()
+
+    def publish(self, lsn: int, kind: int, meta: dict, blobs) -> None:
+        if not self.followers:
+            return
+        rec = shippable(lsn, kind, meta, blobs)
+        for f in list(self.followers.values()):
+            f.publish(rec)
+
+    def add(self, member: str, token: str, handle) -> Follower:
+        """A (paused) follower for `member` (replacing an older one); caller holds the store's order."""
+        f = Follower(member, token, handle, self._wait_logged, self.max_lag_bytes, self._broken)
+        with self._lock:
+            old = self.followers.pop(member, None)
+            self.followers[member] = f
+        if old is not None:
+            old.close()
+        return f
+
+    def start(self, member: str, token: str) -> bool:
+        f = self.followers.get(member)
+        if f is None or f.token != token:
+            return False
+        f.start()
+        return True
+
+    def _broken(self, f: Follower) -> None:
+        """A follower gave up: forget it, and ask its replica to rebuild (a dead one does on restart)."""
+        with self._lock:
+            if self.followers.get(f.member) is f:
+                del self.followers[f.member]
+        log.warning("replica %s dropped: %s; it rebuilds from a full copy", f.member, f.broken)
+        try:
+            f.handle.resync.remote(f.token)
+        except Exception as e:  # noqa: BLE001 - gone for good (the cluster was scaled down)
+            log.debug("resync of %s: %s", f.member, e)
+
+    def lag_seconds(self) -> float:
+        return max((f.lag_seconds() for f in list(self.followers.values())), default=0.0)
+
+    def describe(self) -> dict:
+        return {m: {"lag_s": f.lag_seconds(), "shipped_lsn": f.shipped_lsn, "records": f.records}
+                for m, f in list(self.followers.items())}
+
+    def close(self) -> None:
+        with self._lock:
+            fs, self.followers = list(self.followers.values()), {}
+        for f in fs:
+            f.close()
+
+
+class ReplicaSync:
+    """On a replica (or a primary restoring from one): copy a source member's slots, then apply
+    the records its follower ships."""
+
+    def __init__(self, store, member: str, batch_bytes: int):
+        self.store, self.member, self.batch_bytes = store, member, batch_bytes
+        self.token = ""
+        self.applied_lsn = 0
+        self.syncs = 0
+        self.seconds = 0.0
+        self._lock = threading.Lock()   # one sync at a time
+
+    def sync(self, source, follow: bool = True) -> dict:
+        """Make the store an exact copy of `source`'s tables and slots. With follow, register as its
+        follower first, so every change after the copy arrives. Returns {"bytes", "seconds", "slots"}."""
+        import ray
+
+        from engram_mem.optim import OptimizerSpec
+        from engram_mem.table import TableSpec
+
+        with self._lock:
+            t0 = time.perf_counter()
+            store = self.store
+            token = uuid.uuid4().hex if follow else ""
+            with store.order:
+                self.token, self.applied_lsn = token, 0
+                store.set_ready(False, "copying its slots from the primary")
+            info = ray.get(source.follow.remote(self.member if follow else None, token), timeout=300)
+            wanted = {t["spec"]["name"]: t for t in info["tables"]}
+            for name in [n for n, ts in store.tables.items() if n not in wanted or ts.uid != wanted[n]["uid"]]:
+                store.drop_table(name)
+            nbytes = slots_copied = 0
+            for name, t in wanted.items():
+                spec = TableSpec.from_dict(t["spec"])
+                if name not in store.tables:
+                    store.add_table(spec, [], OptimizerSpec.from_dict(t["optimizer"]), uid=t["uid"])
+                elif store.tables[name].optimizer_spec.to_dict() != t["optimizer"]:
+                    store.set_optimizer(name, t["optimizer"])
+                slots = np.asarray(t["slots"], dtype=np.int64)
+                store.keep_only_slots(name, slots)
+                per = max(1, self.batch_bytes // max(1, spec.slot_rows * spec.row_bytes))
+                for i in range(0, slots.size, per):
+                    lsn, data = ray.get(source.copy_slots.remote(name, slots[i:i + per]), timeout=600)
+                    store.install_copy(name, data, lsn)
+                    nbytes += sum(d["rows"].nbytes + sum(v.nbytes for v in d["state"].values()) for d in data.values())
+                    slots_copied += len(data)
+            store.set_epoch(info["epoch"])
+            if follow and not ray.get(source.start_follower.remote(self.member, token), timeout=60):
+                raise RuntimeError(f"{self.member}: the primary dropped this replica while it copied; rejoining")
+            store.lsn = max(store.lsn, info["lsn"])
+            store.set_ready(True)
+            self.syncs += 1
+            self.seconds = time.perf_counter() - t0
+            return {"bytes": nbytes, "slots": slots_copied, "seconds": self.seconds}
+
+    def apply(self, token: str, records: list[Record]) -> bool:
+        """Apply shipped records in order; False if they come from a follower this replica left."""
+        store = self.store
+        with store.order:
+            if token != self.token:
+                return False
+            for rec in records:
+                if rec.lsn <= self.applied_lsn:
+                    continue  # a resent batch: applied already
+                store.replay(rec)
+                self.applied_lsn = store.lsn = rec.lsn
+        return True

@@ -1,0 +1,212 @@
+"""Replicas (replication.py): each shard's members on different Ray nodes (127.0.0.2 and 127.0.0.3),
+real processes killed with kill -9, counted with the known-effect workload of test_durability
+(SGD, lr 1, gradient -1: each acknowledged push adds exactly 1.0 to each of its rows).
+"""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import engram_mem
+from engram_mem.errors import InvalidArgument
+
+ROWS, DIM = 4096, 8
+SPREAD = np.arange(0, ROWS, 64)  # every slot range: each push reaches every shard
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=4, node_ip_address="127.0.0.2", include_dashboard=False, object_store_memory=256 << 20))
+    cluster.add_node(num_cpus=4, node_ip_address="127.0.0.3", object_store_memory=256 << 20)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _rows_at(mem, address, table, ids):
+    """The rows one member (primary or replica) serves, read from it alone over gRPC."""
+    t = mem.view.table(table)
+    out = np.empty((ids.size, t.spec.storage_dim), dtype=t.spec.storage_dtype)
+    mem._chans.submit(mem._gather_from(address, mem.view.epoch, table, ids, out, 0, None)).result(30)
+    return out
+
+
+def _wait_replicas_equal(mem, table, ids, timeout=60.0):
+    """Every replica serves exactly its primary's rows (after the lag drains); returns the rows."""
+    deadline = time.time() + timeout
+    while True:
+        view = mem.refresh(check_shards=True)
+        try:
+            same = True
+            for rank in range(len(view.shard_ids)):
+                members = view.members(rank)
+                t = view.table(table)
+                mine = ids[t.placement[ids // t.spec.slot_rows] == rank]
+                want = _rows_at(mem, members[0]["address"], table, mine)
+                for m in members[1:]:
+                    same &= m.get("ready", False) and np.array_equal(_rows_at(mem, m["address"], table, mine), want)
+            if same:
+                return mem.gather(table, ids)
+        except Exception:  # noqa: BLE001 - a member still restarting or copying
+            if time.time() > deadline:
+                raise
+        if time.time() > deadline:
+            raise AssertionError("replicas did not converge to their primaries")
+        time.sleep(0.3)
+
+
+def _pusher(mem, n, acked, errors, pause=0.005):
+    g = -np.ones((SPREAD.size, DIM), np.float32)
+    for _ in range(n):
+        try:
+            mem.push("r", SPREAD, g, lr=1.0)
+            acked.append(1)
+        except Exception as e:  # noqa: BLE001 - counted; the test fails on any
+            errors.append(repr(e))
+        time.sleep(pause)
+
+
+def _reader(mem, stop, latencies, errors):
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            mem.gather("r", SPREAD)
+            latencies.append(time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+
+def _member_pid(view, rank, member):
+    return view.members(rank)[member]["pid"]
+
+
+@pytest.fixture(scope="module")
+def replicated(two_nodes, tmp_path_factory):
+    data = tmp_path_factory.mktemp("replicated")
+    with engram_mem.connect(shards=2, name="rep", replicas=2, cpus_per_shard=0.5, data_dir=str(data),
+                            snapshot_interval_s=2.0) as mem:
+        mem.create_table("r", rows=ROWS, dim=DIM, optimizer={"name": "sgd"}, init_std=0.0)
+        yield mem
+
+
+def test_members_on_different_nodes_and_replicas_follow_in_order(replicated):
+    mem = replicated
+    view = mem.refresh(check_shards=True)
+    for rank in range(len(view.shard_ids)):
+        members = view.members(rank)
+        assert len(members) == 2 and members[1]["member"] == 1
+        assert len({m["node_ip"] for m in members}) == 2, "a shard's members share a node"
+    total = mem.gather("r", SPREAD)[0, 0]
+    acked, errors = [], []
+    _pusher(mem, 40, acked, errors, pause=0.0)
+    mem.push("r", SPREAD[:5], np.full((5, DIM), -2.0, np.float32), lr=1.0)  # an order-sensitive tail
+    assert errors == []
+    rows = _wait_replicas_equal(mem, "r", SPREAD)
+    want = np.full((SPREAD.size, DIM), total + 40, np.float32)
+    want[:5] += 2
+    assert np.array_equal(rows, want)
+    reader = engram_mem.connect(name="rep", read_only=True)
+    try:  # a read-only client spreads its gathers over both members of each shard, same rows
+        for _ in range(6):
+            assert np.array_equal(reader.gather("r", SPREAD), want)
+        assert reader.read_replicas
+        stats = {s["address"]: s["requests"] for s in reader.stats()}
+        assert len(stats) == 2
+    finally:
+        reader.close()
+    lag = [i["replication"] for i in mem.describe()["shards"].values()]
+    assert all(f and all(v["records"] > 0 for v in f.values()) for f in lag)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("member", [1, 0], ids=["replica", "primary"])
+def test_kill9_member_reads_fail_over_and_it_is_rebuilt(replicated, member):
+    """kill -9 one member of shard 1 while a read-only client gathers and a writer pushes: no gather
+    and no push fails, every acknowledged push is there once, and the killed member comes back
+    (a new process) holding exactly its primary's rows."""
+    mem = replicated
+    view = mem.refresh(check_shards=True)
+    before = mem.gather("r", SPREAD)
+    reader = engram_mem.connect(name="rep", read_only=True)
+    acked, errors, latencies = [], [], []
+    stop = threading.Event()
+    t_push = threading.Thread(target=_pusher, args=(mem, 150, acked, errors))
+    t_read = threading.Thread(target=_reader, args=(reader, stop, latencies, errors))
+    t_push.start()
+    t_read.start()
+    try:
+        while len(acked) < 40:
+            time.sleep(0.01)
+        n_before_kill = len(latencies)
+        pid = _member_pid(view, 1, member)
+        os.kill(pid, signal.SIGKILL)
+        t_push.join()
+        time.sleep(0.5)
+        stop.set()
+        t_read.join()
+    finally:
+        stop.set()
+        reader.close()
+    assert errors == []
+    assert len(latencies) > n_before_kill, "no gather completed after the kill"
+    print(f"kill -9 {'primary' if member == 0 else 'replica'}: {len(latencies)} gathers, slowest "
+          f"{max(latencies[n_before_kill:]) * 1e3:.0f} ms after the kill")
+    rows = _wait_replicas_equal(mem, "r", SPREAD, timeout=120)
+    assert np.array_equal(rows, before + len(acked)), (
+        f"lost {int((before + len(acked) - rows).max())}, applied twice {int((rows - before - len(acked)).max())}")
+    assert len(acked) == 150
+    assert _member_pid(mem.view, 1, member) != pid
+
+
+@pytest.mark.slow
+def test_scale_moves_replicas_with_their_shards(replicated):
+    mem = replicated
+    before = mem.gather("r", SPREAD)
+    mem.scale(3)
+    try:
+        view = mem.refresh(check_shards=True)
+        assert len(view.shard_ids) == 3
+        for rank in range(3):
+            assert len({m["node_ip"] for m in view.members(rank)}) == 2
+        g = -np.ones((SPREAD.size, DIM), np.float32)
+        mem.push("r", SPREAD, g, lr=1.0)
+        assert np.array_equal(_wait_replicas_equal(mem, "r", SPREAD, timeout=120), before + 1)
+    finally:
+        mem.scale(2)
+    assert np.array_equal(_wait_replicas_equal(mem, "r", SPREAD, timeout=120), before + 1)
+
+
+def test_more_replicas_than_nodes_is_refused_up_front(two_nodes):
+    with pytest.raises(InvalidArgument, match="replicas=3.*2 node"):
+        engram_mem.connect(shards=1, name="rep-3", replicas=3, cpus_per_shard=0.5)
+
+
+@pytest.mark.slow
+def test_primary_without_data_dir_restores_from_its_replica(two_nodes):
+    """No data directory: a killed primary comes back with its replica's rows, not initial values."""
+    with engram_mem.connect(shards=1, name="rep-mem", replicas=2, cpus_per_shard=0.5) as mem:
+        mem.create_table("r", rows=ROWS, dim=DIM, optimizer={"name": "sgd"}, init_std=0.0)
+        acked, errors = [], []
+        _pusher(mem, 25, acked, errors, pause=0.0)
+        assert errors == []
+        _wait_replicas_equal(mem, "r", SPREAD)  # shipped: the replica has all 25
+        pid = _member_pid(mem.refresh(check_shards=True), 0, 0)
+        os.kill(pid, signal.SIGKILL)
+        mem.push("r", SPREAD, -np.ones((SPREAD.size, DIM), np.float32), lr=1.0)  # waits for the new primary
+        rows = _wait_replicas_equal(mem, "r", SPREAD, timeout=120)
+        assert np.array_equal(rows, np.full_like(rows, 26.0))
+        info = mem.view.shards[mem.view.shard_ids[0]]
+        assert info["pid"] != pid and info["restore"].get("source") == "replica 1"
