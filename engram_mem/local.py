@@ -82,6 +82,13 @@ def attach_ray(address: str) -> None:
     """
     import ray
 
+    _use_token_auth()
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+
+
+def _use_token_auth() -> None:
+    """Unless the user chose a RAY_AUTH_MODE: token mode when a token exists (for this process and
+    the `ray start` processes it runs), as Ray itself does for address="auto"."""
     if "RAY_AUTH_MODE" not in os.environ:
         try:
             from ray._private.authentication.authentication_token_setup import (
@@ -90,7 +97,6 @@ def attach_ray(address: str) -> None:
             maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         except ImportError:  # an older Ray without token auth
             pass
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
 
 
 def init_embedded_ray(shards: int = 2, num_cpus: int | None = None, object_store_bytes: int = 1 << 30) -> None:
@@ -123,6 +129,8 @@ def start_ray_head(name: str, shards: int, object_store_bytes: int = 1 << 30, no
     if out.returncode != 0:
         raise RuntimeError(f"`ray start --head` failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
     address = f"{LOCAL_NODE_IP}:{port}"
+    if nodes > 1:
+        _use_token_auth()  # the head made a token if there was none: the other nodes present it
     for i in range(1, nodes):  # more simulated nodes on this machine: 127.0.0.3, 127.0.0.4, ...
         ip = f"127.0.0.{2 + i}"
         cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", f"--address={address}",

@@ -80,7 +80,7 @@ def prometheus_targets(describe: dict, endpoints: dict) -> list[dict]:
 
 def render(describe: dict, rows: list[dict]) -> str:
     d = describe
-    nodes = sorted({s["node_ip"] for s in d["shards"].values()})
+    nodes = sorted({m.get("node_ip", "") for s in d["shards"].values() for m in [s, *(s.get("replicas") or [])]} - {""})
     out = [f"memory cluster {d['name']!r} (id {d['cluster_id']}), epoch {d['epoch']}, "
            f"{len(d['shards'])} shards on {len(nodes)} node(s): {', '.join(nodes)}",
            f"{'shard':>5} {'address':<21} {'metrics':<21} {'rows':>13} {'table':>10} {'opt state':>10} {'rss':>10} "
