@@ -41,3 +41,22 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """Two Ray nodes on this machine, 127.0.0.2 (head) and 127.0.0.3, shut down after the module."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=4, node_ip_address="127.0.0.2", include_dashboard=False, object_store_memory=256 << 20))
+    cluster.add_node(num_cpus=4, node_ip_address="127.0.0.3", object_store_memory=256 << 20)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

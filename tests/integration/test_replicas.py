@@ -18,24 +18,6 @@ ROWS, DIM = 4096, 8
 SPREAD = np.arange(0, ROWS, 64)  # every slot range: each push reaches every shard
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=4, node_ip_address="127.0.0.2", include_dashboard=False, object_store_memory=256 << 20))
-    cluster.add_node(num_cpus=4, node_ip_address="127.0.0.3", object_store_memory=256 << 20)
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 def _rows_at(mem, address, table, ids):
     """The rows one member (primary or replica) serves, read from it alone over gRPC."""
     t = mem.view.table(table)

@@ -1,27 +1,8 @@
 """Two Ray nodes on this machine (127.0.0.2 and 127.0.0.3): shards spread over both."""
 
 import numpy as np
-import pytest
 
 import engram_mem
-
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=3, node_ip_address="127.0.0.2", include_dashboard=False, object_store_memory=256 << 20))
-    cluster.add_node(num_cpus=3, node_ip_address="127.0.0.3", object_store_memory=256 << 20)
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_shards_on_both_nodes_serve_a_worker_on_either(two_nodes):
