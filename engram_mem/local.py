@@ -134,7 +134,7 @@ def start_ray_head(name: str, shards: int, object_store_bytes: int = 1 << 30, no
     for i in range(1, nodes):  # more simulated nodes on this machine: 127.0.0.3, 127.0.0.4, ...
         ip = f"127.0.0.{2 + i}"
         cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", f"--address={address}",
-               f"--node-ip-address={ip}", f"--num-cpus={max(2, -(-shards // nodes) + 1)}",
+               f"--node-ip-address={ip}", f"--num-cpus={max(4, shards + 2)}",
                f"--object-store-memory={object_store_bytes}", f"--temp-dir={ray_dir(name)}", "--disable-usage-stats"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         if out.returncode != 0:

@@ -61,3 +61,30 @@ def test_up_on_damaged_data_dir_says_which_file_and_down_leaves_no_shm(tmp_path)
         assert nodata.returncode == 0 and "NOT durable" in nodata.stdout, nodata.stdout + nodata.stderr
     finally:
         _run(["--name", "cli-nodata", "down"], env)
+
+
+def test_up_with_replicas_on_simulated_nodes_and_down(tmp_path):
+    """`up --replicas 2` on one machine: a second Ray node at 127.0.0.3; a shard's two members on both;
+    `status` lists it; `down` stops both nodes and leaves no /dev/shm files."""
+    env = dict(os.environ, ENGRAM_MEM_HOME=str(tmp_path / "home"))
+    tables = tmp_path / "tables.json"
+    tables.write_text(json.dumps([{"name": "emb", "rows": 10_000, "dim": 8}]))
+    up = _run(["--name", "cli-rep", "up", "--shards", "1", "--replicas", "2", "--tables", str(tables)], env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((tmp_path / "home" / "cli-rep.json").read_text())
+        shm = os.path.join(state["shm_dir"], state["cluster_id"])
+        status = _run(["--name", "cli-rep", "status"], env)
+        assert status.returncode == 0, status.stderr
+        assert "on 2 node(s): 127.0.0.2, 127.0.0.3" in status.stdout, status.stdout
+        assert "replica 1 at 127.0.0." in status.stdout and ": ready;" in status.stdout, status.stdout
+        shard = json.loads(_run(["--name", "cli-rep", "status", "--json"], env).stdout)["describe"]["shards"]["0"]
+        assert {shard["node_ip"], shard["replicas"][0]["node_ip"]} == {"127.0.0.2", "127.0.0.3"}
+        assert os.path.isdir(os.path.join(shm, "shard-0-r1"))
+    finally:
+        down = _run(["--name", "cli-rep", "down"], env)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not os.path.exists(shm)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [line for line in ps.splitlines() if "raylet" in line and "127.0.0.3" in line and
+                state["ray_address"].split(":")[1] in line]
