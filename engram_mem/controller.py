@@ -326,6 +326,8 @@ class ClusterController:
                                             self.state.epoch, t.uid)
                          for h in new.values() for t in self.state.tables.values()])
                 self.shards.update(new)
+                # Their addresses first: a client that reads the new placement must find every shard it names.
+                self._refresh_infos()
             plans = {n: rebalance(t.placement, shards) for n, t in self.state.tables.items()}
             mig = SlotMigration(self.shards, self.state.tables, plans, self.cfg.move_batch_bytes)
             switched = False
