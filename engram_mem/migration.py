@@ -19,9 +19,10 @@ the source after the first copy reaches the destination with its key, so a retry
 skipped there as everywhere.
 
 Rounds before the freeze: the first copies every moved slot; another follows while the slots
-changed meanwhile hold more than SMALL_FRACTION of the moved bytes, up to PRECOPY_ROUNDS. Pushes
-that touch every slot all the time keep every slot changed: then the freeze copies them all again,
-as a migration without pre-copy would.
+changed meanwhile hold more than SMALL_FRACTION of the moved bytes and at most half of what the
+round before copied (the changed set shrinks), up to PRECOPY_ROUNDS. Pushes that touch every slot
+all the time keep every slot changed: then the freeze copies them all again, as a migration
+without pre-copy would (but into slots already allocated at the destination, which is faster).
 
 A copy installed before its move is published is never served: clients route by the placement,
 which still names the source, and a destination that restarts holds only the slots the cluster
@@ -67,18 +68,20 @@ class SlotMigration:
 
     # ---- the phases --------------------------------------------------------------------------
     def precopy(self, rounds: int = PRECOPY_ROUNDS, small: float = SMALL_FRACTION) -> None:
-        """Copy every moved slot, then again those changed meanwhile until few are (writes flow)."""
+        """Copy every moved slot, then again those changed meanwhile while that converges (writes flow)."""
         self._pids = self._incarnations()
-        todo = self.moves
+        todo, last = self.moves, self.moved_bytes
         while True:
             self._copy(todo)
-            self.precopied_bytes += self._bytes(todo)
+            self.precopied_bytes += last
             self.rounds += 1
             if self.rounds >= rounds:
                 break
             todo = self._changed()
-            if self._bytes(todo) <= small * self.moved_bytes:
+            n = self._bytes(todo)
+            if n <= small * self.moved_bytes or n > last / 2:  # few changed, or as many as it copied: freeze
                 break
+            last = n
         log.info("pre-copy: %d round(s), %.1f MB copied for %.1f MB moved", self.rounds, self.precopied_bytes / 1e6,
                  self.moved_bytes / 1e6)
 
