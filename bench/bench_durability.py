@@ -1,7 +1,8 @@
 """What durability costs and how fast a shard comes back, in one run (a benchmark, not a test).
 
     cd /work/main && .venv/bin/python bench/bench_durability.py [--repeats 3] [--push-s 4]
-        [--train-steps 20] [--recovery-push-s 60] [--recovery-rows 4194304] [--quick]
+        [--train-steps 20] [--recovery-push-s 60] [--recovery-rows 4194304] [--parts 1,2,3,4]
+        [--scale-push-ids N] [--quick]
 
 One embedded Ray cluster (node 127.0.0.2); data directories in a temporary directory on local
 disk (/var/tmp, not /dev/shm), removed at the end. Configurations are interleaved within each
@@ -20,7 +21,11 @@ repeat (the mode order rotates), so the machine's load drifts over all of them a
      (each restart replays the same snapshot + log).
   4. gather p50/p99 (8192 random ids, from a second client) while idle, during mem.checkpoint(),
      and during a scale 2->3 (durability process).
-  5. migration of that scale (and of the 3->2 back): moved_bytes / seconds and the write pause.
+  5. migration of that scale (and of the 3->2 back): moved_bytes / seconds, the write pause, and
+     what the pause copied again (recopied_bytes: slots changed during the pre-copy) and the
+     pre-copy rounds. With --scale-push-ids N a third client pushes N random ids (Adam) back to back
+     through both scales (every push touches about min(N, 4096) of the 4096 slots); those runs are
+     recorded as parts gather_during_events_pushing / migration_pushing.
 
 Snapshots never run on a timer here (snapshot_interval_s=0): their cost is part 4's, not noise in
 parts 1-2. The machine's 2 cores are shared: each part records the load average before and after.
@@ -206,25 +211,66 @@ def gathers_around(worker, table: str, batches, idle_s: float, event) -> dict:
     return {"idle": idle, "during": during, "event_s": t_b - t_a, "result": out.get("result")}
 
 
-def part_events(args, mem, worker) -> tuple[dict, dict]:
+class Pusher:
+    """A client pushing `n_ids` random distinct ids (small gradients) back to back on its own thread
+    while it runs: the writes a scale's pre-copy has to catch up with. Counts pushes and errors."""
+
+    def __init__(self, client, table: str, rows: int, dim: int, n_ids: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.batches = [np.sort(rng.choice(rows, n_ids, replace=False)) for _ in range(8)]
+        self.grads = (1e-3 * rng.standard_normal((n_ids, dim))).astype(np.float32)
+        self.client, self.table, self.pushes, self.errors = client, table, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        k = 0
+        while not self._stop.is_set():
+            try:
+                self.client.push(self.table, self.batches[k % 8], self.grads, lr=1e-3)
+                self.pushes += 1
+            except Exception as e:  # noqa: BLE001 - reported, the part fails
+                self.errors.append(repr(e))
+                return
+            k += 1
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        if self.errors:
+            raise RuntimeError(f"push during scale failed: {self.errors[0]}")
+
+
+def part_events(args, mem, worker, pusher=None) -> tuple[dict, dict]:
+    import contextlib
+
     before = loadavg()
     rng = np.random.default_rng(7)
     batches = random_batches(rng, args.rows, 16)
     got: dict[str, list] = {}
     scales = []
+    pushing = args.scale_push_ids > 0
     for r in range(args.repeats):
         snap = gathers_around(worker, "p", batches, args.idle_s, lambda: mem.checkpoint())
         got.setdefault("snapshot", []).append(snap)
-        sc = gathers_around(worker, "p", batches, args.idle_s, lambda: mem.scale(3))
+        with (Pusher(pusher, "p", args.rows, args.dim, args.scale_push_ids, seed=r) if pushing
+              else contextlib.nullcontext()) as pu:
+            sc = gathers_around(worker, "p", batches, args.idle_s, lambda: mem.scale(3))
+            s23 = mem.describe()["last_scale"]
+            mem.scale(2)
+            s32 = mem.describe()["last_scale"]
         got.setdefault("scale 2->3", []).append(sc)
-        s23 = mem.describe()["last_scale"]
-        mem.scale(2)
-        s32 = mem.describe()["last_scale"]
         scales += [s23, s32]
         print(f"  repeat {r + 1}: checkpoint {snap['event_s']:.2f} s, gather p99 idle "
               f"{1e3 * np.percentile(snap['idle'], 99):.1f} / during {1e3 * np.percentile(snap['during'], 99):.1f} ms; "
-              f"scale 2->3 {s23['seconds']:.2f} s (pause {s23['write_pause_s']:.2f} s), p99 during "
-              f"{1e3 * np.percentile(sc['during'], 99):.1f} ms", flush=True)
+              f"scale 2->3 {s23['seconds']:.2f} s (pause {s23['write_pause_s']:.2f} s, re-copied "
+              f"{s23.get('recopied_bytes', float('nan')) / 1e6:.1f} MB), 3->2 pause {s32['write_pause_s']:.2f} s; "
+              f"p99 during {1e3 * np.percentile(sc['during'], 99):.1f} ms"
+              + (f"; {pu.pushes} pushes of {args.scale_push_ids} ids meanwhile" if pushing else ""), flush=True)
     rows = []
     for event, runs in got.items():
         for window in ("idle", "during"):
@@ -237,10 +283,12 @@ def part_events(args, mem, worker) -> tuple[dict, dict]:
                          "max_ms": round(1e3 * max(max(x[window]) for x in runs), 1),
                          "event_s": round(float(np.median([x["event_s"] for x in runs])), 2)})
     snap_bytes = [x["result"]["bytes_written"] for x in got["snapshot"] if x["result"]]
-    p4 = finish("gather_during_events", f"4. gather of {BATCH} random ids (second client) idle vs during a "
-                f"checkpoint and a scale 2->3 (durability process), median of {args.repeats}",
+    suffix = "_pushing" if pushing else ""
+    under = f", a third client pushing {args.scale_push_ids} random ids back to back through the scales" if pushing else ""
+    p4 = finish("gather_during_events" + suffix, f"4. gather of {BATCH} random ids (second client) idle vs during a "
+                f"checkpoint and a scale 2->3 (durability process){under}, median of {args.repeats}",
                 rows, ["event", "window", "gathers", "p50_ms", "p99_ms", "p99_min_max", "max_ms", "event_s"],
-                before, {"snapshot_bytes": snap_bytes})
+                before, {"snapshot_bytes": snap_bytes, "scale_push_ids": args.scale_push_ids})
     before = loadavg()
     srows = []
     for direction in ("2->3", "3->2"):
@@ -251,13 +299,16 @@ def part_events(args, mem, worker) -> tuple[dict, dict]:
         srows.append({"scale": direction, "moved_MB": round(float(np.median([s["moved_bytes"] for s in sel])) / 1e6, 1),
                       "seconds": round(float(np.median([s["seconds"] for s in sel])), 2),
                       "GB_s": round(m, 3), "GB_s_min_max": f"{lo:.3f}-{hi:.3f}",
-                      "write_pause_s": round(pm, 2), "pause_min_max": f"{plo:.2f}-{phi:.2f}",
+                      "write_pause_s": round(pm, 3), "pause_min_max": f"{plo:.3f}-{phi:.3f}",
+                      "recopied_MB": round(float(np.median([s.get("recopied_bytes", np.nan) for s in sel])) / 1e6, 1),
+                      "precopy_rounds": float(np.median([s.get("precopy_rounds", np.nan) for s in sel])),
                       "GB_s_over_pause": round(float(np.median([s["moved_bytes"] / s["write_pause_s"] / 1e9
                                                                 for s in sel])), 3)})
-    p5 = finish("migration", f"5. migration during scale (moved_bytes counts rows only, not optimizer state), "
-                f"median of {args.repeats}", srows,
+    p5 = finish("migration" + suffix, f"5. migration during scale (moved_bytes and recopied_MB count rows only, "
+                f"not optimizer state){under}, median of {args.repeats}", srows,
                 ["scale", "moved_MB", "seconds", "GB_s", "GB_s_min_max", "write_pause_s", "pause_min_max",
-                 "GB_s_over_pause"], p4["load_after"], {"raw": scales})
+                 "recopied_MB", "precopy_rounds", "GB_s_over_pause"], p4["load_after"],
+                {"raw": scales, "scale_push_ids": args.scale_push_ids})
     return p4, p5
 
 
@@ -478,6 +529,8 @@ def main(argv=None) -> int:
     p.add_argument("--recovery-rows", type=int, default=4 << 20)
     p.add_argument("--recovery-push-s", type=float, default=60.0)
     p.add_argument("--parts", default="1,2,3,4", help="which parts to run (4 includes 5)")
+    p.add_argument("--scale-push-ids", type=int, default=0,
+                   help="parts 4/5: a third client pushes this many random ids back to back through the scales")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from durability.jsonl")
     p.add_argument("--quick", action="store_true", help="a smoke run: small tables, short runs, 1 repeat")
     args = p.parse_args(argv)
@@ -513,8 +566,9 @@ def main(argv=None) -> int:
         if "1" in want:
             parts["push"] = part_push(args, clusters, workers)
         if "4" in want:
-            parts["gather_during_events"], parts["migration"] = part_events(args, clusters["process"],
-                                                                            workers["process"][0])
+            p4, p5 = part_events(args, clusters["process"], workers["process"][0], workers["process"][1])
+            suffix = "_pushing" if args.scale_push_ids else ""
+            parts["gather_during_events" + suffix], parts["migration" + suffix] = p4, p5
         for mode in clusters:
             if "p" in clusters[mode].tables():
                 clusters[mode].drop_table("p")

@@ -318,6 +318,12 @@ class ShardActor:
     def export_slots(self, name: str, slots) -> dict:
         return self.store.export_slots(name, slots)
 
+    def changed_slots(self, cuts: dict) -> dict:
+        """{table: the slots changed since their cut} for cuts = {table: (slots, lsns)}, the lsns from
+        copy_slots (a move's pre-copy calls it with num_returns=2: the data goes to the destination
+        through the object store, only the lsn to the controller): one call per source."""
+        return {name: self.store.changed_since(name, slots, lsns) for name, (slots, lsns) in cuts.items()}
+
     def add_slots(self, name: str, data: dict) -> None:
         lsn = self.store.add_slots(name, data)
         if self.wal:

@@ -28,6 +28,7 @@ import numpy as np
 from engram_mem.cluster_state import ClusterState, TableRecord
 from engram_mem.config import NAMESPACE, ClusterConfig
 from engram_mem.errors import InvalidArgument, TableExists, UnknownTable
+from engram_mem.migration import SlotMigration
 from engram_mem.optim import OptimizerSpec
 from engram_mem.placement import initial_placement, rebalance
 from engram_mem.supervisor import Supervisor
@@ -305,10 +306,11 @@ class ClusterController:
 
     # ---- scaling ---------------------------------------------------------------------------
     def scale(self, shards: int) -> dict:
-        """Change the shard count. Reads are served throughout; writes and pushes wait (NotReady,
-        retried by clients) only while the moved slots are copied and the placement switches.
-        Each moved slot carries its rows, optimizer state and idempotency keys, and is logged by
-        its new shard before the placement that names it is persisted."""
+        """Change the shard count. Reads are served throughout. The moved slots are copied while
+        writes go on (pre-copy, migration.py); then writes and pushes wait (NotReady, retried by
+        clients) only while the slots changed since their copy are copied again and the placement
+        switches. Each moved slot carries its rows, optimizer state and idempotency keys, and is
+        logged by its new shard before the placement that names it is persisted."""
         import ray
 
         if int(shards) < 1:
@@ -324,30 +326,32 @@ class ClusterController:
                                             self.state.epoch, t.uid)
                          for h in new.values() for t in self.state.tables.values()])
                 self.shards.update(new)
-            moved_bytes = 0
-            with self.sup.frozen(self.shards) as t_freeze:
-                plans = {n: rebalance(t.placement, shards) for n, t in self.state.tables.items()}
-                for name, (_, moves) in plans.items():
-                    t = self.state.tables[name]
-                    per_batch = max(1, self.cfg.move_batch_bytes // max(1, t.spec.slot_rows * t.spec.row_bytes))
-                    for (src, dst), slots in moves.items():
-                        for i in range(0, slots.size, per_batch):
-                            # The rows travel shard to shard through the object store, not through here.
-                            part = self.shards[src].export_slots.remote(name, slots[i:i + per_batch])
-                            ray.get(self.shards[dst].add_slots.remote(name, part))
-                        moved_bytes += slots.size * t.spec.slot_rows * t.spec.row_bytes
-                self.state.epoch += 1
-                for name, (placement, _) in plans.items():
-                    self.state.tables[name].placement = placement
-                gone = {sid: h for sid, h in self.shards.items() if sid >= shards}
-                for sid in gone:
-                    del self.shards[sid]
-                self._save()  # from here on a restart reads the moved slots from their new shards
-                self._set_epoch_all()
-                for name, (_, moves) in plans.items():
-                    ray.get([self.shards[src].remove_slots.remote(name, slots)
-                             for (src, _dst), slots in moves.items() if src < shards])
-                pause = time.perf_counter() - t_freeze
+                # Their addresses first: a client that reads the new placement must find every shard it names.
+                self._refresh_infos()
+            plans = {n: rebalance(t.placement, shards) for n, t in self.state.tables.items()}
+            mig = SlotMigration(self.shards, self.state.tables, plans, self.cfg.move_batch_bytes)
+            switched = False
+            try:
+                mig.precopy()
+                with self.sup.frozen(self.shards) as t_freeze:
+                    mig.finish()
+                    switched = True
+                    self.state.epoch += 1
+                    for name, (placement, _) in plans.items():
+                        self.state.tables[name].placement = placement
+                    gone = {sid: h for sid, h in self.shards.items() if sid >= shards}
+                    for sid in gone:
+                        del self.shards[sid]
+                    self._save()  # from here on a restart reads the moved slots from their new shards
+                    self._set_epoch_all()
+                    for name, (_, moves) in plans.items():
+                        ray.get([self.shards[src].remove_slots.remote(name, slots)
+                                 for (src, _dst), slots in moves.items() if src < shards])
+                    pause = time.perf_counter() - t_freeze
+            except BaseException:
+                if not switched:
+                    mig.abandon()
+                raise
             if gone:
                 self.sup.stop(gone)
                 if self.cfg.data_dir:
@@ -356,7 +360,8 @@ class ClusterController:
             self._replicas_after_scale()
             self.sup.remove_unused_groups(set(self.shards))
             self._refresh_infos()
-            self.last_scale = {"from": old, "to": shards, "write_pause_s": pause, "moved_bytes": moved_bytes,
+            self.last_scale = {"from": old, "to": shards, "write_pause_s": pause, "moved_bytes": mig.moved_bytes,
+                               "recopied_bytes": mig.recopied_bytes, "precopy_rounds": mig.rounds,
                                "seconds": time.perf_counter() - t_start}
             return self.describe()
 

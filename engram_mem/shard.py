@@ -19,6 +19,11 @@ the write-ahead log (wal.py) in that order; a snapshot copies slots under the sa
 copied slot is exact as of one lsn. The server runs on one thread; the Ray actor thread only
 moves slots and takes snapshots.
 
+Moving slots (a re-shard) is a pre-copy: the source copies slots with the lsn of the cut
+(`copy_slots`) while it goes on taking writes, the destination installs them (`add_slots`, which
+overwrites slots it already holds), and once writes are frozen only the slots changed since their
+cut (`changed_since`, from the per-slot lsn of the last change, `mod_lsn`) are copied again.
+
 Exactly once: a write or push may carry an idempotency key (client id, sequence number). Rows in
 slots that already applied the key are skipped (dedup.py), so a retry is answered as applied
 without applying anything twice; the key travels in the log record, so replay rebuilds it.
@@ -163,6 +168,7 @@ class TableShard:
     uid: str = ""                            # this incarnation of the table (a re-created one gets another)
     dedup: DedupWindow | None = None
     slot_lsn: np.ndarray | None = None       # int64 [n_slots]: lsn a restored slot was snapshotted at
+    mod_lsn: np.ndarray | None = None        # int64 [n_slots]: lsn of the last change to the slot (a move's cut)
 
     @property
     def rows(self) -> np.ndarray:
@@ -212,7 +218,8 @@ class ShardStore:
                             buffer=_Buffer(path, spec.slot_rows, spec.storage_dim, spec.storage_dtype),
                             frame_of=np.full(spec.n_slots, -1, dtype=np.int32),
                             dirty=np.zeros(spec.n_slots, dtype=bool), uid=uid, dedup=DedupWindow(spec.n_slots),
-                            slot_lsn=np.zeros(spec.n_slots, dtype=np.int64))
+                            slot_lsn=np.zeros(spec.n_slots, dtype=np.int64),
+                            mod_lsn=np.zeros(spec.n_slots, dtype=np.int64))
             self.tables[spec.name] = ts
         try:
             self._fill_slots(ts, np.asarray(list(slots), dtype=np.int64), restore)
@@ -268,8 +275,10 @@ class ShardStore:
         self._attach_budget(ts)
 
     def add_slots(self, name: str, data: dict[int, dict]) -> int:
-        """Receive slots moved from another shard: data[slot] = {"rows", "state", "dedup"}. Logged whole
-        (an INSTALL record), so the slots survive this shard's death before its next snapshot."""
+        """Receive slots moved from another shard: data[slot] = {"rows", "state", "dedup"}. A slot this
+        store already holds (copied before, and changed at its source since) is overwritten: rows,
+        optimizer state and keys. Logged whole (an INSTALL record), so the slots survive this shard's
+        death before its next snapshot; a restart holds them only if the cluster file gives it them."""
         ts = self._table(name)
         slots = np.array(sorted(data), dtype=np.int64)
         blobs, meta_slots = [], []
@@ -281,7 +290,10 @@ class ShardStore:
             meta_slots.append([slot, names])
         with self.order:
             lsn = self._next_lsn()
-            self._fill_slots(ts, slots, data=data)
+            held = ts.frame_of[slots] >= 0
+            self._overwrite_slots(ts, {s: _with_parts(data[s]) for s in slots[held].tolist()}, lsn)
+            self._fill_slots(ts, slots[~held], data=data)
+            ts.mod_lsn[slots] = lsn
             self._commit(lsn, KIND_INSTALL, {"t": name, "uid": ts.uid, "slots": meta_slots}, blobs)
         return lsn
 
@@ -302,9 +314,19 @@ class ShardStore:
         return out
 
     def copy_slots(self, name: str, slots) -> tuple[int, dict[int, dict]]:
-        """export_slots as a cut: (the lsn it reflects, the copies), for a replica's full copy."""
+        """export_slots as a cut: (the lsn it reflects, the copies). Each copy is exact as of that lsn;
+        a slot whose mod_lsn is past it has changed since (changed_since). For a move's pre-copy
+        and a replica's full copy."""
         with self.order:
             return self.lsn, self.export_slots(name, slots)
+
+    def changed_since(self, name: str, slots, lsns) -> np.ndarray:
+        """Those of `slots` changed after their cut (lsns[i] for slots[i], from copy_slots). Asked under
+        the order lock once writes are frozen, the answer is final: nothing changes after it."""
+        ts = self._table(name)
+        slots = np.asarray(slots, dtype=np.int64)
+        with self.order:
+            return slots[ts.mod_lsn[slots] > np.asarray(lsns, dtype=np.int64)]
 
     def install_copy(self, name: str, data: dict[int, dict], lsn: int) -> None:
         """Make slots exact copies of another member's (copy_slots), as of `lsn`: later records
@@ -315,8 +337,9 @@ class ShardStore:
             self._fill_slots(ts, new, data={int(s): data[s] for s in new.tolist()})
             held = {s: d for s, d in data.items() if s not in set(new.tolist())}
             if held:
-                self._overwrite_slots(ts, held)
-            ts.slot_lsn[np.fromiter(data, dtype=np.int64, count=len(data))] = lsn
+                self._overwrite_slots(ts, held, lsn)
+            slots = np.fromiter(data, dtype=np.int64, count=len(data))
+            ts.slot_lsn[slots] = ts.mod_lsn[slots] = lsn
 
     def keep_only_slots(self, name: str, slots) -> None:
         """Release every slot of the table but `slots` (a replica re-joining after a scale)."""
@@ -485,13 +508,14 @@ class ShardStore:
         check_rows_finite(ts.spec, ids, stored)
         self._local_rows(ts, ids)  # ownership check before anything is applied
         with self.order:
+            self._check_writable(name)  # again under the lock: nothing applies once a freeze has begun
             keep = self._not_applied(ts, ids, client, seq)
             if keep is not None and not keep.any():
                 return int(ids.size), self.lsn  # a retry of an applied write: answer as before
             if keep is not None and not keep.all():
                 ids, stored = ids[keep], stored[keep]
             lsn = self._next_lsn()
-            self._apply_write(ts, ids, stored, client, seq)
+            self._apply_write(ts, ids, stored, client, seq, lsn)
             self._commit(lsn, KIND_WRITE, {"t": name, "uid": ts.uid, "c": client, "s": seq},
                          [np.ascontiguousarray(ids, dtype="<i8"), np.ascontiguousarray(stored)])
         return int(keep.size if keep is not None else ids.size), lsn
@@ -513,6 +537,7 @@ class ShardStore:
         self._check_writable(name)
         self._local_rows(ts, ids)  # ownership check before anything is applied
         with self.order:
+            self._check_writable(name)  # again under the lock: nothing applies once a freeze has begun
             keep = self._not_applied(ts, ids, client, seq)
             n_unique = None
             if keep is not None and not keep.all():
@@ -521,7 +546,7 @@ class ShardStore:
                     return n_unique, self.lsn  # a retry of an applied push: answer as before
                 ids, g = ids[keep], g[torch.from_numpy(keep)]
             lsn = self._next_lsn()
-            n = self._apply_push(ts, ids, g, lr, client, seq)
+            n = self._apply_push(ts, ids, g, lr, client, seq, lsn)
             self._commit(lsn, KIND_PUSH, {"t": name, "uid": ts.uid, "c": client, "s": seq, "lr": lr},
                          [np.ascontiguousarray(ids, dtype="<i8"), g.numpy()])
         return (n_unique if n_unique is not None else n), lsn
@@ -533,16 +558,19 @@ class ShardStore:
         slots = ids // ts.spec.slot_rows
         return ~ts.dedup.applied(client, seq, slots)
 
-    def _apply_write(self, ts: TableShard, ids: np.ndarray, stored: np.ndarray, client: str, seq: int) -> None:
+    def _apply_write(self, ts: TableShard, ids: np.ndarray, stored: np.ndarray, client: str, seq: int,
+                     lsn: int) -> None:
         local = self._local_rows(ts, ids)
         with ts.lock:
             ts.rows[local] = stored  # numpy: the last of duplicate ids wins
             slots = ids // ts.spec.slot_rows
             ts.dirty[slots] = True
+            ts.mod_lsn[slots] = lsn
             if client:
                 ts.dedup.mark(client, seq, np.unique(slots))
 
-    def _apply_push(self, ts: TableShard, ids: np.ndarray, g: torch.Tensor, lr: float, client: str, seq: int) -> int:
+    def _apply_push(self, ts: TableShard, ids: np.ndarray, g: torch.Tensor, lr: float, client: str, seq: int,
+                    lsn: int) -> int:
         local = torch.from_numpy(self._local_rows(ts, ids))
         if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):  # duplicates possible: sum them
             uniq, inv = torch.unique(local, return_inverse=True)
@@ -558,6 +586,7 @@ class ShardStore:
                 raise NonFiniteUpdate(f"table {ts.spec.name!r}: {e}") from None
             slots = ids // ts.spec.slot_rows
             ts.dirty[slots] = True
+            ts.mod_lsn[slots] = lsn
             if client:
                 ts.dedup.mark(client, seq, np.unique(slots))
         return int(uniq.numel())
@@ -580,10 +609,10 @@ class ShardStore:
                 return
             if rec.kind == KIND_WRITE:
                 rows = np.frombuffer(rec.blobs[1], dtype=ts.spec.storage_dtype).reshape(-1, ts.spec.storage_dim)
-                self._apply_write(ts, ids[sel], rows[sel], rec.meta["c"], rec.meta["s"])
+                self._apply_write(ts, ids[sel], rows[sel], rec.meta["c"], rec.meta["s"], rec.lsn)
             else:
                 g = torch.from_numpy(np.frombuffer(rec.blobs[1], dtype="<f4").reshape(-1, ts.spec.dim)[sel].copy())
-                self._apply_push(ts, ids[sel], g, rec.meta["lr"], rec.meta["c"], rec.meta["s"])
+                self._apply_push(ts, ids[sel], g, rec.meta["lr"], rec.meta["c"], rec.meta["s"], rec.lsn)
         elif rec.kind == KIND_INSTALL:
             data, i = {}, 0
             for slot, names in rec.meta["slots"]:
@@ -599,10 +628,11 @@ class ShardStore:
                 if fresh[slot]:
                     data[slot] = {"rows": rows, "state": state, "dedup": dd}
             if data:  # the slot is already allocated here: overwrite it in place
-                self._overwrite_slots(ts, data)
+                self._overwrite_slots(ts, data, rec.lsn)
         # KIND_DROP: a dropped slot that this store holds came back later by an INSTALL, which overwrites it
 
-    def _overwrite_slots(self, ts: TableShard, data: dict) -> None:
+    def _overwrite_slots(self, ts: TableShard, data: dict, lsn: int) -> None:
+        """Replace held slots by installed data (a move's re-copy, or an INSTALL record replayed)."""
         with ts.lock:
             for slot, d in data.items():
                 frame = int(ts.frame_of[slot])
@@ -619,6 +649,7 @@ class ShardStore:
                         ts.state[k][lo: lo + b - a] = v
                 ts.dedup.install(np.array([slot]), d["dedup"])
                 ts.dirty[slot] = True
+                ts.mod_lsn[slot] = lsn
 
     def snapshot_slots(self, name: str, slots: np.ndarray) -> tuple[int, list[tuple[int, list]]]:
         """A per-slot cut: (lsn, [(slot, parts)]) copied under the order lock, for a SnapshotWriter."""
@@ -655,7 +686,7 @@ class ShardStore:
                 dst.copy_(torch.from_numpy(np.frombuffer(parts["state:" + nm], dtype=dst.numpy().dtype)
                                            .reshape(dst.shape).copy()))
         ts.dedup.install(np.array([slot]), dedup_codec.decode(parts["dedup"]))
-        ts.slot_lsn[slot] = lsn
+        ts.slot_lsn[slot] = ts.mod_lsn[slot] = lsn
 
     def import_rows(self, name: str, start: int, rows: np.ndarray) -> int:
         """Set stored rows [start, start + len(rows)) (all in owned slots) from an import: rows are
@@ -670,8 +701,10 @@ class ShardStore:
         local = self._local_rows(ts, ids)
         # Not logged (an import is bulk data, re-runnable from its files): the importer snapshots at the end.
         with self.order, ts.lock:
+            self._check_writable(name)
             ts.rows[local] = rows
             ts.dirty[ids // spec.slot_rows] = True
+            ts.mod_lsn[ids // spec.slot_rows] = self.lsn + 1  # newer than every cut taken so far
         self._touch(ts, local, write=True)
         return int(rows.shape[0])
 
@@ -728,6 +761,11 @@ class ShardStore:
             self.drop_table(name)
         if self.shm_dir:
             shutil.rmtree(os.path.join(self.shm_dir, member_dir(self.shard_id, self.member)), ignore_errors=True)
+
+
+def _with_parts(d: dict) -> dict:
+    """Moved slot data with every part present (a slot without optimizer state or keys has none)."""
+    return {"rows": d["rows"], "state": d.get("state") or {}, "dedup": d.get("dedup") or {}}
 
 
 def _dtype_name(rows, ts: TableShard) -> str:

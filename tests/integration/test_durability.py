@@ -24,9 +24,11 @@ ROWS, DIM = 4096, 8
 SPREAD = np.arange(0, ROWS, 64)  # 64 rows over every slot range: each push reaches every shard
 
 
-def _pusher(mem, table, n, acked, errors, ids=SPREAD, pause=0.0):
+def _pusher(mem, table, n, acked, errors, ids=SPREAD, pause=0.0, stop=None):
     g = -np.ones((ids.size, DIM), np.float32)
     for _ in range(n):
+        if stop is not None and stop.is_set():
+            break
         try:
             mem.push(table, ids, g, lr=1.0)
             acked.append(1)
@@ -151,18 +153,26 @@ def test_client_killed_mid_push_then_retried_with_its_key_applies_once(ray_local
 
 @pytest.mark.slow
 def test_scale_2_4_3_under_gathers_and_pushes(ray_local, tmp_path):
-    with engram_mem.connect(shards=2, name="scale-load", data_dir=str(tmp_path)) as mem:
+    # Small move batches: the pre-copy takes many round trips, so pushes land between a slot's copy and the freeze.
+    with engram_mem.connect(shards=2, name="scale-load", data_dir=str(tmp_path), move_batch_bytes=1024) as mem:
         mem.create_table("s", rows=ROWS, dim=DIM, optimizer={"name": "sgd"}, init_std=0.0)
         base = mem.gather("s", SPREAD)
         acked, errors, gathered = [], [], []
-        stop = threading.Event()
+        stop, stop_push = threading.Event(), threading.Event()
         worker = engram_mem.connect(name="scale-load")
-        t_push = threading.Thread(target=_pusher, args=(worker, "s", 300, acked, errors), kwargs={"pause": 0.005})
+        t_push = threading.Thread(target=_pusher, args=(worker, "s", 100_000, acked, errors),
+                                  kwargs={"pause": 0.005, "stop": stop_push})
         t_read = threading.Thread(target=_reader, args=(worker, "s", stop, gathered, errors))
         t_push.start()
         t_read.start()
+        scales = []
         for n in (4, 3):
             mem.scale(n)
+            scales.append(mem.describe()["last_scale"])
+        n_acked, deadline = len(acked), time.time() + 60
+        while len(acked) < n_acked + 20 and not errors and time.time() < deadline:  # and pushes after the last scale
+            time.sleep(0.01)
+        stop_push.set()
         t_push.join()
         stop.set()
         t_read.join()
@@ -170,6 +180,8 @@ def test_scale_2_4_3_under_gathers_and_pushes(ray_local, tmp_path):
         assert errors == [] and len(gathered) > 0
         assert len(mem.view.shard_ids) == 3
         _check_exact(mem, "s", base, len(acked))
+        for s in scales:  # pre-copied: what the freeze copied again is the part that changed meanwhile
+            assert s["precopy_rounds"] >= 1 and 0 <= s["recopied_bytes"] <= s["moved_bytes"]
 
 
 def _adam_cluster(name, tmp_path, shards):
