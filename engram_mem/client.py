@@ -476,9 +476,16 @@ class MemoryClient:
         """Send sorted distinct ids (and their rows) to their shards; retry each shard's part on its
         own (re-split if the placement changed), so a part that succeeded is never sent again. The
         key makes any part sent twice apply once."""
-        view = self._view
-        t = view.table(name)
-        grouped, parts, order = split_by_shard(t, ids, len(view.shard_ids))
+        policy = RetryPolicy(self.retry_timeout, f"{kind} {name!r}", deadline=deadline)
+        while True:  # a placement naming a shard this client does not know yet: re-read the cluster
+            view = self._view
+            try:
+                grouped, parts, order = split_by_shard(view.table(name), ids, len(view.shard_ids))
+                break
+            except StaleEpoch as e:
+                policy.give_up_if_late(e)
+                await self._recover(view, e)
+                await policy.pause(e)
         data = rows if order is None else rows[order]
 
         async def part(rank: int, a: int, b: int) -> int:

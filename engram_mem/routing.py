@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engram_mem.errors import UnknownTable
+from engram_mem.errors import StaleEpoch, UnknownTable
 from engram_mem.optim import OptimizerSpec
 from engram_mem.table import TableSpec
 
@@ -69,6 +69,9 @@ class ClusterView:
 def split_by_shard(t: TableView, uniq: np.ndarray, n_shards: int):
     """Group distinct ids by shard rank: (ids[order], [(rank, start, stop)], order or None if identity)."""
     ranks = t.placement[uniq // t.spec.slot_rows]
+    if uniq.size and int(ranks.max()) >= n_shards:  # never drop a part: re-read the cluster instead
+        raise StaleEpoch(f"table {t.spec.name!r}: the placement names shard {int(ranks.max())}, but this client "
+                         f"knows {n_shards} shard(s); re-read the cluster")
     if n_shards == 1 or uniq.size == 0:
         return uniq, [(int(ranks[0]) if uniq.size else 0, 0, uniq.size)], None
     order = np.argsort(ranks, kind="stable")

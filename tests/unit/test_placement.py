@@ -27,3 +27,21 @@ def test_rebalance_moves_the_fewest_slots(n_slots, before, after):
     want = np.zeros_like(had)
     want[:after] = targets(n_slots, after)
     assert moved.size == int(np.maximum(had - want, 0).sum())
+
+
+def test_split_by_shard_never_drops_ids_of_a_shard_it_does_not_know():
+    """A placement that names a shard the client's view lacks (a scale in progress) must not lose
+    that shard's part of a request: the split refuses with StaleEpoch, and the client re-reads."""
+    from engram_mem.errors import StaleEpoch
+    from engram_mem.optim import OptimizerSpec
+    from engram_mem.routing import TableView, split_by_shard
+    from engram_mem.table import TableSpec
+
+    spec = TableSpec("t", 1024, 4, num_slots=8)
+    placement = np.array([0, 1, 0, 1, 2, 2, 0, 1], dtype=np.int32)
+    t = TableView(spec, OptimizerSpec.from_dict(None), placement)
+    ids = np.arange(0, 1024, 16)
+    grouped, parts, _ = split_by_shard(t, ids, 3)
+    assert sum(b - a for _, a, b in parts) == ids.size and {r for r, _, _ in parts} == {0, 1, 2}
+    with pytest.raises(StaleEpoch, match="names shard 2"):
+        split_by_shard(t, ids, 2)
