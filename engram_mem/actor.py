@@ -14,7 +14,9 @@ With `replicas=R` a shard has R members (replication.py): member 0, the primary,
 above; members 1..R-1 are replicas, named `<cluster>-shard-<id>-r<k>`, that keep no log or
 snapshots of their own: each (re)builds itself by copying its primary's slots and then applies
 the changes the primary ships. A restarted primary tells its replicas to rebuild from it; one
-without a data directory first restores itself from a live replica.
+without a data directory, or whose shard directory is missing or damaged (a lost disk or node),
+first restores itself from the replica that applied the most (with replica_ack=all that one has
+every acknowledged change), moves the damaged directory aside and snapshots into a new one.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class ShardActor:
                                 memory_budget=cfg.memory_budget, member=member)
         self.feed = None           # primary of a replicated shard: ships its changes to the replicas
         if member == 0 and cfg.replicas > 1:
-            self.feed = ReplicaFeed(self._wait_logged, cfg.replica_max_lag_bytes)
+            self.feed = ReplicaFeed(self._wait_logged, cfg.replica_max_lag_bytes, cfg.replica_ack_timeout_s)
             self.store.taps.append(self.feed.publish)
         self.sync = ReplicaSync(self.store, member_name(cfg.name, shard_id, member), cfg.move_batch_bytes)
         self._syncing = threading.Lock()
@@ -70,6 +72,8 @@ class ShardActor:
         self.node_ip = ray.util.get_node_ip_address()
         self.server = ShardServer(self.store, host=self.node_ip, node_id=self.node_id, security=cfg.security)
         self.address = self.server.start()
+        if self.feed is not None and cfg.replica_ack == "all":
+            self.server.servicer.replica_acks = self.feed.wait_acked
         if ctx.was_current_actor_reconstructed:
             self._current_credentials()
         self.restore_stats: dict = {}
@@ -96,17 +100,55 @@ class ShardActor:
 
     # ---- restore -----------------------------------------------------------------------------
     def _restore(self) -> None:
+        from engram_mem.errors import CorruptData
+
+        if not self.cfg.data_dir:
+            if not (self.feed is not None and self._restore_from_replica("it has no data directory")):
+                self._init_from_controller()
+            return
+        try:
+            self._restore_from_disk()
+        except CorruptData as e:
+            if self.feed is None or not self._restore_from_replica(f"its shard directory is unusable: {e}"):
+                raise
+            self._rebase_data_dir()
+
+    def _rebase_data_dir(self) -> None:
+        """Restored from a replica: move the unusable shard directory aside (kept for inspection), and
+        make the copy this shard's own: a fresh directory, a snapshot of it, a log from its lsn on."""
+        from engram_mem.snapshot import create_empty, shard_dir
+
+        d = shard_dir(self.cfg.data_dir, self.shard_id)
+        if os.path.exists(d):
+            aside = f"{d}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            os.rename(d, aside)
+            self.restore_stats["moved_aside"] = aside
+            log.warning("shard %d: moved the unusable %s to %s", self.shard_id, d, aside)
+        if self.wal is not None:
+            self.wal.close()
+        self.wal = self.store.log = None
+        create_empty(self.cfg.data_dir, self.shard_id, fsync=self.cfg.durability == "fsync")
+        self._open_log()
+        self.snapshot()
+
+    def _open_log(self) -> None:
+        from engram_mem.recovery import wal_dir
+        from engram_mem.wal import WriteAheadLog
+
+        cfg = self.cfg
+        if cfg.durability != "none":
+            self.wal = WriteAheadLog(wal_dir(cfg.data_dir, self.shard_id), policy=cfg.durability,
+                                     segment_bytes=cfg.wal_segment_bytes)
+            self.wal.start(self.store.lsn + 1)
+            self.store.log = self.wal
+
+    def _restore_from_disk(self) -> None:
         from engram_mem.cluster_state import ClusterState
         from engram_mem.errors import CorruptData
-        from engram_mem.recovery import TablePlan, restore_tables, wal_dir
+        from engram_mem.recovery import TablePlan, restore_tables
         from engram_mem.snapshot import create_empty, read_manifest
 
         cfg = self.cfg
-        if not cfg.data_dir:
-            if not (self.feed is not None and self._restore_from_replica()):
-                self._init_from_controller()
-            return
-        from engram_mem.wal import WriteAheadLog
 
         state = ClusterState.load(cfg.data_dir, missing_ok=cfg.reinit_missing)
         known = state is not None and self.shard_id < state.shards
@@ -135,11 +177,7 @@ class ShardActor:
             self.store.epoch = state.epoch
         self.restore_stats = restore_tables(self.store, cfg.data_dir, plans, epoch=state.epoch if known else 0,
                                             reinit_missing=cfg.reinit_missing)
-        if cfg.durability != "none":
-            self.wal = WriteAheadLog(wal_dir(cfg.data_dir, self.shard_id), policy=cfg.durability,
-                                     segment_bytes=cfg.wal_segment_bytes)
-            self.wal.start(self.store.lsn + 1)
-            self.store.log = self.wal
+        self._open_log()
 
     def _init_from_controller(self) -> None:
         """No data directory: a restarted shard gets its tables (initial values) from the controller."""
@@ -175,21 +213,35 @@ class ShardActor:
                 pass
         return out
 
-    def _restore_from_replica(self) -> bool:
-        """No data directory, and Ray restarted this primary: copy a live, ready replica (it trails by
-        at most its replication lag). False if there is none (a new cluster, or all replicas down)."""
+    def _restore_from_replica(self, why: str) -> bool:
+        """Ray restarted this primary and it cannot restore itself (`why`): copy the ready, following
+        replica that applied the most (under replica_ack=all it has every acknowledged change; else it
+        trails by at most its lag). False if there is none (a new cluster, or all replicas down)."""
         import ray
 
         if not ray.get_runtime_context().was_current_actor_reconstructed:
             return False
+        candidates = []
         for k, h in self._member_handles().items():
             if k == 0:
                 continue
             try:
-                if not ray.get(h.info.remote(), timeout=10)["ready"]:
-                    continue
-                self.restore_stats = dict(self.sync.sync(h, follow=False), source=f"replica {k}")
-                log.warning("shard %d: restored from replica %d (no data directory)", self.shard_id, k)
+                info = ray.get(h.info.remote(), timeout=10)
+            except Exception as e:  # noqa: BLE001 - that one is down too
+                log.warning("shard %d: replica %d did not answer: %s", self.shard_id, k, e)
+                continue
+            rep = info.get("replication") or {}
+            if info["ready"] and rep.get("following"):
+                candidates.append((rep.get("applied_lsn", 0), k, h))
+        for applied, k, h in sorted(candidates, key=lambda c: -c[0]):
+            try:
+                for name in list(self.store.tables):   # whatever a failed restore left
+                    self.store.drop_table(name)
+                stats = self.sync.sync(h, follow=False)
+                self.restore_stats = dict(stats, source=f"replica {k}", lsn=applied, reason=why,
+                                          replica_ack=self.cfg.replica_ack)
+                log.warning("shard %d: restored from replica %d at lsn %d, because %s", self.shard_id, k,
+                            applied, why)
                 return True
             except Exception as e:  # noqa: BLE001 - try the next replica
                 log.warning("shard %d: restoring from replica %d failed: %s", self.shard_id, k, e)
@@ -221,7 +273,7 @@ class ShardActor:
             handle = ray.get_actor(member, namespace=NAMESPACE)
         with self.store.order:
             if handle is not None:
-                self.feed.add(member, token, handle)
+                self.feed.add(member, token, handle, self.store.lsn)
             tables = [{"spec": ts.spec.to_dict(), "optimizer": ts.optimizer_spec.to_dict(), "uid": ts.uid,
                        "slots": ts.owned_slots()} for ts in self.store.tables.values()]
             return {"tables": tables, "epoch": self.store.epoch, "lsn": self.store.lsn}
@@ -292,7 +344,8 @@ class ShardActor:
                 "metrics_address": self.server.metrics_address,
                 "replication": (self.feed.describe() if self.feed else
                                 {"applied_lsn": self.sync.applied_lsn, "syncs": self.sync.syncs,
-                                 "sync_seconds": self.sync.seconds} if self.member else {}),
+                                 "following": self.sync.following, "sync_seconds": self.sync.seconds}
+                                if self.member else {}),
                 "tables": {n: {"uid": ts.uid, "spec": ts.spec.to_dict(), "optimizer": ts.optimizer_spec.to_dict(),
                                "slots": ts.owned_slots()} for n, ts in self.store.tables.items()}}
 

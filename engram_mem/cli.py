@@ -1,6 +1,6 @@
 """`engram-mem`: run and inspect a memory cluster.
 
-    engram-mem up [--shards N] [--replicas R] [--tables FILE] [--address RAY_ADDRESS] [--data-dir DIR] [--shard-resource R=1]
+    engram-mem up [--shards N] [--replicas R] [--replica-ack none|all] [--tables FILE] [--address RAY_ADDRESS] [--data-dir DIR] [--shard-resource R=1]
     engram-mem status [--address RAY_ADDRESS] [--json]
     engram-mem scale N [--address RAY_ADDRESS]
     engram-mem checkpoint [DIR] [--address RAY_ADDRESS]
@@ -64,6 +64,8 @@ def _cluster_options(args) -> dict:
     cluster["durability"] = args.durability
     if args.replicas != 1:
         cluster["replicas"] = args.replicas
+    if args.replica_ack != "none":
+        cluster["replica_ack"] = args.replica_ack
     if args.snapshot_interval is not None:
         cluster["snapshot_interval_s"] = args.snapshot_interval
     if args.reinit_missing:
@@ -284,6 +286,10 @@ def main(argv=None) -> int:
     up.add_argument("--replicas", type=int, default=1,
                     help="members per shard on different nodes: one primary and R-1 read replicas that follow it "
                          "(without --address, a local cluster gets R simulated nodes at 127.0.0.2, .3, ...)")
+    up.add_argument("--replica-ack", choices=["none", "all"], default="none",
+                    help="with --replicas: acknowledge a write once the primary logged it (none, default; replicas "
+                         "trail by a reported lag) or once every in-sync replica applied it too (all: a primary "
+                         "whose disk or node is lost restores from a replica without losing anything acknowledged)")
     up.add_argument("--tables", help="JSON file: list of tables to create")
     up.add_argument("--address", help="Ray cluster address (default: start an embedded local one)")
     up.add_argument("--data-dir", help="snapshots and write-ahead log here; a restart restores from them")

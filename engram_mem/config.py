@@ -20,6 +20,8 @@ class ClusterConfig:
     shards: int = 2
     replicas: int = 1                   # members per shard, each on its own node: a primary and replicas-1 replicas
     replica_max_lag_bytes: int = 256 << 20  # a replica further behind than this rebuilds from a full copy
+    replica_ack: str = "none"           # none: acknowledge once the primary logged it; all: once every in-sync replica applied it
+    replica_ack_timeout_s: float = 10.0  # replica_ack=all: a replica this late to apply is dropped from the in-sync set
     cpus_per_shard: float = 1.0         # Ray CPU resource each shard reserves (its placement-group bundle)
     placement_strategy: str = "SPREAD"  # placement-group strategy for the shards
     shard_resources: dict | None = None  # extra Ray resources per shard bundle, e.g. {"memory_node": 1}
@@ -49,6 +51,10 @@ class ClusterConfig:
             raise InvalidArgument(f"replicas must be >= 1, got {self.replicas}")
         if self.replica_max_lag_bytes < 1 << 20:
             raise InvalidArgument(f"replica_max_lag_bytes must be >= 1 MiB, got {self.replica_max_lag_bytes}")
+        if self.replica_ack not in ("none", "all"):
+            raise InvalidArgument(f"replica_ack {self.replica_ack!r} is not one of none, all")
+        if not (0 < self.replica_ack_timeout_s < float("inf")):
+            raise InvalidArgument(f"replica_ack_timeout_s must be positive and finite, got {self.replica_ack_timeout_s}")
         if self.cpus_per_shard < 0:
             raise InvalidArgument(f"cpus_per_shard must be >= 0, got {self.cpus_per_shard}")
         if self.placement_strategy not in ("SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"):

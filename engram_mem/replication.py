@@ -12,10 +12,17 @@ dies.
     start_follower(member, token)             <- records queued since follow() start to flow
     Follower thread: apply_records(token, batch) ->  replay each record on slots whose cut is older
 
-Asynchronous with a bounded, reported lag. A Write or Push is acknowledged once the primary's own
-log has it (its durability policy); the primary then ships the record to every replica in lsn
-order, and only records its log has written, so a replica is never ahead of what its primary
-recovers after a crash. The backlog per replica is bounded (`replica_max_lag_bytes`): a replica
+Acknowledgement (`replica_ack`):
+  - none (default): asynchronous, with a bounded, reported lag. A Write or Push is acknowledged
+    once the primary's own log has it (its durability policy); the primary then ships the record
+    to every replica in lsn order, and only records its log has written, so a replica is never
+    ahead of what its primary recovers after a crash.
+  - all: a Write or Push is acknowledged once its record is also applied on every *in-sync*
+    replica: one whose follower has started (its full copy is done) and not been dropped. A
+    replica that has not applied a record within `replica_ack_timeout_s` is dropped from the set
+    (and rebuilds), so a hung replica delays writes by at most that long. A primary that lost its
+    data directory (deleted, damaged, or on a node that is gone) restores from the in-sync
+    replica that applied the most, and so loses nothing it acknowledged. The backlog per replica is bounded (`replica_max_lag_bytes`): a replica
 that falls that far behind (or whose call fails) is dropped and rebuilds itself by a full copy;
 how far each replica trails is exported as `engram_mem_replica_lag_seconds` (the oldest change
 not yet applied there) and shown by `engram-mem status`.
@@ -26,6 +33,7 @@ current token, so a follower left over from before a restart can never apply twi
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
@@ -48,17 +56,19 @@ class Follower:
     """On the primary: one replica's queue of records and the thread that ships them."""
 
     def __init__(self, member: str, token: str, handle, wait_logged, max_lag_bytes: int,
-                 on_broken, batch_bytes: int = 8 << 20):
+                 on_broken, batch_bytes: int = 8 << 20, covered_lsn: int = 0, on_shipped=None):
         self.member, self.token, self.handle = member, token, handle
         self._wait_logged = wait_logged     # wait_logged(lsn): the primary's log has written lsn
         self.max_lag_bytes, self.batch_bytes = max_lag_bytes, batch_bytes
         self._on_broken = on_broken
+        self._on_shipped = on_shipped       # on_shipped(): shipped_lsn moved (replica_ack=all waiters)
         self._q: collections.deque = collections.deque()   # (commit time, Record, bytes)
         self._bytes = 0
         self._cond = threading.Condition()
         self.closed = False
+        self.started = False
         self.broken = ""
-        self.shipped_lsn = 0
+        self.shipped_lsn = covered_lsn      # applied there: its copy covers every change up to its join
         self.records = 0
         self._thread: threading.Thread | None = None
 
@@ -76,6 +86,7 @@ class Follower:
             self._cond.notify()
 
     def start(self) -> None:
+        self.started = True
         self._thread = threading.Thread(target=self._run, name=f"engram-follow-{self.member}", daemon=True)
         self._thread.start()
 
@@ -83,6 +94,16 @@ class Follower:
         """Age of the oldest change this replica has not applied (0 when it has them all)."""
         with self._cond:
             return time.time() - self._q[0][0] if self._q else 0.0
+
+    def in_sync(self) -> bool:
+        """Counted by replica_ack=all: copied, following, not dropped."""
+        return self.started and not self.closed
+
+    def drop(self, why: str) -> None:
+        """Out of the in-sync set: it rebuilds from a full copy."""
+        with self._cond:
+            if not self.closed:
+                self._break_locked(why)
 
     def close(self) -> None:
         with self._cond:
@@ -132,16 +153,20 @@ class Follower:
                     self._bytes -= n
                 self.shipped_lsn = batch[-1].lsn
                 self.records += len(batch)
+            if self._on_shipped is not None:
+                self._on_shipped()
 
 
 class ReplicaFeed:
     """On the primary: its followers, fed from the store's commit tap (ShardStore.taps)."""
 
-    def __init__(self, wait_logged, max_lag_bytes: int):
+    def __init__(self, wait_logged, max_lag_bytes: int, ack_timeout_s: float = 10.0):
         self._wait_logged = wait_logged
-        self.max_lag_bytes = max_lag_bytes
+        self.max_lag_bytes, self.ack_timeout_s = max_lag_bytes, ack_timeout_s
         self.followers: dict[str, Follower] = {}
         self._lock = threading.Lock()
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self.dropped_for_ack = 0
 
     def publish(self, lsn: int, kind: int, meta: dict, blobs) -> None:
         if not self.followers:
@@ -150,15 +175,49 @@ class ReplicaFeed:
         for f in list(self.followers.values()):
             f.publish(rec)
 
-    def add(self, member: str, token: str, handle) -> Follower:
-        """A (paused) follower for `member` (replacing an older one); caller holds the store's order."""
-        f = Follower(member, token, handle, self._wait_logged, self.max_lag_bytes, self._broken)
+    def add(self, member: str, token: str, handle, lsn: int) -> Follower:
+        """A (paused) follower for `member` (replacing an older one) whose copy will cover every change
+        up to `lsn`; caller holds the store's order lock."""
+        f = Follower(member, token, handle, self._wait_logged, self.max_lag_bytes, self._broken,
+                     covered_lsn=lsn, on_shipped=self._wake)
         with self._lock:
             old = self.followers.pop(member, None)
             self.followers[member] = f
         if old is not None:
             old.close()
+            self._wake()
         return f
+
+    # ---- replica_ack=all ------------------------------------------------------------------------
+    def _acked_locked(self, lsn: int) -> bool:
+        return all(f.shipped_lsn >= lsn for f in self.followers.values() if f.in_sync())
+
+    def _wake(self) -> None:
+        with self._lock:
+            ready = [w for w in self._waiters if self._acked_locked(w[0])]
+            self._waiters = [w for w in self._waiters if w not in ready]
+        for _, loop, fut in ready:
+            loop.call_soon_threadsafe(_resolve, fut)
+
+    async def wait_acked(self, lsn: int) -> None:
+        """Return once every in-sync replica has applied `lsn`; a replica that takes longer than
+        ack_timeout_s is dropped from the set (it rebuilds), so this returns within about that."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._lock:
+            if self._acked_locked(lsn):
+                return
+            self._waiters.append((lsn, loop, fut))
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), self.ack_timeout_s)
+                return
+            except asyncio.TimeoutError:
+                for f in list(self.followers.values()):
+                    if f.in_sync() and f.shipped_lsn < lsn:
+                        self.dropped_for_ack += 1
+                        f.drop(f"it did not apply lsn {lsn} within replica_ack_timeout_s={self.ack_timeout_s}")
+                self._wake()   # the in-sync set left has it
 
     def start(self, member: str, token: str) -> bool:
         f = self.followers.get(member)
@@ -172,6 +231,7 @@ class ReplicaFeed:
         with self._lock:
             if self.followers.get(f.member) is f:
                 del self.followers[f.member]
+        self._wake()
         log.warning("replica %s dropped: %s; it rebuilds from a full copy", f.member, f.broken)
         try:
             f.handle.resync.remote(f.token)
@@ -182,7 +242,8 @@ class ReplicaFeed:
         return max((f.lag_seconds() for f in list(self.followers.values())), default=0.0)
 
     def describe(self) -> dict:
-        return {m: {"lag_s": f.lag_seconds(), "shipped_lsn": f.shipped_lsn, "records": f.records}
+        return {m: {"lag_s": f.lag_seconds(), "shipped_lsn": f.shipped_lsn, "records": f.records,
+                    "in_sync": f.in_sync()}
                 for m, f in list(self.followers.items())}
 
     def close(self) -> None:
@@ -190,6 +251,12 @@ class ReplicaFeed:
             fs, self.followers = list(self.followers.values()), {}
         for f in fs:
             f.close()
+        self._wake()
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class ReplicaSync:
@@ -200,6 +267,7 @@ class ReplicaSync:
         self.store, self.member, self.batch_bytes = store, member, batch_bytes
         self.token = ""
         self.applied_lsn = 0
+        self.following = False   # copied and following its primary: a source a restarted primary may restore from
         self.syncs = 0
         self.seconds = 0.0
         self._lock = threading.Lock()   # one sync at a time
@@ -217,7 +285,7 @@ class ReplicaSync:
             store = self.store
             token = uuid.uuid4().hex if follow else ""
             with store.order:
-                self.token, self.applied_lsn = token, 0
+                self.token, self.applied_lsn, self.following = token, 0, False
                 store.set_ready(False, "copying its slots from the primary")
             info = ray.get(source.follow.remote(self.member if follow else None, token), timeout=300)
             wanted = {t["spec"]["name"]: t for t in info["tables"]}
@@ -241,8 +309,12 @@ class ReplicaSync:
             store.set_epoch(info["epoch"])
             if follow and not ray.get(source.start_follower.remote(self.member, token), timeout=60):
                 raise RuntimeError(f"{self.member}: the primary dropped this replica while it copied; rejoining")
-            store.lsn = max(store.lsn, info["lsn"])
-            store.set_ready(True)
+            with store.order:
+                store.lsn = max(store.lsn, info["lsn"])
+                self.applied_lsn = max(self.applied_lsn, info["lsn"])
+                self.following = follow
+            if follow:   # a primary restoring from a replica is made ready by its owner, once it is durable
+                store.set_ready(True)
             self.syncs += 1
             self.seconds = time.perf_counter() - t0
             return {"bytes": nbytes, "slots": slots_copied, "seconds": self.seconds}

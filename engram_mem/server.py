@@ -94,6 +94,7 @@ class ShardServicer:
     def __init__(self, store: ShardStore, node_ip: str = "", node_id: str = ""):
         self.store, self.node_ip, self.node_id = store, node_ip, node_id
         self.metrics = ShardMetrics(store.shard_id, store)
+        self.replica_acks = None   # async acks(lsn) of a primary with replica_ack=all (replication.ReplicaFeed)
 
     @_rpc
     async def Gather(self, request: pb.GatherRequest, context):
@@ -113,13 +114,19 @@ class ShardServicer:
             yield msg
 
     # Write and Push are applied at once and acknowledged only when their log record is written
-    # (the log's group commit: every request that arrives meanwhile shares the next write).
+    # (the log's group commit: every request that arrives meanwhile shares the next write), and,
+    # under replica_ack=all, when every in-sync replica has applied it.
+    async def _acknowledgeable(self, lsn: int) -> None:
+        if self.store.log is not None:
+            await self.store.log.wait(lsn)
+        if self.replica_acks is not None:
+            await self.replica_acks(lsn)
+
     @_rpc
     async def Write(self, request: pb.WriteRequest, context):
         n, lsn = self.store.write(request.table, request.ids, request.rows, dtype=request.dtype or None,
                                   epoch=request.epoch, client=request.client, seq=request.seq)
-        if self.store.log is not None:
-            await self.store.log.wait(lsn)
+        await self._acknowledgeable(lsn)
         self.metrics.moved("written", n, len(request.rows))
         return pb.WriteReply(rows_written=n)
 
@@ -130,8 +137,7 @@ class ShardServicer:
         n, lsn = self.store.push(request.table, request.ids, request.grads, dtype=request.dtype or "float32",
                                  lr=lr, step=step.step, epoch=request.epoch, client=request.client,
                                  seq=request.seq)
-        if self.store.log is not None:
-            await self.store.log.wait(lsn)
+        await self._acknowledgeable(lsn)
         self.metrics.moved("pushed", n, len(request.grads))
         return pb.PushReply(rows_updated=n)
 

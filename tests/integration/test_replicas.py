@@ -192,3 +192,105 @@ def test_primary_without_data_dir_restores_from_its_replica(two_nodes):
         assert np.array_equal(rows, np.full_like(rows, 26.0))
         info = mem.view.shards[mem.view.shard_ids[0]]
         assert info["pid"] != pid and info["restore"].get("source") == "replica 1"
+
+
+# ---- replica_ack=all: acknowledged means applied on every in-sync replica ---------------------------
+
+def _primary_replication(name):
+    """The primary's own view of its followers (describe() is the controller's, refreshed each second)."""
+    import ray
+
+    from engram_mem.actor import member_name
+    from engram_mem.config import NAMESPACE
+
+    return ray.get(ray.get_actor(member_name(name, 0, 0), namespace=NAMESPACE).info.remote(), timeout=60)["replication"]
+
+
+@pytest.fixture(scope="module")
+def acked_all(two_nodes, tmp_path_factory):
+    data = tmp_path_factory.mktemp("acked-all")
+    # No snapshots by time: a snapshot taken after the directory is deleted would recreate it.
+    with engram_mem.connect(shards=1, name="rep-ack", replicas=2, cpus_per_shard=0.5, data_dir=str(data),
+                            replica_ack="all", replica_ack_timeout_s=2.0, snapshot_interval_s=0) as mem:
+        mem.create_table("r", rows=ROWS, dim=DIM, optimizer={"name": "sgd"}, init_std=0.0)
+        _wait_replicas_equal(mem, "r", SPREAD)   # the replica has copied: it is in the in-sync set
+        yield mem, str(data)
+
+
+def test_replica_ack_all_acknowledged_push_is_already_on_the_replica(acked_all):
+    mem, _ = acked_all
+    view = mem.refresh(check_shards=True)
+    replica = view.members(0)[1]["address"]
+    base = _rows_at(mem, replica, "r", SPREAD)
+    g = -np.ones((SPREAD.size, DIM), np.float32)
+    for i in range(1, 31):
+        mem.push("r", SPREAD, g, lr=1.0)
+        assert np.array_equal(_rows_at(mem, replica, "r", SPREAD), base + i), f"push {i} acknowledged before the replica had it"
+    assert [f["in_sync"] for f in _primary_replication("rep-ack").values()] == [True]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["deleted", "corrupt"])
+def test_lost_shard_directory_restores_from_the_replica_losing_nothing(acked_all, damage):
+    """The primary's disk is lost (its shard directory deleted, or its manifest overwritten) and the
+    primary is killed -9 mid-pushes: it comes back from its in-sync replica with every acknowledged
+    push exactly once, makes the copy its own directory again, and a later kill restores from that."""
+    import shutil
+
+    from engram_mem.snapshot import shard_dir
+
+    mem, data = acked_all
+    _wait_replicas_equal(mem, "r", SPREAD)
+    before = mem.gather("r", SPREAD)
+    acked, errors = [], []
+    t_push = threading.Thread(target=_pusher, args=(mem, 120, acked, errors))
+    t_push.start()
+    while len(acked) < 40 and t_push.is_alive():
+        time.sleep(0.01)
+    pid = _member_pid(mem.refresh(check_shards=True), 0, 0)
+    d = shard_dir(data, 0)
+    if damage == "deleted":
+        shutil.rmtree(d)
+    else:
+        with open(os.path.join(d, "MANIFEST.json"), "wb") as f:
+            f.write(b"\x00garbage")
+    os.kill(pid, signal.SIGKILL)
+    t_push.join()
+    assert errors == [] and len(acked) == 120
+    rows = _wait_replicas_equal(mem, "r", SPREAD, timeout=120)
+    assert np.array_equal(rows, before + len(acked)), (
+        f"lost {int((before + len(acked) - rows).max())}, applied twice {int((rows - before - len(acked)).max())}")
+    info = mem.view.shards[mem.view.shard_ids[0]]
+    assert info["pid"] != pid and info["restore"]["source"] == "replica 1", info["restore"]
+    assert ("moved_aside" in info["restore"]) == (damage == "corrupt")
+    assert os.path.exists(os.path.join(d, "MANIFEST.json"))
+    # the copy is the primary's own again: a plain kill -9 now restores from its directory and log
+    mem.push("r", SPREAD, -np.ones((SPREAD.size, DIM), np.float32), lr=1.0)
+    os.kill(info["pid"], signal.SIGKILL)
+    mem.push("r", SPREAD, -np.ones((SPREAD.size, DIM), np.float32), lr=1.0)   # waits for the restart
+    rows = _wait_replicas_equal(mem, "r", SPREAD, timeout=120)
+    assert np.array_equal(rows, before + len(acked) + 2)
+    assert mem.view.shards[mem.view.shard_ids[0]]["restore"].get("source") != "replica 1"
+
+
+@pytest.mark.slow
+def test_a_hung_replica_is_dropped_from_the_in_sync_set_and_rebuilds(acked_all):
+    """SIGSTOP the replica: pushes are acknowledged after replica_ack_timeout_s (2 s) without it;
+    once it runs again it rebuilds and holds exactly its primary's rows."""
+    mem, _ = acked_all
+    _wait_replicas_equal(mem, "r", SPREAD, timeout=120)
+    before = mem.gather("r", SPREAD)
+    view = mem.refresh(check_shards=True)
+    pid = _member_pid(view, 0, 1)
+    g = -np.ones((SPREAD.size, DIM), np.float32)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(5):
+            mem.push("r", SPREAD, g, lr=1.0)
+        follower = _primary_replication("rep-ack")
+        assert not any(f["in_sync"] for f in follower.values()), follower
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    rows = _wait_replicas_equal(mem, "r", SPREAD, timeout=120)
+    assert np.array_equal(rows, before + 5)
+    assert _member_pid(mem.refresh(check_shards=True), 0, 1) == pid   # the same process, rebuilt
