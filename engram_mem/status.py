@@ -95,6 +95,13 @@ def render(describe: dict, rows: list[dict]) -> str:
             f"{fmt_bytes(r['rss_bytes']):>10} {r['requests']:>9,} {r['errors']:>6,} {r['requests_per_s']:>7.1f} "
             f"{r['gather_bytes_per_s'] / 1e6:>8.1f} {_ms(r['gather_p50_ms']):>8}/{_ms(r['gather_p99_ms']):<8} "
             f"{r['restarts']:>8}")
+        restore = d["shards"].get(r["shard"], {}).get("restore") or {}
+        if str(restore.get("source", "")).startswith("replica"):
+            out.append(f"{'':>5}   restored from {restore['source']} (lsn {restore.get('lsn', '?')}): "
+                       f"{restore.get('reason', '')}"
+                       + ("" if restore.get("replica_ack") == "all" else
+                          "; replica_ack=none: changes acknowledged within the replica's lag before the "
+                          "failure may be missing"))
         for rep in d["shards"].get(r["shard"], {}).get("replicas") or []:
             lag = r.get("replica_lag_s", -1)
             out.append(f"{'':>5}   replica {rep.get('member', '?')} at {rep.get('address', '-')} on node "
