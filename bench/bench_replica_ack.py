@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, append_jsonl, print_table  # noqa: E402
+from common import append_jsonl, print_table, save_figure  # noqa: E402
 
 CONFIGS = [("1 member", 1, "none"), ("2, ack none", 2, "none"), ("2, ack all", 2, "all")]
 ROWS, DIM = 1 << 16, 64
@@ -206,11 +206,7 @@ def plot(rows1, rows2, args) -> str:
     axes[1].set_title(f"primary's disk deleted + kill -9, {rows2[0]['kills']} kills each", fontsize=10)
     fig.suptitle("replica_ack: what waiting for the replica costs and buys (2 local Ray nodes, 2 cores shared)",
                  fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(RESULTS, "replica_ack-quick.png" if args.quick else "replica_ack.png")
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
-    return path
+    return save_figure(fig, "replica_ack", args.quick)
 
 
 if __name__ == "__main__":

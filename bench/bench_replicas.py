@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, append_jsonl, print_table  # noqa: E402
+from common import append_jsonl, print_table, save_figure  # noqa: E402
 
 BATCH = 8192
 
@@ -260,11 +260,7 @@ def plot(parts: dict, args) -> str:
     axes[1].set_title(f"until the killed member serves again; replica lag p99 {lag['lag_p99_ms']} ms "
                       f"at {lag['pushes_s']} pushes/s", fontsize=9)
     fig.suptitle(f"replicas: 2 shards x 2 members, {args.rows:,} x {args.dim} fp32, 2 cores shared", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(RESULTS, "replicas-quick.png" if args.quick else "replicas.png")
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
-    return path
+    return save_figure(fig, "replicas", args.quick)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,19 @@ def append_jsonl(name: str, record: dict) -> str:
     return path
 
 
+def save_figure(fig, name: str, quick: bool = False) -> str:
+    """Write a benchmark's figure to bench/results/<name>.png (<name>-quick.png for a smoke run)."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(RESULTS, exist_ok=True)
+    fig.tight_layout()
+    path = os.path.join(RESULTS, f"{name}-quick.png" if quick else f"{name}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}")
+    return path
+
+
 def bar_plot(name: str, labels: list[str], values: list[float], ylabel: str, title: str) -> str:
     import matplotlib
 
