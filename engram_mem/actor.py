@@ -432,6 +432,8 @@ class ShardActor:
         out_dir = target_dir or self.cfg.data_dir
         if not out_dir:
             return {"bytes": 0, "lsn": self.store.lsn, "generation": 0}
+        if target_dir is None:
+            self._check_own_dir()
         with self._snap_lock:
             w = SnapshotWriter(out_dir, self.shard_id, fsync=self.cfg.durability == "fsync")
             try:
@@ -446,7 +448,8 @@ class ShardActor:
                 last = self.store.lsn
                 if self.wal:
                     self.wal.flush()  # the manifest never covers a record the log does not have
-                doc = w.publish(last, tables, keep=self.cfg.keep_generations)
+                doc = w.publish(last, tables, keep=self.cfg.keep_generations,
+                                logged=self.wal is not None and target_dir is None)
             except BaseException:
                 w.abort()
                 raise
@@ -455,6 +458,17 @@ class ShardActor:
             self.snapshots += 1
             self.last_snapshot = time.time()
             return {"bytes": w.bytes, "lsn": last, "generation": doc["generation"]}
+
+    def _check_own_dir(self) -> None:
+        """A snapshot must never recreate a shard directory that vanished while the shard ran: the log
+        written since went with it, and a new generation without it would restore as if complete."""
+        from engram_mem.errors import CorruptData
+        from engram_mem.snapshot import MANIFEST, shard_dir
+
+        path = os.path.join(shard_dir(self.cfg.data_dir, self.shard_id), MANIFEST)
+        if not os.path.exists(path):
+            raise CorruptData(f"{path} vanished while shard {self.shard_id} ran; the changes it logged since are not "
+                              f"on disk: restart the shard (it restores from a replica if it has one)")
 
     def _snapshot_loop(self) -> None:
         """Snapshot when the interval has passed or the log has grown past its budget."""

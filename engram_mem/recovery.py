@@ -101,7 +101,7 @@ def restore_tables(store, data_dir: str | None, tables: list[TablePlan], epoch: 
         for src in sources:
             if reader(src) is None:
                 continue
-            replayed += _replay_from(store, data_dir, src, plan_of)
+            replayed += _replay_from(store, data_dir, src, plan_of, reader(src).manifest, reinit_missing)
     finally:
         for r in readers.values():
             if r is not None:
@@ -112,15 +112,26 @@ def restore_tables(store, data_dir: str | None, tables: list[TablePlan], epoch: 
     return {"slots_restored": restored, "records_replayed": replayed}
 
 
-def _replay_from(store, data_dir: str, src: int, plan_of: dict[str, TablePlan]) -> int:
+def _replay_from(store, data_dir: str, src: int, plan_of: dict[str, TablePlan], manifest: dict,
+                 reinit_missing: bool = False) -> int:
     """Replay shard src's log into the slots sourced from it. Returns records applied."""
+    path = wal_dir(data_dir, src)
+    if not os.path.isdir(path):
+        if manifest.get("log") and not reinit_missing:
+            raise CorruptData(f"write-ahead log directory {path} is missing, but its snapshot manifest says shard "
+                              f"{src} logged its changes there: those after lsn {manifest['last_lsn']} are lost; "
+                              f"restore the directory, or start with --reinit-missing")
+        if manifest.get("log"):
+            log.error("write-ahead log directory %s is missing: shard %d restarts from its snapshot alone "
+                      "(--reinit-missing)", path, src)
+        return 0
     masks = {}
     for name, t in plan_of.items():
         m = np.zeros(t.spec.n_slots, dtype=bool)
         m[t.slots] = t.source[t.slots] == src
         masks[name] = m
     after = min((int(store.tables[n].slot_lsn[m].min()) for n, m in masks.items() if m.any()), default=0)
-    wal = WriteAheadLog(wal_dir(data_dir, src), policy="process")
+    wal = WriteAheadLog(path, policy="process")
     n, prev = 0, None
     own = src == store.shard_id
     for rec in wal.replay(after=after):

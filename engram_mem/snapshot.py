@@ -136,8 +136,10 @@ class SnapshotWriter:
         self.tables.setdefault(table, {"slots": 0})["slots"] += 1
         self.min_lsn = lsn if self.min_lsn is None else min(self.min_lsn, lsn)
 
-    def publish(self, last_lsn: int, tables: dict[str, dict], keep: int = 2) -> dict:
-        """tables: {name: {"spec": ..., "optimizer": ...}} the shard holds; returns the manifest."""
+    def publish(self, last_lsn: int, tables: dict[str, dict], keep: int = 2, logged: bool = False) -> dict:
+        """tables: {name: {"spec": ..., "optimizer": ...}} the shard holds; logged: the shard's log
+        holds every change after this generation (so a restore that finds no log knows it is lost).
+        Returns the manifest."""
         self.env.sync(True)
         self.env.close()
         size = os.path.getsize(os.path.join(self.gen_dir, "data.mdb"))
@@ -146,7 +148,7 @@ class SnapshotWriter:
         doc = {"version": 1, "shard_id": self.shard_id, "generation": self.generation,
                "dir": os.path.basename(self.gen_dir), "data_bytes": size, "created": time.time(),
                "base_lsn": self.min_lsn if self.min_lsn is not None else last_lsn, "last_lsn": last_lsn,
-               "tables": self.tables}
+               "log": bool(logged), "tables": self.tables}
         if self.fsync:
             fsync_path(os.path.join(self.gen_dir, "data.mdb"))
         write_json_atomic(os.path.join(self.dir, MANIFEST), doc, self.fsync)

@@ -253,6 +253,7 @@ DAMAGE = {
     "data.mdb truncated to half": (lambda d, s: open(_gen_file(d, s), "r+b").truncate(os.path.getsize(_gen_file(d, s)) // 2), "data.mdb"),
     "data.mdb deleted": (lambda d, s: os.unlink(_gen_file(d, s)), "data.mdb"),
     "shard dir deleted": (lambda d, s: shutil.rmtree(d / f"shard-{s:04d}"), "shard-000"),
+    "log directory deleted": (lambda d, s: shutil.rmtree(d / f"shard-{s:04d}" / "wal"), "wal"),
     "manifest truncated": (lambda d, s: open(d / f"shard-{s:04d}" / "MANIFEST.json", "r+b").truncate(20), "MANIFEST.json"),
     "cluster.json deleted": (lambda d, s: os.unlink(d / "cluster.json"), "cluster.json"),
     "cluster.json truncated": (lambda d, s: open(d / "cluster.json", "r+b").truncate(os.path.getsize(d / "cluster.json") // 2), "cluster.json"),
@@ -306,3 +307,19 @@ def test_values_a_table_can_never_take_are_refused_and_rows_stay(ray_local):
         for _ in range(3):  # the rows still train normally
             mem.push("v", [1], np.ones((1, 4), np.float32), lr=0.1)
         assert np.allclose(before[1] - mem.gather("v", [1])[0], 0.3, atol=1e-4)
+
+
+def test_a_snapshot_never_recreates_a_shard_directory_that_vanished(ray_local, tmp_path):
+    """The directory deleted under a running shard: a snapshot refuses (naming it) instead of writing a
+    generation whose log is gone, so a restart reports the loss rather than restoring short."""
+    with engram_mem.connect(shards=1, name="vanished", data_dir=str(tmp_path), snapshot_interval_s=0) as mem:
+        mem.create_table("v", rows=1000, dim=DIM, optimizer={"name": "sgd"})
+        mem.push("v", [1, 2], -np.ones((2, DIM), np.float32), lr=1.0)
+        shutil.rmtree(tmp_path / "shard-0000")
+        with pytest.raises(Exception, match="vanished while shard 0 ran"):
+            mem.checkpoint()
+        assert not (tmp_path / "shard-0000").exists()
+        with pytest.raises(Exception, match="vanished"):   # the final snapshot of a shutdown refuses too
+            ray_local.get(mem.controller.shutdown.remote(), timeout=120)
+        ray_local.get(mem.controller.shutdown.remote(snapshot=False), timeout=120)   # stop it knowingly
+        assert not (tmp_path / "shard-0000").exists()
