@@ -12,8 +12,10 @@ is. Per configuration, rows/s and GB/s (p50) of ShardStore.gather for batches of
     rows read so far; no budget). The timed batches are new draws: their rare ids still miss.
   - disk, warm, budget 1/4 of the table: the page budget trims the hot set
   - disk, cold: every call after dropping the file from the page cache (madvise + posix_fadvise DONTNEED)
-and what fraction of DRAM speed each reaches. Prints a table, appends bench/results/disk.jsonl,
-draws bench/results/disk.png.
+and what fraction of DRAM speed each reaches. Each result also records the distinct ids per batch
+(median), the quartiles of the call times and, cold, how long the drop took (it is inside the timed
+call): bench/bench_plan_validate.py compares the cold rows with the planner's here-disk tier.
+Prints a table, appends bench/results/disk.jsonl, draws bench/results/disk.png.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 
 import numpy as np
 
@@ -82,9 +85,12 @@ def main(argv=None) -> int:
                 if storage != "shm":
                     store.budgets["t"].trim(store.tables["t"].buffer)  # write back, start from an empty cache
                 assert np.array_equal(store.gather("t", batches[0][:64]), data[batches[0][:64]])
+                drops = []
                 if cold:
                     def fn(ids, s=store):
+                        t0 = time.perf_counter()
                         drop(s, "t")
+                        drops.append(time.perf_counter() - t0)
                         return s.gather("t", ids)
                     t = time_calls(f"{label} {cname}", fn, batches, warmup=1, nbytes=nbytes)
                 else:
@@ -93,8 +99,13 @@ def main(argv=None) -> int:
                     t = time_calls(f"{label} {cname}", lambda ids, s=store: s.gather("t", ids), batches, nbytes=nbytes)
                 path = store.tables["t"].buffer.path
                 res = resident_bytes(path) if path and storage != "shm" else spec.nbytes
+                q25, q75 = np.percentile(t.seconds, [25, 75]) * 1e3
+                distinct = int(np.median([np.unique(b).size for b in batches[len(batches) - len(t.seconds):]]))
                 results.append(dict(t.row(), rows_label=label, config=cname, table_mb=spec.nbytes >> 20,
-                                    mrows_per_s=round(args.batch / t.p50 / 1e6, 3), resident_mb=res >> 20))
+                                    mrows_per_s=round(args.batch / t.p50 / 1e6, 3), resident_mb=res >> 20,
+                                    row_bytes=row_bytes, distinct_rows=distinct, p25_ms=round(q25, 3),
+                                    p75_ms=round(q75, 3), drop_ms=round(float(np.median(drops)) * 1e3, 3)
+                                    if drops else None))
                 store.close()
             del data
     finally:
@@ -104,7 +115,8 @@ def main(argv=None) -> int:
     for r in results:
         dram = next(x for x in results if x["rows_label"] == r["rows_label"] and x["config"].startswith("DRAM"))
         r["x_dram"] = round(r["mrows_per_s"] / dram["mrows_per_s"], 3)
-    cols = ["rows_label", "config", "mrows_per_s", "gbps", "x_dram", "p50_ms", "p99_ms", "resident_mb", "table_mb"]
+    cols = ["rows_label", "config", "mrows_per_s", "gbps", "x_dram", "p50_ms", "p99_ms", "distinct_rows", "drop_ms",
+            "resident_mb", "table_mb"]
     print_table(results, cols, title=f"\nShardStore.gather of {args.batch:,} Zipf ids (p50; disk dir {args.dir}; "
                                      f"load avg {os.getloadavg()[0]:.1f})")
     path = append_jsonl("disk", {"bench": "disk", "args": vars(args), "results": results, "loadavg": os.getloadavg()})

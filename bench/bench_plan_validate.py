@@ -6,13 +6,18 @@ For every configuration of bench/bench_prefill.py, bench_decode.py and bench_tra
 predicts, with the planner and the tiers/compute fitted by `engram-mem plan --calibrate`, the
 throughput penalty against the in-process table, the exposed row wait (% of run time) and the
 gather throughput the tier delivers (row bytes read / run time), and compares them with the
-benchmark's own figures: with --run it first runs the three benchmarks (--small: short settings,
+benchmark's own figures: with --run it first runs the benchmarks (--small: short settings,
 ~10 minutes here), otherwise it reads the last line of each bench/results/<bench>.jsonl.
 The id distribution is the real one: the benchmark's own text is hashed by the model (no forward)
 and recorded with engram_model.trace, as `--record-ids` would.
+The disk tier: for the cold configuration of bench/bench_disk.py (264 B and 1 KiB rows; ShardStore.gather
+of a batch of Zipf ids, the file dropped from the page cache before each call), the here-disk tier's
+fetch time for the batch's distinct rows (each a whole 4 KiB page, tiers.py) against the measured p50
+call time, and the same as MB/s of distinct row bytes (with --run: bench_disk.py too; --small: 256 MB
+tables). Its noise band is half the interquartile range of the benchmark's calls.
 A prediction is "within" when |predicted - measured| <= max(25% of |measured|, the noise band);
-the noise band is the spread between the benchmark's repeats where it records them (prefill),
-otherwise the README's stated run-to-run spread (decode +-15%, training +-10% of step time).
+the noise band is the spread between the benchmark's repeats where it records them (prefill; disk:
+its calls), otherwise the README's stated run-to-run spread (decode +-15%, training +-10% of step time).
 Prints a table, appends bench/results/plan_validate.jsonl, draws bench/results/plan_validate.png.
 """
 
@@ -35,7 +40,8 @@ from common import RESULTS, append_jsonl, markdown_table, print_table  # noqa: E
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = {"prefill": ["--seqs", "10", "--table-gb", "0.5", "--repeats", "3"],
          "decode": ["--steps", "96", "--table-gb", "0.5", "--rounds", "3"],
-         "train_step": ["--steps", "20", "--warmup", "4", "--repeats", "2"]}
+         "train_step": ["--steps", "20", "--warmup", "4", "--repeats", "2"],
+         "disk": ["--table-mb", "256", "--calls", "8", "--warm-batches", "10"]}
 
 
 def last(name: str) -> dict:
@@ -111,13 +117,13 @@ def within(pred: float, meas: float, noise: float) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiers-file", default=os.path.join(RESULTS, "tiers-here.json"))
-    p.add_argument("--run", action="store_true", help="run the three benchmarks first")
+    p.add_argument("--run", action="store_true", help="run the four benchmarks first")
     p.add_argument("--small", action="store_true", help="with --run: short settings")
     args = p.parse_args(argv)
 
     from engram_mem.plan.planner import Hardware, baseline, timeline
     from engram_mem.plan.presets import Device, shape_from_config
-    from engram_mem.plan.tiers import load_tiers
+    from engram_mem.plan.tiers import TIER_PRESETS, load_tiers
     from engram_mem.plan.workload import TraceDistribution, Workload
     from engram_model.trace import load_trace
     from model_setup import text_windows
@@ -126,7 +132,7 @@ def main(argv=None) -> int:
     with open(args.tiers_file) as f:
         cal = json.load(f)
     devices = {d["name"]: Device(**d) for d in cal["devices"]}
-    meas = {b: (run_bench(b, args.small) if args.run else last(b)) for b in ("prefill", "decode", "train_step")}
+    meas = {b: (run_bench(b, args.small) if args.run else last(b)) for b in ("prefill", "decode", "train_step", "disk")}
     tmp = tempfile.mkdtemp(prefix="plan-validate-")   # the id traces (removed at the end)
     rows_out = []
 
@@ -263,6 +269,34 @@ def main(argv=None) -> int:
               "exposed_wait_pct": 100 * r["exposed_wait_s"] / (a["steps"] * step_s),
               "gather_mbps": float("nan")}   # the benchmark does not report rows read
         add("train_step", r["name"], pred, mm, 100 * (1 - 1 / 1.10), m.get("loadavg", [float("nan")])[0])
+    # ---- disk, cold: ShardStore.gather of Zipf ids, the file dropped from the page cache first ---------
+    m = meas["disk"]
+    disk = tiers.get("here-disk")
+    if disk is None:   # a tiers file from before the disk tier was calibrated
+        disk = TIER_PRESETS["here-disk"]
+        print(f"  {args.tiers_file} has no here-disk tier: the built-in one ({disk.source})", flush=True)
+    cold = [r for r in m["results"] if r["config"] == "disk, cold"]
+    if cold and "distinct_rows" not in cold[0]:
+        print("  the last bench/results/disk.jsonl line has no distinct_rows: rerun bench/bench_disk.py", flush=True)
+        cold = []
+    for r in cold:
+        # The planner's read: one round trip, then every distinct row costs max(row bytes, 4 KiB) at
+        # the tier's page bandwidth. The measured call also holds the drop (drop_ms) and gathers the
+        # duplicates, which the tier's fit (distinct rows, drop untimed) leaves out.
+        pred_s = disk.fetch_s(r["distinct_rows"], r["row_bytes"])
+        row_mb = r["distinct_rows"] * r["row_bytes"] / 1e6
+        pred = {"gather_ms": pred_s * 1e3, "gather_mbps": row_mb / pred_s}
+        mm = {"gather_ms": r["p50_ms"], "gather_mbps": row_mb / (r["p50_ms"] / 1e3)}
+        spread = (r["p75_ms"] - r["p25_ms"]) / 2 / r["p50_ms"]   # half the interquartile range, relative
+        for key in ("gather_ms", "gather_mbps"):
+            pv, mv = pred[key], mm[key]
+            nb = spread * abs(mv)
+            rows_out.append({"bench": "disk", "config": f"{r['rows_label']}, cold, {r['distinct_rows']:,} distinct rows",
+                             "quantity": key, "predicted": round(pv, 3), "measured": round(mv, 3),
+                             "band": round(max(0.25 * abs(mv), nb), 3), "within": "yes" if within(pv, mv, nb) else "NO",
+                             "load": round(m.get("loadavg", [float("nan")])[0], 2)})
+        print(f"  disk {r['rows_label']}: {r['distinct_rows']:,} distinct of {m['args']['batch']:,} ids, "
+              f"{r['table_mb']} MB table, drop {r.get('drop_ms')} ms of the measured {r['p50_ms']} ms", flush=True)
     # ---- the paper's published point: 100B-param table in host DRAM, H800, prefetch over PCIe --------
     from engram_mem.plan.planner import plan as make_plan
     from engram_mem.plan.presets import DEVICE_PRESETS, MODEL_PRESETS, resolve_model
@@ -301,8 +335,8 @@ def _plot(rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    qs = ["penalty_pct", "exposed_wait_pct", "gather_mbps"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    qs = [q for q in ("penalty_pct", "exposed_wait_pct", "gather_mbps", "gather_ms") if any(r["quantity"] == q for r in rows)]
+    fig, axes = plt.subplots(1, len(qs), figsize=(5 * len(qs), 4.5))
     for ax, q in zip(axes, qs):
         rs = [r for r in rows if r["quantity"] == q]
         x = np.arange(len(rs))

@@ -1,6 +1,6 @@
 """`engram-mem plan --calibrate`: measure this machine's tiers and compute, fit the planner's parameters.
 
-    engram-mem plan --calibrate --out bench/results/tiers-here.json [--quick]
+    engram-mem plan --calibrate --out bench/results/tiers-here.json [--quick] [--disk-dir /var/tmp]
     engram-mem plan --tiers-file bench/results/tiers-here.json --tier here-grpc --device here-cpu ...
 
 Runs the project's own read paths on this machine, at three batch sizes each, and fits
@@ -10,6 +10,16 @@ rows of 256 B, the row size of the serving benchmarks):
   - here-same-node:  RowFetcher over the same-node tier (the shard's shared memory, read in place)
   - here-grpc:       RowFetcher to a shard on a second local Ray node (127.0.0.3), gRPC on loopback
   - here-cache:      RowCache.lookup, all hits
+  - here-disk:       ShardStore.gather of a disk-backed table (storage.py; a 256 MB file under
+                     --disk-dir, default /var/tmp, deleted at the end), COLD: the file is dropped from
+                     the mapping and the page cache before every call, as bench/bench_disk.py does
+                     (here outside the timed call). A page-granular device reads a whole 4 KiB page
+                     per row, and the planner charges rows x max(row bytes, min_read_bytes) (tiers.py):
+                     so each batch puts its rows on distinct pages, no two adjacent (adjacent pages
+                     would be read as one request), and the fit is over page bytes, 4096 per row: its
+                     bandwidth is of pages, not rows. CPU: this process's time (the gather's page
+                     faults and madvise calls are its own). It is the disk's part of a read; a worker
+                     reading through gRPC or the same-node tier pays that tier's costs besides.
 and the read path's CPU per fetch and per row (this process's CPU time over the timed calls; the
 shard's own CPU, in another process, counts too) from "interference" runs: a model step alone
 and beside a fetch, in turns, with torch on one thread; a large fetch that
@@ -23,7 +33,7 @@ times (which ran with 2 threads at quieter moments) better than the 2-thread one
 The tier measurements run 3 times (a Ray cluster each, shut down in `finally`) and each fitted
 field is the median of the runs: on this shared machine one run's fit moves by up to +-100%.
 Writes the tiers and devices (with the load average before and after) to --out as JSON. Takes
-about 5-7 minutes here (--quick: one run, fewer repeats, ~1.5 minutes).
+about 3-7 minutes here, depending on the load (--quick: one run, fewer repeats, ~1-2 minutes).
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -44,12 +56,17 @@ ROWS, DIM = 1_000_000, 64                       # 256 MiB fp32 table, 256 B rows
 SIZES = (256, 2048, 16384)
 
 
-def _time(fn, batches, warmup: int = 2, best: bool = False) -> tuple[float, float]:
-    """(median wall seconds, median process CPU seconds) per call; best=True: the fastest call."""
+def _time(fn, batches, warmup: int = 2, best: bool = False, before=None) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) per call; best=True: the fastest call.
+    before(b), if given, runs untimed before every call (a cold start)."""
     for b in batches[:warmup]:
+        if before:
+            before(b)
         fn(b)
     wall, cpu = [], []
     for b in batches[warmup:]:
+        if before:
+            before(b)
         c0, t0 = time.process_time(), time.perf_counter()
         fn(b)
         wall.append(time.perf_counter() - t0)
@@ -108,6 +125,80 @@ def _tier_from(m: dict, kind: str, source: str, cpu: bool = True, interference: 
                 measured=True, source=source)
 
 
+def _drop(store, name: str) -> None:
+    """Cold start, as bench/bench_disk.py's drop(): the whole file leaves the mapping and the page cache."""
+    budget = store.budgets[name]
+    budget.counts[:] = 0
+    budget.trim(store.tables[name].buffer)
+
+
+def _isolated_page_ids(ts, n: int, rng) -> np.ndarray:
+    """n row ids of table shard `ts`, each alone on its 4 KiB page of the file and no two pages
+    adjacent (pages 2 apart or more: the kernel reads a run of adjacent pages as one request, while
+    the planner charges every row a page of its own, as in a table far larger than a batch)."""
+    from engram_mem.storage import PAGE
+
+    spec, buf = ts.spec, ts.buffer
+    row_bytes = buf.dim * buf.dtype.itemsize
+    if PAGE % row_bytes:
+        raise ValueError(f"disk calibration needs rows that divide a {PAGE} B page, got {row_bytes} B")
+    per_page = PAGE // row_bytes
+    even = np.arange(0, buf.frames * buf.frame_bytes // PAGE, 2)
+    if n > even.size:
+        raise ValueError(f"disk calibration: {n} isolated pages need a table of at least {2 * n * PAGE >> 20} MiB")
+    slot_of_frame = np.full(buf.frames, -1, np.int64)
+    owned = np.nonzero(ts.frame_of >= 0)[0]
+    slot_of_frame[ts.frame_of[owned]] = owned
+    pages = rng.permutation(even)
+    local = pages * per_page + rng.integers(0, per_page, pages.size)       # buffer rows, one per page
+    slot, off = slot_of_frame[local // spec.slot_rows], local % spec.slot_rows
+    ok = (slot >= 0) & (slot * spec.slot_rows + off < spec.rows)            # a row the table holds
+    ids = (slot * spec.slot_rows + off)[ok][:n]
+    assert ids.size == n, f"only {ids.size} of {n} isolated rows found"
+    return np.sort(ids)
+
+
+def measure_disk(directory: str, reps: int, rows: int = ROWS, sizes=SIZES, seed: int = 0) -> tuple[Tier, dict]:
+    """The here-disk tier: cold gathers of a disk-backed ShardStore table of `rows` x 256 B in a
+    temporary directory under `directory` (removed in `finally`), one isolated page per row; fit
+    time = latency + pages x 4096 / bandwidth. Returns (tier, raw points)."""
+    from engram_mem.shard import ShardStore
+    from engram_mem.storage import PAGE, resident_bytes
+    from engram_mem.table import TableSpec
+
+    rng = np.random.default_rng(seed)
+    work = tempfile.mkdtemp(prefix="engram-calib-disk-", dir=directory)
+    store = None
+    try:
+        store = ShardStore(0, storage=f"disk:{work}")
+        spec = TableSpec("calib", rows, DIM, seed=1)
+        store.add_table(spec, range(spec.n_slots))   # written to the file, then dropped from memory
+        ts = store.tables["calib"]
+        pts = []
+        for n in sizes:
+            batches = [_isolated_page_ids(ts, n, rng) for _ in range(reps + 2)]
+            wall, cpu = _time(lambda ids: store.gather("calib", ids), batches,
+                              before=lambda _: _drop(store, "calib"))
+            pts.append({"rows": n, "pages": n, "bytes": n * PAGE, "wall_s": wall, "cpu_s": cpu})
+            print(f"  {'here-disk':<16} {n:>6} rows: {wall * 1e3:8.3f} ms  ({n * PAGE / wall / 1e9:.3f} GB/s of "
+                  f"4 KiB pages, cpu {cpu * 1e3:.3f} ms)", flush=True)
+        # A check that calls were cold: the last gather's pages are in the page cache, and a drop empties it.
+        read_bytes = resident_bytes(ts.buffer.path)
+        _drop(store, "calib")
+        cold_bytes = resident_bytes(ts.buffer.path)
+        free = shutil.disk_usage(work).free
+    finally:
+        if store is not None:
+            store.close()
+        shutil.rmtree(work, ignore_errors=True)
+    m = {"name": "here-disk", "points": pts, "dir": directory, "table_bytes": spec.nbytes,
+         "resident_bytes_after_gather": read_bytes, "resident_bytes_after_drop": cold_bytes}
+    t = _tier_from(m, "disk", f"measured here: ShardStore.gather of a {spec.nbytes / 1e6:.0f} MB disk-backed table "
+                   f"under {directory}, cold (file dropped from the page cache before every call), "
+                   f"one 4 KiB page per row")
+    return dataclasses.replace(t, min_read_bytes=PAGE, capacity_bytes=float(free)), m
+
+
 def _interference(fetch_async, step, rng, iters: int, threads: int) -> dict:
     """The model's step alone, and with a fetch of n rows started before it and awaited after, in
     turns (so drifting machine load hits both alike): extra = (with - alone) - the wait after the
@@ -144,7 +235,7 @@ def _interference(fetch_async, step, rng, iters: int, threads: int) -> dict:
     return {"points": pts}
 
 
-def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
+def measure_tiers(reps: int, disk_dir: str = "/var/tmp") -> tuple[list[Tier], dict]:
     import ray
     import torch
     from ray.cluster_utils import Cluster
@@ -190,6 +281,8 @@ def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
     cache.record(hot)
     cache.admit(hot, table.numpy()[hot])
     raw.append(_measure("here-cache", lambda ids: cache.lookup(hot[:ids.size]), rng, reps))
+    disk_tier, disk_raw = measure_disk(disk_dir, reps)
+    raw.append(disk_raw)
 
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=4, node_ip_address="127.0.0.2", include_dashboard=False, resources={"node_a": 100},
@@ -250,6 +343,7 @@ def measure_tiers(reps: int) -> tuple[list[Tier], dict]:
             lat, rows_per_s = fit_latency_bandwidth([n for n, _ in push_wall[t.name]], [w for _, w in push_wall[t.name]])
             beyond = max(0.0, 1 / (rows_per_s * 1e9) - 96 / (tiers[i].link_gbps * 1e9))   # 96 B: 24 fp32 grads
             tiers[i] = dataclasses.replace(tiers[i], push_latency_s=lat, push_s_per_row=beyond)
+    tiers.append(disk_tier)
     return tiers, {"tier_points": raw, "interference": {f"{k[0]}@{k[1]}t": v for k, v in inter.items()},
                    "push_interference": push_inter, "push_wall": push_wall}
 
@@ -347,7 +441,7 @@ def _median_tier(ts: list[Tier]) -> Tier:
     return dataclasses.replace(ts[0], **{**out, "source": src})
 
 
-def calibrate(out: str, quick: bool = False, runs: int = 3) -> dict:
+def calibrate(out: str, quick: bool = False, runs: int = 3, disk_dir: str = "/var/tmp") -> dict:
     t0 = time.time()
     load0 = os.getloadavg()
     reps = 5 if quick else 12
@@ -357,7 +451,7 @@ def calibrate(out: str, quick: bool = False, runs: int = 3) -> dict:
     fits, raws = [], []
     for i in range(runs):
         print(f" run {i + 1}/{runs} (load average {os.getloadavg()[0]:.2f})", flush=True)
-        t, r = measure_tiers(reps)
+        t, r = measure_tiers(reps, disk_dir)
         fits.append(t)
         raws.append(r)
     tiers = [_median_tier([f[i] for f in fits]) for i in range(len(fits[0]))]

@@ -6,6 +6,7 @@
     engram-mem plan --all-presets                               # one plan per model preset, each tier
     engram-mem plan --trace runs/ids.npz ...                    # id distribution from a recorded run
     engram-mem plan --calibrate --out bench/results/tiers-here.json   # measure this machine's tiers
+    engram-mem plan --calibrate --disk-dir /nvme/tmp ...              # ... and the disk under /nvme/tmp
     engram-mem plan --tiers-file bench/results/tiers-here.json --tier here-grpc --device here-cpu ...
 
 Flags override the file; the file overrides the presets. Prints a table (or --json).
@@ -60,6 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="measure this machine's tiers and save them (--out)")
     p.add_argument("--out", default="bench/results/tiers-here.json", help="with --calibrate: where to save")
     p.add_argument("--quick", action="store_true", help="with --calibrate: fewer repeats (about 2 minutes)")
+    p.add_argument("--disk-dir", default="/var/tmp", help="with --calibrate: where the here-disk tier's table file "
+                   "goes (a directory on the disk to measure; the file is deleted at the end)")
     return p
 
 
@@ -149,7 +152,7 @@ def cmd_plan(args) -> int:
         if args.calibrate:
             from engram_mem.plan.calibrate import calibrate
 
-            calibrate(args.out, quick=args.quick)
+            calibrate(args.out, quick=args.quick, disk_dir=args.disk_dir)
             return 0
         if args.all_presets:
             return _all_presets(args)

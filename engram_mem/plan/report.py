@@ -30,7 +30,8 @@ def format_plan(p: dict) -> str:
         f"  workload: {wl['mode']}, {wl['workers']} workers x batch {wl['batch']} x {wl['seq_len']} tokens "
         f"(context {wl['context'] or wl['seq_len']}), prefetch {'on' if wl['prefetch'] else 'off'}, {p['id_distribution']}",
         f"  hardware: {p['device']['name']}; rows on {t['name']} ({'measured here' if t['measured'] else 'published'}: "
-        f"{t['latency_s'] * 1e6:.1f} us, {t['link_gbps']:g} GB/s/link, {t['aggregate_gbps']:g} GB/s aggregate)"
+        f"{t['latency_s'] * 1e6:.1f} us, {t['link_gbps']:g} GB/s/link, {t['aggregate_gbps']:g} GB/s aggregate"
+        + (f", whole {t['min_read_bytes']} B pages per row read)" if t["min_read_bytes"] else ")")
         + (f"; cache on {p['cache_tier']['name']}, {wl['cache_rows']:,} rows/table" if p["cache_tier"] else ""),
         "",
         "memory nodes",

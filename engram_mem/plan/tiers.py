@@ -162,6 +162,15 @@ TIER_PRESETS: dict[str, Tier] = {t.name: t for t in [
        source="measured here: gRPC to another local Ray node 0.76 GB/s (one shard)"),
     _t(name="here-cache", kind="cache", latency_s=0.0, link_gbps=2.9, aggregate_gbps=2.9, capacity_bytes=1 * GiB,
        measured=True, source="measured here: RowCache lookup, all hits, 2.9 GB/s"),
+    # `engram-mem plan --calibrate` (2026-11-24, bench/results/tiers-here.json, median of 3 runs, load
+    # average 1.9 -> 1.1): cold ShardStore.gather of a 256 MB disk-backed table under /var/tmp on this
+    # VM's virtual disk, one isolated 4 KiB page per row: 0.87 ms + 0.286 GB/s of pages (~70k page
+    # reads/s), and 8.4 us of the gathering thread's CPU per row (a madvise and a page fault each)
+    # + 1.3 ms per gather. Capacity: the disk's free space then.
+    _t(name="here-disk", kind="disk", latency_s=0.87e-3, link_gbps=0.286, aggregate_gbps=0.286, capacity_bytes=75 * GiB,
+       min_read_bytes=4096, cpu_s_per_row=8.4e-6, cpu_s_per_fetch=1.3e-3, measured=True,
+       source="measured here: cold ShardStore.gather of a disk-backed table (/var/tmp, VM disk), 4 KiB pages, "
+              "0.87 ms + 0.286 GB/s of pages"),
 ]}
 
 
