@@ -211,7 +211,7 @@ def acked_all(two_nodes, tmp_path_factory):
     data = tmp_path_factory.mktemp("acked-all")
     # No snapshots by time: a snapshot taken after the directory is deleted would recreate it.
     with engram_mem.connect(shards=1, name="rep-ack", replicas=2, cpus_per_shard=0.5, data_dir=str(data),
-                            replica_ack="all", replica_ack_timeout_s=2.0, snapshot_interval_s=0) as mem:
+                            replica_ack="all", replica_ack_timeout_s=5.0, snapshot_interval_s=0) as mem:
         mem.create_table("r", rows=ROWS, dim=DIM, optimizer={"name": "sgd"}, init_std=0.0)
         _wait_replicas_equal(mem, "r", SPREAD)   # the replica has copied: it is in the in-sync set
         yield mem, str(data)
@@ -275,7 +275,7 @@ def test_lost_shard_directory_restores_from_the_replica_losing_nothing(acked_all
 
 @pytest.mark.slow
 def test_a_hung_replica_is_dropped_from_the_in_sync_set_and_rebuilds(acked_all):
-    """SIGSTOP the replica: pushes are acknowledged after replica_ack_timeout_s (2 s) without it;
+    """SIGSTOP the replica: pushes are acknowledged after replica_ack_timeout_s (5 s) without it;
     once it runs again it rebuilds and holds exactly its primary's rows."""
     mem, _ = acked_all
     _wait_replicas_equal(mem, "r", SPREAD, timeout=120)
