@@ -16,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tests.ray_nodes import start_nodes  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def ray_local():
@@ -47,14 +49,8 @@ def ray_local():
 def two_nodes():
     """Two Ray nodes on this machine, 127.0.0.2 (head) and 127.0.0.3, shut down after the module."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=4, node_ip_address="127.0.0.2", include_dashboard=False, object_store_memory=256 << 20))
-    cluster.add_node(num_cpus=4, node_ip_address="127.0.0.3", object_store_memory=256 << 20)
-    ray.init(address=cluster.address, log_to_driver=False)
+    cluster, _ = start_nodes([dict(num_cpus=4, node_ip_address="127.0.0.3", object_store_memory=256 << 20)])
     try:
         yield ray
     finally:
