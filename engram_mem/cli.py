@@ -198,7 +198,7 @@ def cmd_status(args) -> int:
 
     ray, ctl = _attach(args)
     with MemoryClient(ctl) as mem:
-        d = mem.describe()
+        d = mem.refresh(check_shards=True).raw   # each member's own answer now (readiness, in-sync replicas)
         stats = mem.stats()
     endpoints = ray.get(ctl.metrics_endpoints.remote())
     if args.prometheus_sd:

@@ -102,11 +102,16 @@ def render(describe: dict, rows: list[dict]) -> str:
                        + ("" if restore.get("replica_ack") == "all" else
                           "; replica_ack=none: changes acknowledged within the replica's lag before the "
                           "failure may be missing"))
+        followers = d["shards"].get(r["shard"], {}).get("replication") or {}
+        ack_all = (d.get("config") or {}).get("replica_ack") == "all"
         for rep in d["shards"].get(r["shard"], {}).get("replicas") or []:
             lag = r.get("replica_lag_s", -1)
+            in_sync = (followers.get(rep.get("actor", "")) or {}).get("in_sync", False)
+            sync = (("in sync: acknowledges writes" if in_sync else "NOT in sync: writes are acknowledged without it")
+                    if ack_all else ("following" if in_sync else "not following"))
             out.append(f"{'':>5}   replica {rep.get('member', '?')} at {rep.get('address', '-')} on node "
                        f"{rep.get('node_ip', '-')}: {'ready' if rep.get('ready') else 'not ready (copying)'}; "
-                       f"primary's replicas trail by {'-' if lag < 0 else f'{lag:.2f} s'}")
+                       f"{sync}; primary's replicas trail by {'-' if lag < 0 else f'{lag:.2f} s'}")
     for name, t in d["tables"].items():
         spec = t["spec"]
         out.append(f"table {name}: {spec['rows']:,} x {spec['dim']} {spec['dtype']}, "

@@ -64,12 +64,13 @@ def test_up_on_damaged_data_dir_says_which_file_and_down_leaves_no_shm(tmp_path)
 
 
 def test_up_with_replicas_on_simulated_nodes_and_down(tmp_path):
-    """`up --replicas 2` on one machine: a second Ray node at 127.0.0.3; a shard's two members on both;
-    `status` lists it; `down` stops both nodes and leaves no /dev/shm files."""
+    """`up --replicas 2 --replica-ack all` on one machine: a second Ray node at 127.0.0.3; a shard's two
+    members on both; `status` lists it, in sync; `down` stops both nodes and leaves no /dev/shm files."""
     env = dict(os.environ, ENGRAM_MEM_HOME=str(tmp_path / "home"))
     tables = tmp_path / "tables.json"
     tables.write_text(json.dumps([{"name": "emb", "rows": 10_000, "dim": 8}]))
-    up = _run(["--name", "cli-rep", "up", "--shards", "1", "--replicas", "2", "--tables", str(tables)], env)
+    up = _run(["--name", "cli-rep", "up", "--shards", "1", "--replicas", "2", "--replica-ack", "all",
+               "--tables", str(tables)], env)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads((tmp_path / "home" / "cli-rep.json").read_text())
@@ -78,6 +79,7 @@ def test_up_with_replicas_on_simulated_nodes_and_down(tmp_path):
         assert status.returncode == 0, status.stderr
         assert "on 2 node(s): 127.0.0.2, 127.0.0.3" in status.stdout, status.stdout
         assert "replica 1 at 127.0.0." in status.stdout and ": ready;" in status.stdout, status.stdout
+        assert "in sync: acknowledges writes" in status.stdout, status.stdout
         shard = json.loads(_run(["--name", "cli-rep", "status", "--json"], env).stdout)["describe"]["shards"]["0"]
         assert {shard["node_ip"], shard["replicas"][0]["node_ip"]} == {"127.0.0.2", "127.0.0.3"}
         assert os.path.isdir(os.path.join(shm, "shard-0-r1"))

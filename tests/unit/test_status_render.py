@@ -23,3 +23,16 @@ def test_a_shard_restored_from_its_replica_says_so_and_what_may_be_missing(ack):
     assert "restored from replica 1 (lsn 77): its shard directory is unusable: gone" in text
     assert ("may be missing" in text) == (ack == "none")
     assert text.count("restored from") == 1
+
+
+@pytest.mark.parametrize("ack, in_sync, says", [("all", True, "in sync: acknowledges writes"),
+                                                ("all", False, "NOT in sync"),
+                                                ("none", True, "following")])
+def test_replica_lines_say_whether_the_replica_is_in_sync(ack, in_sync, says):
+    d = {"name": "c", "cluster_id": "x", "epoch": 1, "tables": {}, "config": {"replica_ack": ack},
+         "shards": {0: {"node_ip": "127.0.0.2", "restore": {},
+                        "replication": {"c-shard-0-r1": {"in_sync": in_sync, "lag_s": 0.0}},
+                        "replicas": [{"member": 1, "actor": "c-shard-0-r1", "address": "127.0.0.3:1",
+                                      "node_ip": "127.0.0.3", "ready": True}]}}}
+    line = [x for x in render(d, [_row(0)]).splitlines() if "replica 1 at" in x][0]
+    assert says in line and ": ready;" in line
