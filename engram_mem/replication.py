@@ -22,10 +22,12 @@ Acknowledgement (`replica_ack`):
     replica that has not applied a record within `replica_ack_timeout_s` is dropped from the set
     (and rebuilds), so a hung replica delays writes by at most that long. A primary that lost its
     data directory (deleted, damaged, or on a node that is gone) restores from the in-sync
-    replica that applied the most, and so loses nothing it acknowledged. The backlog per replica is bounded (`replica_max_lag_bytes`): a replica
-that falls that far behind (or whose call fails) is dropped and rebuilds itself by a full copy;
-how far each replica trails is exported as `engram_mem_replica_lag_seconds` (the oldest change
-not yet applied there) and shown by `engram-mem status`.
+    replica that applied the most, and so loses nothing it acknowledged.
+
+The backlog per replica is bounded (`replica_max_lag_bytes`): a replica that falls that far
+behind (or whose call fails) is dropped and rebuilds itself by a full copy; how far each replica
+trails is exported as `engram_mem_replica_lag_seconds` (the oldest change not yet applied there)
+and shown by `engram-mem status`.
 
 Tokens: every join gets a fresh token. A replica applies records only from the follower of its
 current token, so a follower left over from before a restart can never apply twice or out of order.
@@ -166,7 +168,6 @@ class ReplicaFeed:
         self.followers: dict[str, Follower] = {}
         self._lock = threading.Lock()
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
-        self.dropped_for_ack = 0
 
     def publish(self, lsn: int, kind: int, meta: dict, blobs) -> None:
         if not self.followers:
@@ -215,7 +216,6 @@ class ReplicaFeed:
             except asyncio.TimeoutError:
                 for f in list(self.followers.values()):
                     if f.in_sync() and f.shipped_lsn < lsn:
-                        self.dropped_for_ack += 1
                         f.drop(f"it did not apply lsn {lsn} within replica_ack_timeout_s={self.ack_timeout_s}")
                 self._wake()   # the in-sync set left has it
 
