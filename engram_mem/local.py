@@ -142,8 +142,12 @@ def start_ray_head(name: str, shards: int, object_store_bytes: int = 1 << 30, no
     return address
 
 
-def stop_ray_head(name: str, timeout: float = 30) -> int:
-    """Stop the Ray processes of this cluster (SIGTERM, then SIGKILL). Returns how many there were."""
+def stop_ray_head(name: str, grace: float = 3.0) -> int:
+    """Stop the Ray processes of this cluster (SIGTERM, then SIGKILL after `grace` seconds). Returns how
+    many there were. By now the memory cluster has shut down (or could not): nothing of ours is
+    waiting to be written, and Ray's gcs_server and raylet take ~30 s to act on SIGTERM (measured
+    with Ray 2.60), so the grace is short. A process that has exited but whose parent does not reap
+    it (a zombie) counts as stopped."""
     import psutil
 
     procs = list(_ray_processes(name))
@@ -152,7 +156,10 @@ def stop_ray_head(name: str, timeout: float = 30) -> int:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive, deadline = procs, time.time() + grace
+    while alive and time.time() < deadline:
+        _, alive = psutil.wait_procs(alive, timeout=0.2)
+        alive = [p for p in alive if not _exited(p)]
     for p in alive:
         try:
             p.kill()
@@ -160,6 +167,15 @@ def stop_ray_head(name: str, timeout: float = 30) -> int:
             pass
     shutil.rmtree(ray_dir(name), ignore_errors=True)
     return len(procs)
+
+
+def _exited(p) -> bool:
+    import psutil
+
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def up(name: str, shards: int, tables: str | None, cluster: dict) -> dict:
