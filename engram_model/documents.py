@@ -15,7 +15,7 @@ Formats, by file suffix:
 A directory means every file under it (hidden ones skipped); a pattern with * ? or [ is a glob
 (** recurses). Malformed input raises DataError naming the file and the line (or Parquet row).
 
-The split is by document (piece), deterministic: crc32 of "<path>:<record>" against val_fraction,
+The split is by document (piece), deterministic: blake2b of "<file name>:<record>" against val_fraction,
 as the stdlib corpus splits by file path; the same --data gives the same split, whatever else runs.
 Tokens go to two flat int32 files under cache_dir (keyed by the tokenizer, the files' sizes and
 mtimes and val_fraction), written as they are produced, and are read back as memory maps: nothing
@@ -28,7 +28,6 @@ import glob
 import hashlib
 import json
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -45,7 +44,8 @@ class DataError(ValueError):
 
 @dataclass
 class Document:
-    key: str          # "<path>:<record>": what the train/validation split hashes
+    key: str          # "<file name>:<record>": what the train/validation split hashes (not the
+                      # directory, so a dataset keeps its split wherever it is mounted)
     text: str
     last: bool        # the last piece of its document: EOS follows
 
@@ -90,9 +90,9 @@ def _text_pieces(path: Path) -> Iterator[Document]:
             buf.append(line)
             size += len(line)
             if size >= PIECE_CHARS:
-                yield Document(f"{path}:{piece}", "".join(buf), False)
+                yield Document(f"{path.name}:{piece}", "".join(buf), False)
                 buf, size, piece = [], 0, piece + 1
-    yield Document(f"{path}:{piece}", "".join(buf), True)
+    yield Document(f"{path.name}:{piece}", "".join(buf), True)
 
 
 def _jsonl_docs(path: Path) -> Iterator[Document]:
@@ -108,7 +108,7 @@ def _jsonl_docs(path: Path) -> Iterator[Document]:
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 got = type(obj.get("text")).__name__ if isinstance(obj, dict) and "text" in obj else "no 'text' field"
                 raise DataError(f"{path}:{line_no}: each line needs a string field 'text' ({got})")
-            yield Document(f"{path}:{line_no}", obj["text"], True)
+            yield Document(f"{path.name}:{line_no}", obj["text"], True)
 
 
 def _parquet_docs(path: Path) -> Iterator[Document]:
@@ -127,7 +127,7 @@ def _parquet_docs(path: Path) -> Iterator[Document]:
             row += 1
             if not isinstance(value, str):
                 raise DataError(f"{path}: row {row}: 'text' is {type(value).__name__}, not a string")
-            yield Document(f"{path}:{row}", value, True)
+            yield Document(f"{path.name}:{row}", value, True)
 
 
 def iter_documents(files: Iterable[Path]) -> Iterator[Document]:
@@ -142,7 +142,9 @@ def iter_documents(files: Iterable[Path]) -> Iterator[Document]:
 
 
 def is_validation_key(key: str, val_fraction: float) -> bool:
-    return zlib.crc32(key.encode()) % 10_000 < int(round(val_fraction * 10_000))
+    """A stable split by key: blake2b (crc32 is linear, so keys that differ by one digit cluster)."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return h % 10_000 < int(round(val_fraction * 10_000))
 
 
 def training_texts(files: list[Path], val_fraction: float, max_chars: int = 200 << 20) -> Iterator[str]:

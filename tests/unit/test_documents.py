@@ -141,3 +141,14 @@ def test_a_hugging_face_tokenizer_made_elsewhere(tmp_path, monkeypatch):
     assert np.mean(h["loss"][-3:]) < np.mean(h["loss"][:3]) - 0.3
     saved = CompressedTokenizer.load(tmp_path / "out" / "ckpt" / "tokenizer.json")
     assert saved.vocab_size == tok.vocab_size and np.array_equal(saved.lookup, tok.lookup)
+
+
+def test_the_split_does_not_depend_on_where_the_data_lives(tmp_path):
+    """The same files under two directories split the same way (the key is the file name and record)."""
+    d = docs()
+    for root in ("here", "there/deeper"):
+        (tmp_path / root).mkdir(parents=True)
+        (tmp_path / root / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in d[:40]))
+    split = [[is_validation_key(g.key, 0.2) for g in iter_documents([tmp_path / root / "a.jsonl"])]
+             for root in ("here", "there/deeper")]
+    assert split[0] == split[1] and 0 < sum(split[0]) < 40
