@@ -41,6 +41,16 @@ def member_name(cluster: str, shard_id: int, member: int = 0) -> str:
     return f"{cluster}-shard-{shard_id}" if member == 0 else f"{cluster}-shard-{shard_id}-r{member}"
 
 
+def _restart_count(ctx) -> int:
+    """How many times Ray has restarted this actor (from the GCS actor table; 0 or 1 if unknown)."""
+    try:
+        from ray._private import state
+
+        return int(state.actors(ctx.get_actor_id())["NumRestarts"])
+    except Exception:  # noqa: BLE001 - a private API: fall back to whether this is a restart at all
+        return int(bool(ctx.was_current_actor_reconstructed))
+
+
 class ShardActor:
     def __init__(self, shard_id: int, cluster: dict, cluster_id: str, member: int = 0):
         import ray
@@ -68,6 +78,7 @@ class ShardActor:
         self._snap_lock = threading.Lock()
         self._stop = threading.Event()
         ctx = ray.get_runtime_context()
+        self.restarts = _restart_count(ctx)
         self.node_id = ctx.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.server = ShardServer(self.store, host=self.node_ip, node_id=self.node_id, security=cfg.security)
@@ -79,6 +90,8 @@ class ShardActor:
         self.restore_stats: dict = {}
         if member > 0:  # a replica: copies its primary in the background, ready once it has
             self.resync("")
+            if ctx.was_current_actor_reconstructed:
+                self._announce()
             return
         t0 = time.time()
         try:
@@ -97,6 +110,23 @@ class ShardActor:
             threading.Thread(target=self._snapshot_loop, name="engram-snapshots", daemon=True).start()
         if self.feed is not None and ctx.was_current_actor_reconstructed:
             self._rebuild_replicas()
+        if ctx.was_current_actor_reconstructed:
+            self._announce()
+
+    def _announce(self) -> None:
+        """Tell the controller this member's new process (pid, address, restart count), in the
+        background: the controller may be restarting too, and then reads it when it adopts us."""
+        import ray
+
+        def run():
+            try:
+                ctl = ray.get_actor(self.cfg.controller_name, namespace=NAMESPACE)
+                ray.get(ctl.member_started.remote(self.info()), timeout=60)
+            except Exception as e:  # noqa: BLE001 - best effort; describe() refreshes on check_shards
+                log.info("shard %d member %d: could not tell the controller it restarted: %s",
+                         self.shard_id, self.member, e)
+
+        threading.Thread(target=run, name="engram-announce", daemon=True).start()
 
     # ---- restore -----------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -337,7 +367,7 @@ class ShardActor:
     # ---- control plane, called by the controller ------------------------------------------
     def info(self) -> dict:
         return {"shard_id": self.shard_id, "member": self.member, "address": self.address, "node_id": self.node_id,
-                "node_ip": self.node_ip, "pid": os.getpid(), "ready": self.store.ready, "error": self.error,
+                "node_ip": self.node_ip, "pid": os.getpid(), "restarts": self.restarts, "ready": self.store.ready, "error": self.error,
                 "epoch": self.store.epoch, "shm_dir": self.store.shm_dir or "", "lsn": self.store.lsn,
                 "restore": self.restore_stats, "snapshots": self.snapshots,
                 "log_bytes": self.wal.size_bytes() if self.wal else 0,

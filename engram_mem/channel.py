@@ -44,8 +44,33 @@ def rpc_error(e: grpc.aio.AioRpcError, address: str) -> EngramMemError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return RequestTooLarge(f"shard {address}: {e.details()}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return ShardUnavailable(f"shard {address} unreachable: {code.name}: {e.details()}")
+        # "failed to connect": no connection, so nothing of the request reached the shard.
+        sent = not (code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (e.details() or "").lower())
+        return ShardUnavailable(f"shard {address} unreachable: {code.name}: {e.details()}", address=address,
+                                sent=sent)
     return EngramMemError(f"shard {address}: {code.name}: {e.details()}")
+
+
+def call_error(e: BaseException, address: str) -> BaseException:
+    """The typed exception for a failed call to a shard, whatever gRPC or asyncio raised.
+
+    A call whose channel was closed under it ends in asyncio.CancelledError although the calling
+    task was not cancelled: that is a shard that may have received the request (retryable), not a
+    cancellation. A task that is itself being cancelled gets its CancelledError back."""
+    if isinstance(e, grpc.aio.AioRpcError):
+        return rpc_error(e, address)
+    if isinstance(e, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return e
+        return ShardUnavailable(f"shard {address}: the call was cancelled under it (its channel closed)",
+                                address=address)
+    if isinstance(e, grpc.aio.UsageError):  # a closed channel: the call never started
+        return ShardUnavailable(f"shard {address}: {e}", address=address, sent=False)
+    return e
+
+
+CALL_ERRORS = (grpc.aio.AioRpcError, asyncio.CancelledError, grpc.aio.UsageError)
 
 
 
@@ -97,10 +122,13 @@ class ShardChannels:
                                           response_deserializer=pb.DescribeReply.FromString)))
         return self._chans[address]
 
-    def forget(self, address: str) -> None:
+    def forget(self, address: str, grace: float = 10.0) -> None:
+        """Use a new channel for `address` from now on. The old one closes once its calls in flight
+        have ended (or after `grace` seconds): closing it at once would cancel calls that other
+        requests have on it, calls the shard may already have applied."""
         entry = self._chans.pop(address, None)
         if entry is not None:
-            asyncio.ensure_future(entry.channel.close())
+            asyncio.ensure_future(entry.channel.close(grace))
 
     def close(self) -> None:
         async def _close():

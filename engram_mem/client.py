@@ -37,10 +37,10 @@ import grpc
 import numpy as np
 
 from engram_mem.auth import ClientSecurity, client_security
-from engram_mem.channel import ShardChannels, rpc_error
+from engram_mem.channel import CALL_ERRORS, ShardChannels, call_error, rpc_error
 from engram_mem.config import DEFAULT_NAME, ClusterConfig
 from engram_mem.errors import (EngramMemError, InvalidArgument, NotReady, ReadOnlyTable, ShardUnavailable,
-                               StaleEpoch, UnknownTable)
+                               StaleEpoch, Unavailable, UnknownTable)
 from engram_mem.gather_future import GatherFuture, Reshaped
 from engram_mem.optim import OptimizerSpec
 from engram_mem.pb.v1 import memory_pb2 as pb
@@ -49,6 +49,7 @@ from engram_mem.routing import ClusterView, dest_rows, slot_aligned_chunks, spli
 from engram_mem.table import TableSpec, from_float32, np_dtype
 from engram_mem.validate import check_grads, check_ids, check_lr, check_rows_finite
 from engram_mem.wire import ids_bytes, max_reply_bytes
+from engram_mem.write_future import WriteFuture
 
 log = logging.getLogger("engram_mem.client")
 
@@ -78,6 +79,7 @@ class MemoryClient:
             security = ray.get(controller.client_security.remote(read_only))
         self._chans = ShardChannels(2 * self.max_request_bytes + (1 << 20), ClientSecurity(**security))
         self._pending: dict[str, set] = {}   # table -> in-flight writes/pushes (loop thread only)
+        self._requests: set[WriteFuture] = set()  # writes/pushes not yet ended (loop thread only)
         self._unacked: dict[str, int] = {}   # table -> writes/pushes sent and not yet answered
         self._unacked_lock = threading.Lock()
         self._view_lock = threading.Lock()
@@ -97,9 +99,20 @@ class MemoryClient:
         self.close()
 
     def close(self) -> None:
+        """Stop every write and push still in flight (each ends Unavailable or MaybeApplied, naming
+        its key), then close the channels."""
         if self._closed:
             return
         self._closed = True
+
+        async def stop_all():
+            await asyncio.gather(*(r.stop_here("the client was closed") for r in list(self._requests)))
+
+        if self._chans.loop.is_running():
+            try:
+                self._chans.submit(stop_all()).result(timeout=30)
+            except Exception as e:  # noqa: BLE001 - closing goes on
+                log.warning("close: stopping requests in flight: %s", e)
         self._chans.close()
         if self._on_close is not None:
             self._on_close()
@@ -193,12 +206,16 @@ class MemoryClient:
         restarted). Shards are found through their own Ray actors, so this works while the
         controller is down."""
         loop = asyncio.get_running_loop()
-        if isinstance(e, StaleEpoch):
-            await loop.run_in_executor(None, self.refresh)
-        elif isinstance(e, ShardUnavailable):
-            for addr in {s["address"] for s in view.shards.values()}:
-                self._chans.forget(addr)
-            await loop.run_in_executor(None, self._relocate, view)
+        try:
+            if isinstance(e, StaleEpoch):
+                await loop.run_in_executor(None, self.refresh)
+            elif isinstance(e, ShardUnavailable):
+                # Only the failed address gets a new channel: the others carry other requests' calls.
+                if e.address:
+                    self._chans.forget(e.address)
+                await loop.run_in_executor(None, self._relocate, view)
+        except Exception as err:  # noqa: BLE001 - the controller or an actor is restarting: retried
+            log.debug("recovering from %s: %s", e, err)
 
     def _relocate(self, view: ClusterView, only: list[dict] | None = None) -> None:
         """Re-read the address of every member (or of `only`) of `view` from its actor (waits while one restarts)."""
@@ -351,16 +368,17 @@ class MemoryClient:
                     else:
                         out[dest[pos:pos + k]] = rows
                     pos += k
-            except grpc.aio.AioRpcError as e:
-                raise rpc_error(e, address) from None
+            except CALL_ERRORS as e:
+                raise call_error(e, address) from None
             if pos != end:
                 raise ShardUnavailable(f"shard {address}: gather reply ended early ({pos} of {end} rows)")
 
     # ---- write and push --------------------------------------------------------------------
-    def write(self, name: str, ids, rows, key: tuple[str, int] | None = None) -> int:
-        return self.write_async(name, ids, rows, key=key).result()
+    def write(self, name: str, ids, rows, key: tuple[str, int] | None = None, timeout: float | None = None) -> int:
+        """write_async(...).result(timeout): rows written, or a typed error (see push)."""
+        return self.write_async(name, ids, rows, key=key).result(timeout)
 
-    def write_async(self, name: str, ids, rows, key: tuple[str, int] | None = None) -> concurrent.futures.Future:
+    def write_async(self, name: str, ids, rows, key: tuple[str, int] | None = None) -> WriteFuture:
         """Set rows (the last of duplicate ids wins). key=(client id, seq) overrides the client's own
         idempotency key: a new client retrying a dead one's request with its key applies it once."""
         t = self._table(name)
@@ -373,11 +391,15 @@ class MemoryClient:
         return self._send(name, "write", rev_uniq, rows[keep], dtype, None, 0, key=key)
 
     def push(self, name: str, ids, grads, lr: float | None = None, step: int = 0,
-             key: tuple[str, int] | None = None) -> int:
-        return self.push_async(name, ids, grads, lr=lr, step=step, key=key).result()
+             key: tuple[str, int] | None = None, timeout: float | None = None) -> int:
+        """push_async(...).result(timeout): rows updated, applied exactly once. Otherwise a typed
+        error and nothing else: the shard's own refusal (InvalidArgument, ...: not applied),
+        Unavailable (no shard reached before retry_timeout or `timeout`: not applied) or
+        MaybeApplied (a shard may have applied it: retry with key=e.key to apply it once)."""
+        return self.push_async(name, ids, grads, lr=lr, step=step, key=key).result(timeout)
 
     def push_async(self, name: str, ids, grads, lr: float | None = None, step: int = 0,
-                   key: tuple[str, int] | None = None) -> concurrent.futures.Future:
+                   key: tuple[str, int] | None = None) -> WriteFuture:
         """Send a sparse gradient. Duplicate ids are summed here; NaN/Inf anywhere rejects the whole push.
         Applied exactly once however often it is retried (idempotency key; `key` as in write_async)."""
         import torch
@@ -431,25 +453,34 @@ class MemoryClient:
         return np.ascontiguousarray(rows), dtype
 
     def _send(self, name: str, kind: str, uniq: np.ndarray, rows: np.ndarray, dtype: str, lr, step: int,
-              key: tuple[str, int] | None = None):
+              key: tuple[str, int] | None = None) -> WriteFuture:
+        if self._closed:
+            raise Unavailable(f"{kind} to table {name!r}: the client is closed; nothing was sent", table=name,
+                              kind=kind, key=key)
+        req = WriteFuture(self._chans.loop, name, kind)
+
         async def run():
             seq = await self._take_seq() if key is None else None
-            client, s = (self.client_id, seq) if key is None else key
+            req.key = (self.client_id, seq) if key is None else tuple(key)
             deadline = time.monotonic() + self.retry_timeout  # one deadline for every part of the request
             try:
-                fut = asyncio.ensure_future(self._send_ids(name, kind, uniq, rows, dtype, lr, step, client, s,
-                                                           deadline))
+                fut = asyncio.ensure_future(self._send_ids(req, uniq, rows, dtype, lr, step, deadline))
                 self._track(name, fut)
                 return await fut
             finally:
                 if seq is not None:
                     self._release_seq(seq)
 
+        def start():
+            self._requests.add(req)
+            req.add_done_callback(self._requests.discard)
+            req.start(run())
+
         with self._unacked_lock:  # counted on the caller's thread, so flush() can skip the loop when zero
             self._unacked[name] = self._unacked.get(name, 0) + 1
-        out = self._chans.submit(run())
-        out.add_done_callback(lambda _f: self._acked(name))
-        return out
+        req.add_done_callback(lambda _f: self._acked(name))
+        self._chans.loop.call_soon_threadsafe(start)
+        return req
 
     async def _take_seq(self) -> int:
         """The next sequence number, keeping every request in flight within the shards' window."""
@@ -472,45 +503,63 @@ class MemoryClient:
 
         asyncio.ensure_future(notify())
 
-    async def _send_ids(self, name, kind, ids, rows, dtype, lr, step, client, seq, deadline) -> int:
+    async def _send_ids(self, req: WriteFuture, ids, rows, dtype, lr, step, deadline) -> int:
         """Send sorted distinct ids (and their rows) to their shards; retry each shard's part on its
         own (re-split if the placement changed), so a part that succeeded is never sent again. The
-        key makes any part sent twice apply once."""
-        policy = RetryPolicy(self.retry_timeout, f"{kind} {name!r}", deadline=deadline)
+        key makes any part sent twice apply once. Past the deadline: req.unresolved(), typed."""
+        name = req.table
+        policy = RetryPolicy(self.retry_timeout, f"{req.kind} {name!r}", deadline=deadline)
         while True:  # a placement naming a shard this client does not know yet: re-read the cluster
             view = self._view
             try:
                 grouped, parts, order = split_by_shard(view.table(name), ids, len(view.shard_ids))
                 break
             except StaleEpoch as e:
-                policy.give_up_if_late(e)
+                if time.monotonic() > deadline:
+                    raise req.unresolved(f"gave up after {self.retry_timeout:.0f}s: {e}") from None
                 await self._recover(view, e)
                 await policy.pause(e)
         data = rows if order is None else rows[order]
 
         async def part(rank: int, a: int, b: int) -> int:
-            policy = RetryPolicy(self.retry_timeout, f"{kind} {name!r}", deadline=deadline)
+            policy = RetryPolicy(self.retry_timeout, f"{req.kind} {name!r}", deadline=deadline)
+            sid = view.shard_ids[rank]
+            req.waiting.add(sid)
             while True:
                 v = self._view
                 if v.epoch != view.epoch:  # re-routed under the new placement
-                    return await self._send_ids(name, kind, grouped[a:b], data[a:b], dtype, lr, step, client, seq,
-                                                deadline)
+                    n = await self._send_ids(req, grouped[a:b], data[a:b], dtype, lr, step, deadline)
+                    req.waiting.discard(sid)
+                    return n
                 try:
-                    return await self._send_part(v, name, kind, rank, grouped[a:b], data[a:b], dtype, lr, step,
-                                                 client, seq)
+                    n = await self._send_part(v, req, rank, grouped[a:b], data[a:b], dtype, lr, step)
+                    req.waiting.discard(sid)
+                    req.acked.add(sid)
+                    return n
                 except RETRYABLE as e:
-                    policy.give_up_if_late(e)
+                    if isinstance(e, ShardUnavailable) and e.sent:
+                        req.touched.add(sid)
+                    if time.monotonic() > deadline:
+                        raise req.unresolved(f"gave up after {self.retry_timeout:.0f}s: {e}") from None
                     await self._recover(v, e)
                     await policy.pause(e)
 
-        replies = await asyncio.gather(*(part(rank, a, b) for rank, a, b in parts if b > a))
+        tasks = [asyncio.ensure_future(part(rank, a, b)) for rank, a, b in parts if b > a]
+        try:
+            replies = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:  # one part failed or the request was stopped: the others stop too,
+                t.cancel()   # and none of them sends anything after this request has ended
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         return int(sum(replies))
 
     def _acked(self, name: str) -> None:
         with self._unacked_lock:
             self._unacked[name] -= 1
 
-    async def _send_part(self, view, name, kind, rank, ids, rows, dtype, lr, step, client, seq) -> int:
+    async def _send_part(self, view, req: WriteFuture, rank, ids, rows, dtype, lr, step) -> int:
+        name, kind, (client, seq) = req.table, req.kind, req.key
         address = view.address(rank)
         stubs = self._chans.stubs(address)
         slot_rows = view.table(name).spec.slot_rows
@@ -529,8 +578,8 @@ class MemoryClient:
                     reply = await stubs.push(pb.PushRequest(table=name, ids=i, grads=bytes(r), dtype=dtype,
                                                           epoch=view.epoch, step=info, client=client, seq=seq))
                     done += reply.rows_updated
-            except grpc.aio.AioRpcError as e:
-                raise rpc_error(e, address) from None
+            except CALL_ERRORS as e:
+                raise call_error(e, address) from None
         return done
 
     def flush(self, name: str | None = None, timeout: float | None = None) -> None:

@@ -240,6 +240,19 @@ class ClusterController:
             "last_scale": self.last_scale,
         }
 
+    def member_started(self, info: dict) -> None:
+        """A shard or replica that Ray restarted announces its new process (pid, address, restarts).
+        No lock, like describe(): it must not wait behind a scale that waits on this shard."""
+        sid, m = info["shard_id"], info.get("member", 0)
+        if m == 0:
+            if sid in self.infos:
+                self.infos = dict(self.infos) | {sid: info}
+        else:
+            reps = list(self.replica_infos.get(sid, []))
+            if 0 < m <= len(reps):
+                reps[m - 1] = info
+                self.replica_infos = dict(self.replica_infos) | {sid: reps}
+
     def check_shards(self) -> dict:
         """Re-read every shard's address (a restarted shard listens on a new port)."""
         with self._lock:

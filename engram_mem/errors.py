@@ -80,9 +80,37 @@ class NotReady(EngramMemError):
 
 
 class ShardUnavailable(EngramMemError):
-    """A shard could not be reached after retries."""
+    """A shard could not be reached (after retries, where the client retries).
+
+    address: the shard's address where known; sent: False only where the request provably never
+    left (no connection), so a write or push cannot have been applied by that attempt."""
 
     code = "UNAVAILABLE"
+
+    def __init__(self, message: str = "", *, address: str = "", sent: bool = True):
+        super().__init__(message)
+        self.address, self.sent = address, sent
+
+
+class _Unresolved(ShardUnavailable):
+    """A write or push that ended without an acknowledgement. table, kind ("write"/"push"), key
+    (client id, seq) and shards (the shard ids it was still waiting for) say which."""
+
+    def __init__(self, message: str = "", *, table: str = "", kind: str = "", key: tuple | None = None,
+                 shards: tuple = ()):
+        super().__init__(message)
+        self.table, self.kind, self.key, self.shards = table, kind, key, tuple(shards)
+
+
+class Unavailable(_Unresolved):
+    """A write or push that reached no shard before it ended (deadline, cancel, closed client):
+    nothing of it was applied. Sending it again, with its key or a new one, applies it once."""
+
+
+class MaybeApplied(_Unresolved):
+    """A write or push that may or may not have been applied, in whole or in part (a shard died with
+    it in flight, or it ended with some parts acknowledged). Retry it with the same key
+    (`push(..., key=e.key)`): the shards apply each part exactly once, whichever it was."""
 
 
 class Unauthenticated(EngramMemError):
@@ -101,5 +129,6 @@ ERROR_CLASSES = {
     cls.__name__: cls
     for cls in (EngramMemError, InvalidArgument, UnknownTable, TableExists, RowOutOfRange,
                 NonFiniteGradient, NonFiniteUpdate, SequenceTooOld, CorruptData, ReadOnlyTable, RequestTooLarge,
-                StaleEpoch, NotReady, ShardUnavailable, Unauthenticated, PermissionDenied)
+                StaleEpoch, NotReady, ShardUnavailable, Unavailable, MaybeApplied, Unauthenticated,
+                PermissionDenied)
 }

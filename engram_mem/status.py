@@ -50,7 +50,7 @@ def shard_rows(describe: dict, endpoints: dict, interval: float = 1.0) -> list[d
     for sid in sorted(describe["shards"]):
         s = describe["shards"][sid]
         row = {"shard": int(sid), "address": s["address"], "node_ip": s["node_ip"],
-               "metrics_address": endpoints.get(sid, ""), "restarts": s.get("restarts", 0)}
+               "metrics_address": endpoints.get(sid, ""), "pid": s.get("pid", 0), "restarts": s.get("restarts", 0)}
         a, b = after.get(sid, {}), before.get(sid, {})
         if "error" in a or "error" in b:
             row["error"] = a.get("error") or b.get("error")
@@ -84,7 +84,7 @@ def render(describe: dict, rows: list[dict]) -> str:
     out = [f"memory cluster {d['name']!r} (id {d['cluster_id']}), epoch {d['epoch']}, "
            f"{len(d['shards'])} shards on {len(nodes)} node(s): {', '.join(nodes)}",
            f"{'shard':>5} {'address':<21} {'metrics':<21} {'rows':>13} {'table':>10} {'opt state':>10} {'rss':>10} "
-           f"{'requests':>9} {'errors':>6} {'req/s':>7} {'MB/s out':>8} {'gather p50/p99 ms':>17} {'restarts':>8}"]
+           f"{'requests':>9} {'errors':>6} {'req/s':>7} {'MB/s out':>8} {'gather p50/p99 ms':>17} {'pid':>8} {'restarts':>8}"]
     for r in rows:
         if "error" in r:
             out.append(f"{r['shard']:>5} {r['address']:<21} {r['metrics_address']:<21} {r['error']}")
@@ -94,7 +94,7 @@ def render(describe: dict, rows: list[dict]) -> str:
             f"{fmt_bytes(r['table_bytes']):>10} {fmt_bytes(r['optimizer_state_bytes']):>10} "
             f"{fmt_bytes(r['rss_bytes']):>10} {r['requests']:>9,} {r['errors']:>6,} {r['requests_per_s']:>7.1f} "
             f"{r['gather_bytes_per_s'] / 1e6:>8.1f} {_ms(r['gather_p50_ms']):>8}/{_ms(r['gather_p99_ms']):<8} "
-            f"{r['restarts']:>8}")
+            f"{r.get('pid', 0):>8} {r['restarts']:>8}")
         restore = d["shards"].get(r["shard"], {}).get("restore") or {}
         if str(restore.get("source", "")).startswith("replica"):
             out.append(f"{'':>5}   restored from {restore['source']} (lsn {restore.get('lsn', '?')}): "

@@ -171,6 +171,19 @@ def test_scale_moves_replicas_with_their_shards(replicated):
     assert np.array_equal(_wait_replicas_equal(mem, "r", SPREAD, timeout=120), before + 1)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("durability", ["process", "fsync"])
+def test_kill9_primary_three_times_with_replicas_every_push_ends_acked_once_or_typed(two_nodes, tmp_path,
+                                                                                     durability):
+    """The counted workload of test_exactly_once.py with 2 members per shard; the third kill takes
+    the primary while its replica rebuilds."""
+    from tests.kill_workload import three_kills
+
+    with engram_mem.connect(shards=2, name=f"rep-once-{durability}", replicas=2, cpus_per_shard=0.5,
+                            data_dir=str(tmp_path), durability=durability, snapshot_interval_s=1.0) as mem:
+        three_kills(mem, replicas=2)
+
+
 def test_more_replicas_than_nodes_is_refused_up_front(two_nodes):
     with pytest.raises(InvalidArgument, match="replicas=3.*2 node"):
         engram_mem.connect(shards=1, name="rep-3", replicas=3, cpus_per_shard=0.5)

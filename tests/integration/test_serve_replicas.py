@@ -48,18 +48,27 @@ def served(ray_local, tmp_path_factory):
         for w in rows.weights.values():
             w.add_(torch.randn_like(w))
     ckpt = save_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt", model, rows, tokenizer=tok)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     mem = engram_mem.connect(shards=2, name="serve-test")
     try:
         writer = ClusterRows(mem, table_specs(cfg), train=False, node_local=False)
         writer.load_state_dict(rows.state_dict())
         writer.close()
         gcs = ray_local.get_runtime_context().gcs_address
-        spec = ServeSpec(checkpoint=str(ckpt), memory_address=gcs, memory_name="serve-test", model_name="tiny",
-                         replicas=2, num_cpus=0.5, max_batch=4, port=port, cache_mb=1)
-        url = deploy(spec)
+        for attempt in range(3):
+            # A free port found here can be taken by another process (a shard, a Ray worker) before
+            # Serve's proxy binds it; then the proxy fails to bind: try another port.
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            spec = ServeSpec(checkpoint=str(ckpt), memory_address=gcs, memory_name="serve-test", model_name="tiny",
+                             replicas=2, num_cpus=0.5, max_batch=4, port=port, cache_mb=1)
+            try:
+                url = deploy(spec)
+                break
+            except Exception as e:  # noqa: BLE001 - Ray raises RayTaskError(RuntimeError) for this
+                if "Failed to bind" not in str(e) or attempt == 2:
+                    raise
+                serve.shutdown()
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         yield client, model, tok, mem, url
     finally:

@@ -15,6 +15,9 @@ from engram_mem.shard import ShardStore
 from engram_mem.table import TableSpec
 
 
+SERVED: dict = {}  # the served shard's address and credential, for tests that make their own channels
+
+
 @pytest.fixture(scope="module")
 def served():
     shm = tempfile.mkdtemp(dir="/dev/shm")
@@ -27,6 +30,7 @@ def served():
     channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20),
                                                       ("grpc.max_receive_message_length", 64 << 20)])
     stub = authorized_stub(channel, server.security.credentials[0])
+    SERVED.update(address=address, credential=server.security.credentials[0])
     yield store, spec, stub
     channel.close()
     server.stop(grace=1.0)
@@ -116,3 +120,52 @@ def test_shard_not_ready(served):
     finally:
         store.set_ready(True)
     assert len(_gather(stub, "t", [1])[0]) == 128
+
+
+def test_a_new_channel_for_an_address_leaves_calls_in_flight_on_the_old_one_to_finish(served):
+    """ShardChannels.forget (a client re-resolving a shard) must not cancel other requests' calls
+    on the old channel: those the shard may already have applied. And a call whose channel does
+    close under it is a retryable ShardUnavailable that says it may have been sent, never asyncio's
+    CancelledError."""
+    import asyncio
+
+    from engram_mem.auth import ClientSecurity
+    from engram_mem.channel import CALL_ERRORS, ShardChannels, call_error
+    from engram_mem.errors import ShardUnavailable
+
+    store, spec, _ = served
+    address = SERVED["address"]
+    chans = ShardChannels(64 << 20, ClientSecurity(credential=SERVED["credential"]))
+    ids = np.arange(30_000, dtype="<i8").tobytes()
+
+    async def gather_all(stubs):
+        n = 0
+        try:
+            async for chunk in stubs.gather(pb.GatherRequest(table="t", ids=ids, epoch=4, chunk_rows=500)):
+                n += len(chunk)
+                await asyncio.sleep(0.002)  # a slow reader: the call is still in flight below
+        except CALL_ERRORS as e:
+            return call_error(e, address)
+        return n
+
+    async def forgotten_mid_call():
+        stubs = chans.stubs(address)
+        call = asyncio.ensure_future(gather_all(stubs))
+        await asyncio.sleep(0.02)
+        chans.forget(address)                  # a new channel from here on; the old one drains
+        assert chans.stubs(address) is not stubs
+        return await call
+
+    async def closed_mid_call():
+        stubs = chans.stubs(address)
+        call = asyncio.ensure_future(gather_all(stubs))
+        await asyncio.sleep(0.02)
+        await stubs.channel.close()            # what the old forget() did to every shard's channel
+        return await call
+
+    try:
+        assert chans.submit(forgotten_mid_call()).result(30) == 30_000 * spec.dim * 4
+        err = chans.submit(closed_mid_call()).result(30)
+        assert isinstance(err, ShardUnavailable) and err.sent and err.address == address, repr(err)
+    finally:
+        chans.close()
