@@ -32,8 +32,8 @@ HOST = "127.0.0.2"
 def _servers(store, pki):
     import grpc
 
-    from engram_mem.auth import Security
-    from engram_mem.server import ShardServer, _handlers, server_options
+    from engram_mem.security import Security
+    from engram_mem.shard.server import ShardServer, _handlers, server_options
 
     cred = "bench-credential-0123456789abcdef"
     plain = Security(credentials=(cred,))
@@ -70,7 +70,7 @@ def _servers(store, pki):
 
 
 async def _time(address, client_kw, ids_small, ids_big, calls):
-    from engram_mem.auth import ClientSecurity
+    from engram_mem.security import ClientSecurity
     from engram_mem.pb.v1 import memory_pb2 as pb
 
     sec = ClientSecurity(**client_kw)
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=256)
     args = p.parse_args(argv)
 
-    from engram_mem.shard import ShardStore
+    from engram_mem.storage.store import ShardStore
     from engram_mem.table import TableSpec
     from tests.pki import throwaway_pki  # the tests' throwaway CA
 

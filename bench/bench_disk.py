@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="/var/tmp")
     args = p.parse_args(argv)
 
-    from engram_mem.shard import ShardStore
-    from engram_mem.storage import resident_bytes
+    from engram_mem.storage.store import ShardStore
+    from engram_mem.storage.disk import resident_bytes
     from engram_mem.table import TableSpec
 
     rng = np.random.default_rng(0)

@@ -546,7 +546,7 @@ def main(argv=None) -> int:
     import ray
 
     import engram_mem
-    from engram_mem.local import init_embedded_ray
+    from engram_mem.control.local import init_embedded_ray
 
     root = tempfile.mkdtemp(prefix="engram-durability-", dir="/var/tmp")
     print(f"data directories under {root}; load average {loadavg()}", flush=True)

@@ -26,7 +26,7 @@ from common import append_jsonl, bar_plot, markdown_table, print_table  # noqa: 
 
 def write_file(path: str, rows: int, layer: int = 1, chunk_rows: int = 1 << 18) -> None:
     """A V4.1-layout safetensors file, written piece by piece (never whole in memory)."""
-    from engram_mem.exporter import _header
+    from engram_mem.tools.exporter import _header
 
     vname = f"model.layers.{layer}.engram.embed.weight"
     sname = f"model.layers.{layer}.engram.embed.weight_scale"
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     import json
 
     import engram_mem
-    from engram_mem.importer import import_tables
-    from engram_mem.mapping import read_header
+    from engram_mem.tools.importer import import_tables
+    from engram_mem.tools.mapping import read_header
 
     work = tempfile.mkdtemp(prefix="engram-bench-import-", dir=args.dir)
     path = os.path.join(work, "model-00001-of-00001.safetensors")

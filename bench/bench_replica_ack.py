@@ -60,7 +60,7 @@ def wait_in_sync(name: str, replicas: int, timeout: float = 120) -> None:
     """Every replica copied and following (so it counts for acks from the first push)."""
     import ray
 
-    from engram_mem.actor import member_name
+    from engram_mem.shard.actor import member_name
     from engram_mem.config import NAMESPACE
 
     if replicas == 1:
@@ -90,7 +90,7 @@ def push_latency(mem, n: int, batch: int) -> list[float]:
 
 
 def lost_disk(mem, data: str, total: int = 300, kill_at: int = 100) -> dict:
-    from engram_mem.snapshot import shard_dir
+    from engram_mem.storage.snapshot import shard_dir
 
     before = mem.gather("t", SPREAD)
     g = -np.ones((SPREAD.size, DIM), np.float32)

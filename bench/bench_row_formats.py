@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import engram_mem
-    from engram_mem.cache import RowCache
-    from engram_mem.nodelocal import NodeLocalTier
+    from engram_mem.worker.cache import RowCache
+    from engram_mem.worker.nodelocal import NodeLocalTier
     from engram_mem.quant import rows_to_float
     from engram_mem.table import TableSpec
 

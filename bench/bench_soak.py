@@ -56,7 +56,7 @@ class SoakClient:
 
 
 def _shard_numbers(ray, ctl) -> dict:
-    from engram_mem.metrics import scrape, summarize
+    from engram_mem.shard.metrics import scrape, summarize
 
     return {sid: summarize(scrape(addr)) for sid, addr in ray.get(ctl.metrics_endpoints.remote()).items()}
 
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     import ray
 
     import engram_mem
-    from engram_mem.local import init_embedded_ray
+    from engram_mem.control.local import init_embedded_ray
 
     init_embedded_ray(shards=2, num_cpus=args.clients + 4)
     load0 = os.getloadavg()

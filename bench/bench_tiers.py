@@ -34,9 +34,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import engram_mem
-    from engram_mem.cache import RowCache
-    from engram_mem.fetcher import RowFetcher
-    from engram_mem.nodelocal import NodeLocalTier
+    from engram_mem.worker.cache import RowCache
+    from engram_mem.worker.fetcher import RowFetcher
+    from engram_mem.worker.nodelocal import NodeLocalTier
     from engram_mem.table import TableSpec
 
     rng = np.random.default_rng(0)

@@ -18,7 +18,7 @@ __all__ = ["connect", "MemoryClient", "TableSpec", "OptimizerSpec"]
 
 def __getattr__(name):
     if name in ("connect", "MemoryClient"):
-        from engram_mem import client
+        from engram_mem.client import api
 
-        return getattr(client, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'engram_mem' has no attribute {name!r}")

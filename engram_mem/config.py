@@ -71,7 +71,7 @@ class ClusterConfig:
             raise InvalidArgument("snapshot_interval_s must be >= 0 and health_interval_s > 0")
         if self.memory_budget < 0:
             raise InvalidArgument(f"memory_budget must be >= 0 bytes, got {self.memory_budget}")
-        from engram_mem.storage import parse_storage
+        from engram_mem.storage.disk import parse_storage
 
         try:
             object.__setattr__(self, "storage", parse_storage(self.storage))
@@ -79,7 +79,7 @@ class ClusterConfig:
             raise InvalidArgument(str(e)) from None
         object.__setattr__(self, "shards", int(self.shards))
         object.__setattr__(self, "replicas", int(self.replicas))
-        from engram_mem.auth import Security
+        from engram_mem.security import Security
 
         object.__setattr__(self, "security", Security.from_dict(self.security).to_dict())  # validated; never None
 
@@ -92,6 +92,6 @@ class ClusterConfig:
 
     def public_dict(self) -> dict:
         """to_dict() without secrets (credentials, TLS keys), for describe() and status output."""
-        from engram_mem.auth import redact
+        from engram_mem.security import redact
 
         return dict(self.to_dict(), security=redact(self.security))

@@ -2,7 +2,7 @@
 
 The model does not change between a local table and a remote one; only its RowSource does.
 
-    mem = engram_mem.connect(address)                       # the memory cluster (see engram_mem.client)
+    mem = engram_mem.connect(address)                       # the memory cluster (see engram_mem.client.api)
     rows = ClusterRows(mem, table_specs(cfg), device="cuda")   # creates the tables if missing
     model = EngramModel(cfg, rows=rows)
 
@@ -11,7 +11,7 @@ each, in layer order, before any block runs: each fetch starts on the fetcher's 
 is in flight while the blocks before its Engram layer compute. get(layer, ids) then waits only for
 whatever is left (`wait_s` adds that exposed wait up). A fetch reads the worker's hot-row cache,
 then the shards on this node straight from shared memory, then remote shards over gRPC
-(engram_mem.fetcher). It de-duplicates the batch's ids; only the distinct rows travel, and they are
+(engram_mem.worker.fetcher). It de-duplicates the batch's ids; only the distinct rows travel, and they are
 expanded on the model's device (pinned host memory and a non-blocking copy where CUDA exists).
 
 Training: step() sums each row's gradient over the batch and pushes it to the shards, where the
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from engram_mem.errors import NonFiniteGradient
-from engram_mem.fetcher import RowFetcher
+from engram_mem.worker.fetcher import RowFetcher
 from engram_mem.quant import rows_to_float
 from engram_mem.table import TableSpec, as_torch
 from engram_model.rows import TABLE_OPTIMIZER, RowSource, table_name, table_specs

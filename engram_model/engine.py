@@ -19,7 +19,7 @@ drained entirely (request-level batching). bench/bench_serving.py measures both.
 
 Every request samples with its own torch.Generator (seeded by `seed`, else random), so a seeded
 request draws the same tokens whichever batch it lands in; greedy requests get the tokens they
-would get alone (the logits are equal up to float summation order; tests/unit/test_engine.py). Events go to on_event(delta, finish_reason),
+would get alone (the logits are equal up to float summation order; tests/unit/model/test_engine.py). Events go to on_event(delta, finish_reason),
 called on the engine thread: text deltas as they become final (text that may still turn out to be
 the start of a stop string, or a partial UTF-8 character, is held back), then one call with the
 finish reason ("stop" or "length"), or ("", "error:<message>") when the model failed. A model

@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_memory(address: str, name: str) -> str:
     if address != "local":
         return address
-    from engram_mem import local
+    from engram_mem.control import local
 
     state = local.read_state(name)
     if state is None:

@@ -13,7 +13,7 @@ the tables. The checkpoint directory holds the usual files plus:
 
     tables.safetensors          the tables as LocalRows loads them: "engram.l{layer}.weight" U8 [R, 264]
     engram_tables.safetensors   the same bytes in V4.1's layout: values F8_E4M3 [R, 256] and scales
-                                U8 [R, 8] per layer, named as engram_mem/mappings/v41-flash.json expects
+                                U8 [R, 8] per layer, named as engram_mem/tools/mappings/v41-flash.json expects
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def ray_local():
     """A local Ray cluster on the loopback node address 127.0.0.2, shut down after the module."""
     import ray
 
-    from engram_mem.local import init_embedded_ray
+    from engram_mem.control.local import init_embedded_ray
 
     if ray.is_initialized():
         ray.shutdown()

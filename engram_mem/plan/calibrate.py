@@ -136,7 +136,7 @@ def _isolated_page_ids(ts, n: int, rng) -> np.ndarray:
     """n row ids of table shard `ts`, each alone on its 4 KiB page of the file and no two pages
     adjacent (pages 2 apart or more: the kernel reads a run of adjacent pages as one request, while
     the planner charges every row a page of its own, as in a table far larger than a batch)."""
-    from engram_mem.storage import PAGE
+    from engram_mem.storage.disk import PAGE
 
     spec, buf = ts.spec, ts.buffer
     row_bytes = buf.dim * buf.dtype.itemsize
@@ -162,8 +162,8 @@ def measure_disk(directory: str, reps: int, rows: int = ROWS, sizes=SIZES, seed:
     """The here-disk tier: cold gathers of a disk-backed ShardStore table of `rows` x 256 B in a
     temporary directory under `directory` (removed in `finally`), one isolated page per row; fit
     time = latency + pages x 4096 / bandwidth. Returns (tier, raw points)."""
-    from engram_mem.shard import ShardStore
-    from engram_mem.storage import PAGE, resident_bytes
+    from engram_mem.storage.store import ShardStore
+    from engram_mem.storage.disk import PAGE, resident_bytes
     from engram_mem.table import TableSpec
 
     rng = np.random.default_rng(seed)
@@ -241,8 +241,8 @@ def measure_tiers(reps: int, disk_dir: str = "/var/tmp") -> tuple[list[Tier], di
     from ray.cluster_utils import Cluster
 
     import engram_mem
-    from engram_mem.cache import RowCache
-    from engram_mem.fetcher import RowFetcher
+    from engram_mem.worker.cache import RowCache
+    from engram_mem.worker.fetcher import RowFetcher
     from engram_mem.table import TableSpec
 
     from engram_model.config import ModelConfig

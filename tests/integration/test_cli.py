@@ -7,7 +7,7 @@ import sys
 
 
 def _run(args, env, timeout=240):
-    return subprocess.run([sys.executable, "-m", "engram_mem.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "engram_mem.tools.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -140,7 +140,7 @@ def test_yaml_start_commands_make_a_cluster_whose_shards_all_land_on_the_memory_
         log = open(tmp_path / f"{node_type}.log", "w")
         procs.append(subprocess.Popen(argv, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
-    cli = lambda *a: subprocess.run([sys.executable, "-m", "engram_mem.cli", "--name", "deploy-test", *a],  # noqa: E731
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "engram_mem.tools.cli", "--name", "deploy-test", *a],  # noqa: E731
                                     env=env, capture_output=True, text=True, timeout=300)
     try:
         for cmd in cfg["head_start_ray_commands"]:
@@ -185,7 +185,7 @@ def test_yaml_start_commands_make_a_cluster_whose_shards_all_land_on_the_memory_
 def test_grafana_dashboard_queries_only_metrics_a_shard_exports():
     from prometheus_client import generate_latest
 
-    from engram_mem.metrics import ShardMetrics
+    from engram_mem.shard.metrics import ShardMetrics
 
     with open(os.path.join(DEPLOY, "grafana-engram-mem.json")) as f:
         dash = json.load(f)

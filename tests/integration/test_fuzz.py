@@ -19,11 +19,11 @@ import grpc
 import numpy as np
 import pytest
 
-from engram_mem.auth import ClientSecurity
-from engram_mem.metrics import summarize
+from engram_mem.security import ClientSecurity
+from engram_mem.shard.metrics import summarize
 from engram_mem.pb.v1 import memory_pb2 as pb
-from engram_mem.server import ShardServer
-from engram_mem.shard import ShardStore
+from engram_mem.shard.server import ShardServer
+from engram_mem.storage.store import ShardStore
 from engram_mem.table import TableSpec
 from engram_mem.wire import MAX_CHUNK_BYTES, gather_chunk_rows
 

@@ -14,7 +14,7 @@ import pytest
 
 import engram_mem
 from engram_mem.errors import PermissionDenied, Unauthenticated
-from engram_mem.metrics import scrape, summarize
+from engram_mem.shard.metrics import scrape, summarize
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_status_prints_the_same_numbers(mem, ray_local):
     mem.gather("m", np.arange(100))
     address = ray_local.get_runtime_context().gcs_address
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    js = subprocess.run([sys.executable, "-m", "engram_mem.cli", "--name", "test-metrics", "status", "--address",
+    js = subprocess.run([sys.executable, "-m", "engram_mem.tools.cli", "--name", "test-metrics", "status", "--address",
                          address, "--interval", "0.2", "--json"], env=env, capture_output=True, text=True, timeout=180)
     assert js.returncode == 0, js.stderr
     out = json.loads(js.stdout)
@@ -98,7 +98,7 @@ def test_status_prints_the_same_numbers(mem, ray_local):
     for row in out["shards"]:
         assert row["metrics_address"] and row["rows_held"] == scraped[row["shard"]]["rows_held"]
         assert row["requests"] > 0 and row["errors"] >= 0 and row["rss_bytes"] > 0
-    from engram_mem.status import prometheus_targets, render  # what `status` prints without --json
+    from engram_mem.tools.status import prometheus_targets, render  # what `status` prints without --json
 
     endpoints = ray_local.get(mem.controller.metrics_endpoints.remote())
     sd = prometheus_targets(mem.describe(), endpoints)

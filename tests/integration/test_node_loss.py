@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import engram_mem
-from engram_mem.snapshot import shard_dir
+from engram_mem.storage.snapshot import shard_dir
 from tests.ray_nodes import start_nodes
 
 ROWS, DIM = 4096, 8

@@ -213,7 +213,7 @@ def _primary_replication(name):
     """The primary's own view of its followers (describe() is the controller's, refreshed each second)."""
     import ray
 
-    from engram_mem.actor import member_name
+    from engram_mem.shard.actor import member_name
     from engram_mem.config import NAMESPACE
 
     return ray.get(ray.get_actor(member_name(name, 0, 0), namespace=NAMESPACE).info.remote(), timeout=60)["replication"]
@@ -250,7 +250,7 @@ def test_lost_shard_directory_restores_from_the_replica_losing_nothing(acked_all
     push exactly once, makes the copy its own directory again, and a later kill restores from that."""
     import shutil
 
-    from engram_mem.snapshot import shard_dir
+    from engram_mem.storage.snapshot import shard_dir
 
     mem, data = acked_all
     _wait_replicas_equal(mem, "r", SPREAD)

@@ -14,13 +14,13 @@ import grpc
 import numpy as np
 import pytest
 
-from engram_mem.auth import ClientSecurity, Security, authorized_stub, load_security, same_host
+from engram_mem.security import ClientSecurity, Security, authorized_stub, load_security, same_host
 from engram_mem.errors import InvalidArgument
-from engram_mem.metrics import summarize
+from engram_mem.shard.metrics import summarize
 from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.pb.v1 import memory_pb2_grpc
-from engram_mem.server import ShardServer
-from engram_mem.shard import ShardStore
+from engram_mem.shard.server import ShardServer
+from engram_mem.storage.store import ShardStore
 from engram_mem.table import TableSpec
 from tests.pki import throwaway_pki
 
@@ -182,7 +182,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki):
 
 
 def test_credential_rotation_accepts_old_and_new_until_finished(plain):
-    from engram_mem.auth import rotated
+    from engram_mem.security import rotated
 
     store, spec, server, address = plain
     new = "new-credential-0123456789abcdefgh"

@@ -8,10 +8,10 @@ import grpc
 import numpy as np
 import pytest
 
-from engram_mem.auth import authorized_stub
+from engram_mem.security import authorized_stub
 from engram_mem.pb.v1 import memory_pb2 as pb
-from engram_mem.server import ShardServer
-from engram_mem.shard import ShardStore
+from engram_mem.shard.server import ShardServer
+from engram_mem.storage.store import ShardStore
 from engram_mem.table import TableSpec
 
 
@@ -129,8 +129,8 @@ def test_a_new_channel_for_an_address_leaves_calls_in_flight_on_the_old_one_to_f
     CancelledError."""
     import asyncio
 
-    from engram_mem.auth import ClientSecurity
-    from engram_mem.channel import CALL_ERRORS, ShardChannels, call_error
+    from engram_mem.security import ClientSecurity
+    from engram_mem.client.channel import CALL_ERRORS, ShardChannels, call_error
     from engram_mem.errors import ShardUnavailable
 
     store, spec, _ = served

@@ -17,15 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import engram_mem
-from engram_mem.auth import authorized_stub
+from engram_mem.security import authorized_stub
 from engram_mem.errors import InvalidArgument, ReadOnlyTable
-from engram_mem.exporter import export_tables
-from engram_mem.fetcher import RowFetcher
-from engram_mem.importer import import_tables
+from engram_mem.tools.exporter import export_tables
+from engram_mem.worker.fetcher import RowFetcher
+from engram_mem.tools.importer import import_tables
 from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.quant import dequantize_reference, quantize
-from engram_mem.storage import resident_bytes
-from engram_mem.synthetic import write_demo, write_v41
+from engram_mem.storage.disk import resident_bytes
+from engram_mem.tools.synthetic import write_demo, write_v41
 from engram_mem.table import TableSpec
 from engram_mem.wire import ids_bytes
 
@@ -164,7 +164,7 @@ def test_an_import_killed_with_sigkill_continues_where_it_stopped(mem, ray_local
             mem.drop_table(name)
     journal = str(tmp_path / "journal.jsonl")
     address = ray_local.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "engram_mem.cli", "--name", NAME, "import", "--address", address,
+    cmd = [sys.executable, "-m", "engram_mem.tools.cli", "--name", NAME, "import", "--address", address,
            "--mapping", "v41-flash", d, "--journal", journal, "--batch-mb", "1", "--quiet"]
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     # Throttled so that it is surely still running when it is killed.

@@ -115,7 +115,7 @@ def test_the_cache_never_serves_a_row_older_than_the_workers_last_push(setup):
 def test_a_fetch_overtaken_by_a_push_does_not_cache_its_older_rows(setup):
     """A fetch reads rows, a push to them lands, then the fetch completes: what it read predates
     the push, so it must not enter the cache (a later fetch would be served the old rows)."""
-    from engram_mem.fetcher import RowFetcher
+    from engram_mem.worker.fetcher import RowFetcher
 
     mem = setup[0]
     mem.create_table("overtaken", 5000, 8, seed=3, optimizer="sgd", exist_ok=True)

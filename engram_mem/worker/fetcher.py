@@ -1,0 +1,181 @@
+"""RowFetcher: a worker's tiered read path into the memory pool, plus its gradient pushes.
+
+Tiers, the way a CXL-style pool is used:
+  1. the same-node tier (nodelocal.py): shards on this node, read in place from shared memory
+  2. the worker's hot-row cache (cache.py), bounded in bytes, frequency-admitted, in front of
+  3. remote shards, over gRPC (client.py)
+The cache holds rows of remote shards only: this node's rows are already in this node's memory.
+
+    f = RowFetcher(client, cache_bytes={"engram.l1": 256 << 20})
+    fut = f.fetch_async("engram.l1", ids)    # starts at once on the fetcher's thread
+    uniq, rows, inverse = fut.result()       # distinct ids [U], their rows [U, D]; ids == uniq[inverse]
+    f.push_async("engram.l1", uniq, grads, lr=..., step=...)
+
+Fetches de-duplicate their ids. A fetch waits for this worker's earlier pushes to the same table
+(read-your-writes), and a push drops its rows from the cache, so a training worker never reads a
+row older than its own last update. Rows updated by *other* workers reach a worker's cache only
+when the cached copy is evicted: give training workers no cache, or accept that staleness.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from engram_mem.worker.cache import RowCache
+
+
+@dataclass
+class _Fetch:
+    """A fetch between its local part (same-node tier, cache) and its remote part."""
+    t0: float
+    n_ids: int
+    uniq: np.ndarray        # distinct ids [U]
+    inverse: np.ndarray     # ids == uniq[inverse]
+    out: np.ndarray         # rows [U, D], filled in as the tiers answer
+    remote_pos: np.ndarray  # positions in uniq left for the remote shards (and offered to the cache)
+    cache: RowCache | None
+    generation: int | None  # the cache's, noted before any row was read
+
+
+class RowFetcher:
+    def __init__(self, client, *, cache_bytes: dict[str, int] | None = None, node_local: bool = True,
+                 threads: int = 1):
+        self.client = client
+        self.caches: dict[str, RowCache] = {}
+        for name, nbytes in (cache_bytes or {}).items():
+            spec = client.view.table(name).spec
+            if nbytes > 0:
+                self.caches[name] = RowCache(nbytes, spec.storage_dim, spec.storage_dtype)
+        self.tier = None
+        if node_local:
+            from engram_mem.worker.nodelocal import NodeLocalTier
+
+            self.tier = NodeLocalTier(client)
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="engram-fetch")
+        self._lock = threading.Lock()
+        self.stats: collections.Counter = collections.Counter()
+
+    # ---- reads -----------------------------------------------------------------------------
+    def fetch_async(self, name: str, ids: np.ndarray) -> concurrent.futures.Future:
+        """Start a fetch at once; the future gives what fetch() returns.
+
+        The same-node and cache reads run on the fetcher's thread; a remote gather then goes out
+        on the client's event loop without holding that thread, so the fetches of several Engram
+        layers (issued one after another) are in flight together: one round trip, not one each."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out: concurrent.futures.Future = concurrent.futures.Future()
+
+        def begin():
+            try:
+                part = self._begin(name, ids)
+                if part.remote_pos.size == 0:
+                    out.set_result(self._finish(part, None))
+                    return
+                remote = self.client.gather_distinct_async(name, part.uniq[part.remote_pos])
+                remote.add_done_callback(lambda r: hand_back(part, r))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                out.set_exception(e)
+
+        def hand_back(part, remote):  # on the client's loop thread: finish on the fetcher's
+            try:
+                self._pool.submit(finish, part, remote)
+            except RuntimeError:  # the fetcher is closing: finish here rather than never
+                finish(part, remote)
+
+        def finish(part, remote):
+            try:
+                out.set_result(self._finish(part, remote.result()))
+            except BaseException as e:  # noqa: BLE001
+                out.set_exception(e)
+
+        self._pool.submit(begin)
+        return out
+
+    def fetch(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distinct ids [U], their rows [U, D], inverse [N]) for ids of any shape, flattened."""
+        part = self._begin(name, np.asarray(ids, dtype=np.int64).reshape(-1))
+        remote = None
+        if part.remote_pos.size:
+            remote = self.client.gather_distinct_async(name, part.uniq[part.remote_pos]).result()
+        return self._finish(part, remote)
+
+    def _begin(self, name: str, ids: np.ndarray) -> "_Fetch":
+        """De-duplicate, then serve what the same-node tier and the cache hold."""
+        t0 = time.perf_counter()
+        t = self.client.view.table(name)
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        out = np.empty((uniq.size, t.spec.storage_dim), dtype=t.spec.storage_dtype)
+        self.client.flush(name)  # read-your-writes, also for the shared-memory path
+        rest = np.arange(uniq.size)
+        if self.tier is not None and uniq.size:
+            ranks = t.placement[uniq // t.spec.slot_rows]
+            served = np.zeros(uniq.size, dtype=bool)
+            for rank in self.tier.local_ranks():
+                sel = np.nonzero(ranks == rank)[0]
+                if sel.size:
+                    rows = self.tier.read(name, rank, uniq[sel])
+                    if rows is not None:
+                        out[sel] = rows
+                        served[sel] = True
+            rest = np.nonzero(~served)[0]
+            with self._lock:
+                self.stats["node_local_rows"] += int(uniq.size - rest.size)
+        # The cache fronts remote shards only: this node's rows are already in this node's memory.
+        cache, generation, remote_pos = self.caches.get(name), None, rest
+        if cache is not None and rest.size:
+            hit, rows, generation = cache.record_and_lookup(uniq[rest])  # frequency: fetches asking for an id
+            out[rest[hit]] = rows
+            remote_pos = rest[~hit]
+        return _Fetch(t0, ids.size, uniq, inverse, out, remote_pos, cache, generation)
+
+    def _finish(self, f: "_Fetch", remote_rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if remote_rows is not None:
+            f.out[f.remote_pos] = remote_rows
+            if f.cache is not None:
+                f.cache.admit(f.uniq[f.remote_pos], remote_rows, generation=f.generation)
+        with self._lock:
+            self.stats["fetches"] += 1
+            self.stats["remote_rows"] += int(f.remote_pos.size) if remote_rows is not None else 0
+            self.stats["ids"] += f.n_ids
+            self.stats["unique_ids"] += int(f.uniq.size)
+            self.stats["fetch_s"] += time.perf_counter() - f.t0
+        return f.uniq, f.out, f.inverse
+
+    # ---- writes ----------------------------------------------------------------------------
+    def push_async(self, name: str, ids: np.ndarray, grads, lr: float | None = None, step: int = 0):
+        """Push a gradient (ids distinct or not) and forget those rows in the cache.
+
+        The cache forgets them before the push is sent and again once it is registered with the
+        client: a fetch that starts later waits for the push (read-your-writes); one already under
+        way sees the second invalidation and does not admit what it read."""
+        cache = self.caches.get(name)
+        ids = np.asarray(ids, dtype=np.int64)
+        if cache is not None:  # before the push is sent: no fetch can be served the row from here on
+            cache.invalidate(ids)
+        fut = self.client.push_async(name, ids, grads, lr=lr, step=step)
+        if cache is not None:  # and after: a fetch that read the row meanwhile does not cache it
+            cache.invalidate(ids)
+        with self._lock:
+            self.stats["pushes"] += 1
+        return fut
+
+    def summary(self) -> dict:
+        s = dict(self.stats)
+        s["cache_lookups"] = lookups = sum(c.stats["lookups"] for c in self.caches.values())
+        s["cache_hits"] = hits = sum(c.stats["hits"] for c in self.caches.values())
+        s["cache_hit_rate"] = hits / lookups if lookups else 0.0
+        s["cache_bytes"] = sum(c.nbytes for c in self.caches.values())
+        if self.tier is not None:
+            s["node_local_fallbacks"] = self.tier.stats["fallbacks"]
+        return s
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self.tier is not None:
+            self.tier.close()
