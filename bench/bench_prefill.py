@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_prefill.py [--seqs 24] [--table-gb 2.2] [--repeats 3]
 
-A small dense backbone with ~2.2 GB of Engram tables (bench/configs/serving.json) prefills real
+A small dense backbone with ~2.2 GB of Engram tables (engram_model/configs/serving.json) prefills real
 text (the stdlib's validation files) in sequences with lengths uniform in [100, 1024], the paper's
 shape scaled to this machine. Same dense weights, same sequences, one run, configurations
 interleaved per repeat:

@@ -5,7 +5,7 @@
 
 A two-node local Ray cluster (bench/model_setup.py): the memory cluster's shards on node b
 (127.0.0.3), the replicas on node a (127.0.0.2), so every row a replica's hot-row cache misses
-travels over gRPC and is counted at the shards. The model is bench/configs/serving.json (random
+travels over gRPC and is counted at the shards. The model is engram_model/configs/serving.json (random
 weights: the speed of a forward does not depend on them) with tables scaled by --table-gb.
 
 For each setup (replicas : engine policy) the app is deployed afresh, warmed up, then for each rate

@@ -38,8 +38,7 @@ def model_config(config: str = "serving", table_gb: float | None = None):
     from engram_model.config import load_config
     from engram_model.train import load_or_train_tokenizer
 
-    path = config if config.endswith(".json") else os.path.join(HERE, "configs", f"{config}.json")
-    m, t = load_config(path)
+    m, t = load_config(config)  # a path, or a name in engram_model/configs/
     if table_gb is not None:
         e = m.engram
         per_vocab = len(e.layer_ids) * e.heads_per_layer * e.head_dim * 4  # bytes per unit of engram_vocab_size

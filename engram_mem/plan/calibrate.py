@@ -24,7 +24,7 @@ and the read path's CPU per fetch and per row (this process's CPU time over the 
 shard's own CPU, in another process, counts too) from "interference" runs: a model step alone
 and beside a fetch, in turns, with torch on one thread; a large fetch that
 outlasts the step gives the fetch's slowdown beside compute (`stretch`). Compute: the benchmark
-models' forwards (bench/configs/serving.json at prefill and decode shapes; the `small` model's
+models' forwards (engram_model/configs/serving.json at prefill and decode shapes; the `small` model's
 bf16 training step), the fastest of the repeats (on a shared machine the median swings with other
 jobs), fit a fixed cost per block and an effective FLOP/s. Everything runs torch on ONE thread:
 with other jobs on the 2 cores, two OpenMP threads made the same forward 2-6x slower and erratic
@@ -50,8 +50,6 @@ import numpy as np
 from engram_mem.plan.presets import Device
 from engram_mem.plan.tiers import GiB, Tier, save_tiers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
 ROWS, DIM = 1_000_000, 64                       # 256 MiB fp32 table, 256 B rows
 SIZES = (256, 2048, 16384)
 
@@ -248,7 +246,9 @@ def measure_tiers(reps: int, disk_dir: str = "/var/tmp") -> tuple[list[Tier], di
     from engram_model.config import ModelConfig
     from engram_model.model import EngramModel
 
-    with open(os.path.join(REPO, "bench", "configs", "serving.json")) as f:
+    from engram_model.config import CONFIG_DIR
+
+    with open(CONFIG_DIR / "serving.json") as f:
         mcfg = ModelConfig.from_dict({**json.load(f)["model"], "engram": None})
     torch.manual_seed(0)
     model = EngramModel(mcfg, rows=None).eval()
@@ -369,7 +369,9 @@ def measure_compute(reps: int) -> tuple[list[Device], dict]:
         torch.manual_seed(0)
         return m, EngramModel(cfg, rows=None).eval(), cfg
 
-    serving, model, cfg = model_of(os.path.join(REPO, "bench", "configs", "serving.json"))
+    from engram_model.config import CONFIG_DIR
+
+    serving, model, cfg = model_of(CONFIG_DIR / "serving.json")
     L = cfg.n_layers
     devices, raw = [], {}
     default_threads = torch.get_num_threads()
@@ -390,7 +392,7 @@ def measure_compute(reps: int) -> tuple[list[Device], dict]:
         devices.append(_fit_device(name, pts, L, f"measured here: serving-model forwards, fp32, {threads} torch thread(s)"))
         raw[name] = [{"shape": p[2], "block_flops": p[0][0], "head_flops": p[0][1], "wall_s": p[1]} for p in pts]
     torch.set_num_threads(1)
-    small, smodel, scfg = model_of(os.path.join(REPO, "engram_model", "configs", "small.json"))
+    small, smodel, scfg = model_of(CONFIG_DIR / "small.json")
     smodel.train()
     pts = []
     for B, T in ((4, 128), (16, 128)):

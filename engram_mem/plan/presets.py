@@ -2,7 +2,7 @@
 
     from engram_mem.plan.presets import MODEL_PRESETS, DEVICE_PRESETS, shape_from_config
     m = MODEL_PRESETS["v4.1-flash"]; m.table_bytes          # ~189 GiB of Engram tables
-    shape_from_config("bench/configs/serving.json")          # this repo's benchmark models
+    shape_from_config("engram_model/configs/serving.json")          # this repo's benchmark models
 
 A ModelShape is what the planner needs of a model: its backbone (hidden size, layers, parameters
 a block reads per token), where the Engram layers sit, and the tables (rows per layer, rows each
