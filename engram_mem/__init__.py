@@ -18,7 +18,7 @@ __all__ = ["connect", "MemoryClient", "TableSpec", "OptimizerSpec"]
 
 def __getattr__(name):
     if name in ("connect", "MemoryClient"):
-        from engram_mem.client import api
+        from engram_mem import client
 
-        return getattr(api, name)
+        return getattr(client, name)
     raise AttributeError(f"module 'engram_mem' has no attribute {name!r}")
