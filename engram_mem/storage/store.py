@@ -1,16 +1,7 @@
 """ShardStore: one shard's rows of every table, in host DRAM. No Ray, no gRPC.
 
-A shard owns a set of slots (contiguous row ranges, see table.py) of each table. A table's rows on
-a shard live in one contiguous buffer of *frames*, one frame per owned slot, `slot_rows x dim` each:
-
-    frame_of[slot] -> frame index (-1 if the slot is not owned)
-    local row of global row r = frame_of[r // slot_rows] * slot_rows + r % slot_rows
-
-The buffer is a file in shared memory (/dev/shm by default) mapped into the shard process, so a
-worker on the same node can map it too and read rows without a request (the same-node tier: a
-model of CXL load/store). Slots that leave free their frame (the pages are released with
-MADV_REMOVE) and the frame is reused by the next slot that arrives; the buffer grows only when no
-frame is free. Resident memory is the table bytes plus at most one partly used slot per table.
+A shard owns a set of slots of each table, in frames (frames.py); slots move in and out whole
+(slots.py).
 
 Thread safety: gathers read without locks (a row being pushed concurrently may be read half
 updated: each value is either old or new). Every change (write, push, slot install or drop) takes
@@ -35,11 +26,9 @@ without applying anything twice; the key travels in the log record, so replay re
 
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 import threading
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,141 +37,16 @@ from engram_mem.storage import dedup as dedup_codec
 from engram_mem.storage.dedup import DedupWindow
 from engram_mem.errors import (InvalidArgument, NonFiniteUpdate, NotReady, ReadOnlyTable, RequestTooLarge, StaleEpoch,
                                TableExists, UnknownTable)
-from engram_mem.optim import MAX_GRAD_ABS, MAX_LR, OptimizerSpec, RowOptimizer, make_optimizer
+from engram_mem.optim import MAX_GRAD_ABS, MAX_LR, OptimizerSpec, make_optimizer
 from engram_mem.table import TableSpec, as_torch, from_float32, np_dtype, to_float32
 from engram_mem.validate import check_grads, check_ids, check_lr, check_rows_finite
-from engram_mem.storage.wal import KIND_DROP, KIND_INSTALL, KIND_PUSH, KIND_WRITE, Record
+from engram_mem.storage.wal import KIND_INSTALL, KIND_PUSH, KIND_WRITE, Record
 
-_PAGE = mmap.PAGESIZE
-
-
-def member_dir(shard_id: int, member: int = 0) -> str:
-    """A shard member's directory name for its row files: the primary's, or replica k's."""
-    return f"shard-{shard_id}" if member == 0 else f"shard-{shard_id}-r{member}"
+from engram_mem.storage.frames import TableShard, _Buffer, _Layout, member_dir, rows_path
+from engram_mem.storage.slots import SlotOps
 
 
-def rows_path(shm_dir: str | None, shard_id: int, spec: TableSpec, storage: str, member: int = 0) -> str | None:
-    """Where a table's rows file lives: in shm_dir (shared memory), or in the table's or the
-    cluster's disk directory ("disk:/path")."""
-    where = spec.storage or storage or "shm"
-    if where.startswith("disk:"):
-        cluster = os.path.basename(shm_dir.rstrip("/")) if shm_dir else "local"
-        return os.path.join(where[5:], cluster, member_dir(shard_id, member), f"{spec.name}.rows")
-    return os.path.join(shm_dir, member_dir(shard_id, member), f"{spec.name}.rows") if shm_dir else None
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-class _Buffer:
-    """A growable `[frames * slot_rows, dim]` array backed by a file (shared memory) or anonymous."""
-
-    def __init__(self, path: str | None, frame_rows: int, dim: int, dtype: np.dtype):
-        self.path, self.frame_rows, self.dim, self.dtype = path, frame_rows, dim, dtype
-        self.frame_bytes = frame_rows * dim * dtype.itemsize
-        self.frames = 0
-        self.array = np.empty((0, dim), dtype=dtype)
-        self._mm: mmap.mmap | None = None
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            _unlink(path)  # a new inode: a reader still mapping an old file must never see it shrink
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-
-    def grow(self, frames: int) -> None:
-        """Make room for `frames` frames. Old arrays stay valid (they keep their own mapping)."""
-        if frames <= self.frames:
-            return
-        nbytes = frames * self.frame_bytes
-        if self.path:
-            os.ftruncate(self._fd, nbytes)
-            mm = mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            arr = np.frombuffer(mm, dtype=self.dtype).reshape(-1, self.dim)
-        else:
-            arr = np.empty((frames * self.frame_rows, self.dim), dtype=self.dtype)
-            arr[: self.frames * self.frame_rows] = self.array
-        self._mm, self.array, self.frames = (mm if self.path else None), arr, frames
-
-    def release(self, frame: int) -> None:
-        """Give a frame's memory back to the OS (its contents become zeros)."""
-        if self._mm is None:
-            return
-        start = frame * self.frame_bytes
-        lo = -(-start // _PAGE) * _PAGE
-        hi = ((start + self.frame_bytes) // _PAGE) * _PAGE
-        if hi > lo:
-            self._mm.madvise(mmap.MADV_REMOVE, lo, hi - lo)
-
-    def close(self) -> None:
-        if self.path:
-            os.close(self._fd)
-            _unlink(self.path)
-        self.array = np.empty((0, self.dim), dtype=self.dtype)
-        self._mm = None  # the mapping closes when the last array viewing it is collected
-
-
-class _Layout:
-    """A seqlock over the frame layout, in shared memory so same-node readers can check it.
-
-    The version is odd while frames move (slots added or removed, epoch changing) and even
-    otherwise. A reader notes the version, reads rows, and trusts them only if the version is
-    unchanged, even, and the one its copy of the layout was taken at."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            _unlink(path)
-            with open(path, "xb") as f:
-                f.write(bytes(8))
-            self.word = np.memmap(path, dtype="<u8", mode="r+", shape=(1,))
-        else:
-            self.word = np.zeros(1, dtype="<u8")
-
-    @property
-    def version(self) -> int:
-        return int(self.word[0])
-
-    def __enter__(self):
-        self.word[0] += 1  # odd: changing
-        return self
-
-    def __exit__(self, *exc):
-        self.word[0] += 1  # even: stable again
-
-
-@dataclass
-class TableShard:
-    spec: TableSpec
-    optimizer_spec: OptimizerSpec
-    optimizer: RowOptimizer
-    buffer: _Buffer
-    frame_of: np.ndarray                     # int32 [n_slots]: frame of each slot, -1 if not owned
-    free_frames: list[int] = field(default_factory=list)
-    dirty: np.ndarray | None = None          # bool [n_slots]: changed since the last snapshot
-    state: dict[str, torch.Tensor] = field(default_factory=dict)  # optimizer state, [frames*slot_rows, ...]
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    uid: str = ""                            # this incarnation of the table (a re-created one gets another)
-    dedup: DedupWindow | None = None
-    slot_lsn: np.ndarray | None = None       # int64 [n_slots]: lsn a restored slot was snapshotted at
-    mod_lsn: np.ndarray | None = None        # int64 [n_slots]: lsn of the last change to the slot (a move's cut)
-
-    @property
-    def rows(self) -> np.ndarray:
-        return self.buffer.array
-
-    def owned_slots(self) -> np.ndarray:
-        return np.nonzero(self.frame_of >= 0)[0].astype(np.int32)
-
-    def resident_rows(self) -> int:
-        spec = self.spec
-        return sum(b - a for a, b in (spec.slot_range(int(s)) for s in self.owned_slots()))
-
-
-class ShardStore:
+class ShardStore(SlotOps):
     def __init__(self, shard_id: int = 0, shm_dir: str | None = None, max_request_bytes: int = 256 << 20,
                  log=None, max_lr: float = MAX_LR, max_grad_abs: float = MAX_GRAD_ABS,
                  storage: str = "shm", memory_budget: int = 0, member: int = 0):
@@ -243,134 +107,6 @@ class ShardStore:
                 except OSError:
                     break
 
-    def _fill_slots(self, ts: TableShard, slots: np.ndarray, restore=None, data: dict | None = None) -> None:
-        """Give `slots` frames and fill them: from `data`, else restore(slot, out), else initial values."""
-        spec = ts.spec
-        if slots.size and (slots.min() < 0 or slots.max() >= spec.n_slots):
-            raise InvalidArgument(f"table {spec.name!r}: slots must be in [0, {spec.n_slots})")
-        with ts.lock, self.layout:
-            new = [int(s) for s in slots if ts.frame_of[s] < 0]
-            need = len(new) - len(ts.free_frames)
-            if need > 0:
-                first = ts.buffer.frames
-                ts.buffer.grow(first + need)
-                ts.free_frames.extend(range(first, first + need))
-                self._grow_state(ts)
-            for slot in new:
-                frame = ts.free_frames.pop()
-                a, b = spec.slot_range(slot)
-                out = ts.rows[frame * spec.slot_rows: frame * spec.slot_rows + (b - a)]
-                if data is not None and slot in data:
-                    out[:] = data[slot]["rows"]
-                    moved_state = data[slot].get("state") or {}
-                    if moved_state:  # optimizer state moves with its rows
-                        self._ensure_state(ts)
-                        for k, v in moved_state.items():
-                            ts.state[k][frame * spec.slot_rows: frame * spec.slot_rows + (b - a)] = torch.from_numpy(v)
-                    ts.dedup.install(np.array([slot]), data[slot].get("dedup") or {})  # keys move with slots
-                    ts.dirty[slot] = True
-                elif restore is None or not restore(ts, slot, frame, out):
-                    spec.init_range(a, b, out=out)
-                ts.frame_of[slot] = frame
-        self._attach_budget(ts)
-
-    def add_slots(self, name: str, data: dict[int, dict]) -> int:
-        """Receive slots moved from another shard: data[slot] = {"rows", "state", "dedup"}. A slot this
-        store already holds (copied before, and changed at its source since) is overwritten: rows,
-        optimizer state and keys. Logged whole (an INSTALL record), so the slots survive this shard's
-        death before its next snapshot; a restart holds them only if the cluster file gives it them."""
-        ts = self._table(name)
-        slots = np.array(sorted(data), dtype=np.int64)
-        blobs, meta_slots = [], []
-        for slot in slots.tolist():
-            d = data[slot]
-            names = sorted(d.get("state") or {})
-            blobs += [np.ascontiguousarray(d["rows"]), *[np.ascontiguousarray(d["state"][k]) for k in names],
-                      dedup_codec.encode({c: (h, m) for c, (h, m) in (d.get("dedup") or {}).items()})]
-            meta_slots.append([slot, names])
-        with self.order:
-            lsn = self._next_lsn()
-            held = ts.frame_of[slots] >= 0
-            self._overwrite_slots(ts, {s: _with_parts(data[s]) for s in slots[held].tolist()}, lsn)
-            self._fill_slots(ts, slots[~held], data=data)
-            ts.mod_lsn[slots] = lsn
-            self._commit(lsn, KIND_INSTALL, {"t": name, "uid": ts.uid, "slots": meta_slots}, blobs)
-        return lsn
-
-    def export_slots(self, name: str, slots) -> dict[int, dict]:
-        """Copies of the rows, optimizer state and idempotency keys of owned slots, for a move."""
-        ts = self._table(name)
-        out = {}
-        with self.order, ts.lock:
-            for slot in slots:
-                frame = int(ts.frame_of[slot])
-                if frame < 0:
-                    raise InvalidArgument(f"table {name!r}: shard {self.shard_id} does not own slot {slot}")
-                a, b = ts.spec.slot_range(int(slot))
-                lo = frame * ts.spec.slot_rows
-                out[int(slot)] = {"rows": ts.rows[lo: lo + b - a].copy(),
-                                  "state": {k: v[lo: lo + b - a].numpy().copy() for k, v in ts.state.items()},
-                                  "dedup": ts.dedup.export(np.array([int(slot)]))}
-        return out
-
-    def copy_slots(self, name: str, slots) -> tuple[int, dict[int, dict]]:
-        """export_slots as a cut: (the lsn it reflects, the copies). Each copy is exact as of that lsn;
-        a slot whose mod_lsn is past it has changed since (changed_since). For a move's pre-copy
-        and a replica's full copy."""
-        with self.order:
-            return self.lsn, self.export_slots(name, slots)
-
-    def changed_since(self, name: str, slots, lsns) -> np.ndarray:
-        """Those of `slots` changed after their cut (lsns[i] for slots[i], from copy_slots). Asked under
-        the order lock once writes are frozen, the answer is final: nothing changes after it."""
-        ts = self._table(name)
-        slots = np.asarray(slots, dtype=np.int64)
-        with self.order:
-            return slots[ts.mod_lsn[slots] > np.asarray(lsns, dtype=np.int64)]
-
-    def install_copy(self, name: str, data: dict[int, dict], lsn: int) -> None:
-        """Make slots exact copies of another member's (copy_slots), as of `lsn`: later records
-        (replay) apply to them, earlier ones do not. Not logged: a replica keeps no log."""
-        ts = self._table(name)
-        with self.order:
-            new = np.array([s for s in data if ts.frame_of[s] < 0], dtype=np.int64)
-            self._fill_slots(ts, new, data={int(s): data[s] for s in new.tolist()})
-            held = {s: d for s, d in data.items() if s not in set(new.tolist())}
-            if held:
-                self._overwrite_slots(ts, held, lsn)
-            slots = np.fromiter(data, dtype=np.int64, count=len(data))
-            ts.slot_lsn[slots] = ts.mod_lsn[slots] = lsn
-
-    def keep_only_slots(self, name: str, slots) -> None:
-        """Release every slot of the table but `slots` (a replica re-joining after a scale)."""
-        ts = self._table(name)
-        with self.order:
-            keep = np.zeros(ts.spec.n_slots, dtype=bool)
-            keep[np.asarray(slots, dtype=np.int64)] = True
-            self._drop_slots(ts, np.nonzero((ts.frame_of >= 0) & ~keep)[0].tolist())
-
-    def remove_slots(self, name: str, slots) -> int:
-        ts = self._table(name)
-        slots = [int(x) for x in slots]
-        with self.order:
-            lsn = self._next_lsn()
-            self._drop_slots(ts, slots)
-            self._commit(lsn, KIND_DROP, {"t": name, "uid": ts.uid, "slots": slots}, [])
-        return lsn
-
-    def _drop_slots(self, ts: TableShard, slots) -> None:
-        with ts.lock, self.layout:
-            for slot in slots:
-                frame = int(ts.frame_of[slot])
-                if frame < 0:
-                    continue
-                ts.frame_of[slot] = -1
-                ts.dirty[slot] = False
-                ts.buffer.release(frame)
-                for v in ts.state.values():
-                    v[frame * ts.spec.slot_rows: (frame + 1) * ts.spec.slot_rows] = 0
-                ts.free_frames.append(frame)
-            ts.dedup.clear(np.asarray(slots, dtype=np.int64))
 
     # ---- the log -----------------------------------------------------------------------------
     def _next_lsn(self) -> int:
@@ -491,10 +227,6 @@ class ShardStore:
         self._touch(ts, local)
         return rows
 
-    def gather_into(self, ts: TableShard, local: np.ndarray, out: np.ndarray) -> None:
-        self._prefetch(ts, local)
-        np.take(ts.rows, local, axis=0, out=out)
-        self._touch(ts, local)
 
     def write(self, name: str, ids, rows, dtype: str | None = None, epoch: int = 0, client: str = "",
               seq: int = 0) -> tuple[int, int]:
@@ -631,82 +363,6 @@ class ShardStore:
                 self._overwrite_slots(ts, data, rec.lsn)
         # KIND_DROP: a dropped slot that this store holds came back later by an INSTALL, which overwrites it
 
-    def _overwrite_slots(self, ts: TableShard, data: dict, lsn: int) -> None:
-        """Replace held slots by installed data (a move's re-copy, or an INSTALL record replayed)."""
-        with ts.lock:
-            for slot, d in data.items():
-                frame = int(ts.frame_of[slot])
-                a, b = ts.spec.slot_range(slot)
-                lo = frame * ts.spec.slot_rows
-                ts.rows[lo: lo + b - a] = d["rows"]
-                if d["state"]:
-                    self._ensure_state(ts)
-                    for k, v in d["state"].items():
-                        ts.state[k][lo: lo + b - a] = torch.from_numpy(v.copy())
-                elif ts.state:
-                    fresh = ts.optimizer.init_state(b - a, ts.spec.dim)
-                    for k, v in fresh.items():
-                        ts.state[k][lo: lo + b - a] = v
-                ts.dedup.install(np.array([slot]), d["dedup"])
-                ts.dirty[slot] = True
-                ts.mod_lsn[slot] = lsn
-
-    def snapshot_slots(self, name: str, slots: np.ndarray) -> tuple[int, list[tuple[int, list]]]:
-        """A per-slot cut: (lsn, [(slot, parts)]) copied under the order lock, for a SnapshotWriter."""
-        ts = self._table(name)
-        out = []
-        with self.order, ts.lock:
-            lsn = self.lsn
-            for slot in slots.tolist():
-                frame = int(ts.frame_of[slot])
-                if frame < 0:
-                    continue
-                a, b = ts.spec.slot_range(slot)
-                lo = frame * ts.spec.slot_rows
-                parts = [("rows", ts.rows[lo: lo + b - a].copy())]
-                parts += [(f"state:{k}", v[lo: lo + b - a].numpy().copy()) for k, v in sorted(ts.state.items())]
-                parts.append(("dedup", dedup_codec.encode(ts.dedup.export(np.array([slot])))))
-                ts.dirty[slot] = False
-                out.append((slot, parts))
-        return lsn, out
-
-    def load_slot(self, ts: TableShard, slot: int, frame: int, out: np.ndarray, lsn: int, parts: dict) -> None:
-        """Fill an allocated slot from snapshot parts (see snapshot.py); used by recovery."""
-        rows = np.frombuffer(parts["rows"], dtype=out.dtype)
-        if rows.size != out.size:
-            raise InvalidArgument(f"table {ts.spec.name!r} slot {slot}: snapshot holds {rows.size} values, "
-                                  f"the table's slot needs {out.size}")
-        out[:] = rows.reshape(out.shape)
-        names = [k[6:] for k in parts if k.startswith("state:") and k[6:] in ts.optimizer.state_names]
-        if names:
-            self._ensure_state(ts)
-            lo = frame * ts.spec.slot_rows
-            for nm in names:
-                dst = ts.state[nm][lo: lo + out.shape[0]]
-                dst.copy_(torch.from_numpy(np.frombuffer(parts["state:" + nm], dtype=dst.numpy().dtype)
-                                           .reshape(dst.shape).copy()))
-        ts.dedup.install(np.array([slot]), dedup_codec.decode(parts["dedup"]))
-        ts.slot_lsn[slot] = ts.mod_lsn[slot] = lsn
-
-    def import_rows(self, name: str, start: int, rows: np.ndarray) -> int:
-        """Set stored rows [start, start + len(rows)) (all in owned slots) from an import: rows are
-        [n, storage_dim] in the storage dtype. Marks their slots dirty for the next snapshot."""
-        ts = self._table(name)
-        spec = ts.spec
-        if rows.ndim != 2 or rows.shape[1] != spec.storage_dim or rows.dtype != spec.storage_dtype:
-            raise InvalidArgument(f"table {name!r}: imported rows are {rows.dtype} {rows.shape}; expected "
-                                  f"[n, {spec.storage_dim}] {spec.storage_dtype}")
-        self._check_writable(name)
-        ids = np.arange(start, start + rows.shape[0], dtype=np.int64)
-        local = self._local_rows(ts, ids)
-        # Not logged (an import is bulk data, re-runnable from its files): the importer snapshots at the end.
-        with self.order, ts.lock:
-            self._check_writable(name)
-            ts.rows[local] = rows
-            ts.dirty[ids // spec.slot_rows] = True
-            ts.mod_lsn[ids // spec.slot_rows] = self.lsn + 1  # newer than every cut taken so far
-        self._touch(ts, local, write=True)
-        return int(rows.shape[0])
 
     # ---- disk-backed rows (storage.py) -----------------------------------------------------
     def _attach_budget(self, ts: TableShard) -> None:
@@ -761,11 +417,6 @@ class ShardStore:
             self.drop_table(name)
         if self.shm_dir:
             shutil.rmtree(os.path.join(self.shm_dir, member_dir(self.shard_id, self.member)), ignore_errors=True)
-
-
-def _with_parts(d: dict) -> dict:
-    """Moved slot data with every part present (a slot without optimizer state or keys has none)."""
-    return {"rows": d["rows"], "state": d.get("state") or {}, "dedup": d.get("dedup") or {}}
 
 
 def _dtype_name(rows, ts: TableShard) -> str:
