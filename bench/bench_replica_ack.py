@@ -60,7 +60,7 @@ def wait_in_sync(name: str, replicas: int, timeout: float = 120) -> None:
     """Every replica copied and following (so it counts for acks from the first push)."""
     import ray
 
-    from engram_mem.shard.actor import member_name
+    from engram_mem.config import member_name
     from engram_mem.config import NAMESPACE
 
     if replicas == 1:

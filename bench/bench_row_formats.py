@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     import engram_mem
     from engram_mem.worker.cache import RowCache
     from engram_mem.worker.nodelocal import NodeLocalTier
-    from engram_mem.quant import rows_to_float
+    from engram_mem.table import rows_to_float
     from engram_mem.table import TableSpec
 
     rng = np.random.default_rng(0)

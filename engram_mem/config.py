@@ -95,3 +95,7 @@ class ClusterConfig:
         from engram_mem.security import redact
 
         return dict(self.to_dict(), security=redact(self.security))
+
+def member_name(cluster: str, shard_id: int, member: int = 0) -> str:
+    """The Ray actor name of a shard's member: its primary (0) or replica k."""
+    return f"{cluster}-shard-{shard_id}" if member == 0 else f"{cluster}-shard-{shard_id}-r{member}"

@@ -83,17 +83,3 @@ def dequantize_reference(values: np.ndarray, scales: np.ndarray, block: int) -> 
     return (v * np.repeat(s, block, axis=1)).astype(np.float32)
 
 
-def rows_to_float(rows: np.ndarray, spec, device=None) -> torch.Tensor:
-    """Stored rows of any numeric table -> float32 torch [..., spec.dim] on `device`.
-
-    fp8 tables are dequantized on the device; float32/bfloat16/float16 rows are viewed and cast."""
-    if spec.dtype == "fp8_e4m3":
-        return dequantize(rows, spec.dim, spec.block, device)
-    if spec.dtype == "bytes":
-        raise ValueError(f"table {spec.name!r} holds opaque byte rows; they have no float value")
-    from engram_mem.table import as_torch
-
-    t = rows if isinstance(rows, torch.Tensor) else as_torch(np.ascontiguousarray(rows), spec.dtype)
-    if device is not None:
-        t = t.to(device, non_blocking=True)
-    return t.float()

@@ -54,6 +54,22 @@ def as_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+def rows_to_float(rows: np.ndarray, spec, device=None) -> torch.Tensor:
+    """Stored rows of any numeric table -> float32 torch [..., spec.dim] on `device`.
+
+    fp8 tables are dequantized on the device; float32/bfloat16/float16 rows are viewed and cast."""
+    if spec.dtype == "fp8_e4m3":
+        from engram_mem.quant import dequantize
+
+        return dequantize(rows, spec.dim, spec.block, device)
+    if spec.dtype == "bytes":
+        raise ValueError(f"table {spec.name!r} holds opaque byte rows; they have no float value")
+    t = rows if isinstance(rows, torch.Tensor) else as_torch(np.ascontiguousarray(rows), spec.dtype)
+    if device is not None:
+        t = t.to(device, non_blocking=True)
+    return t.float()
+
+
 def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
     """Cast float32 values to a storage dtype (round to nearest even for bfloat16)."""
     if dtype == "bfloat16":

@@ -34,7 +34,7 @@ import torch
 
 from engram_mem.errors import NonFiniteGradient
 from engram_mem.worker.fetcher import RowFetcher
-from engram_mem.quant import rows_to_float
+from engram_mem.table import rows_to_float
 from engram_mem.table import TableSpec, as_torch
 from engram_model.rows import TABLE_OPTIMIZER, RowSource, table_name, table_specs
 

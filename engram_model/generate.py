@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory:
         import engram_mem
         from engram_model.cluster_rows import load_for_inference
-        from engram_model.train import _resolve_memory
+        from engram_model.train_cli import _resolve_memory
 
         mem = engram_mem.connect(_resolve_memory(args.memory, args.memory_name), name=args.memory_name,
                                  read_only=not args.import_tables)  # inference only reads rows

@@ -27,7 +27,7 @@ from collections import defaultdict
 import torch
 
 from engram_mem.errors import NonFiniteGradient, ReadOnlyTable
-from engram_mem.quant import rows_to_float
+from engram_mem.table import rows_to_float
 from engram_mem.optim import make_optimizer
 from engram_mem.table import TableSpec, as_torch
 from engram_model.config import ModelConfig

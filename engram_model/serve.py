@@ -75,7 +75,7 @@ def _memory_client(args):
     if args.memory == "embedded":
         mem = engram_mem.connect(None, shards=args.shards, name=args.memory_name)
     else:
-        from engram_model.train import _resolve_memory
+        from engram_model.train_cli import _resolve_memory
 
         mem = engram_mem.connect(_resolve_memory(args.memory, args.memory_name), name=args.memory_name)
     import ray

@@ -9,4 +9,5 @@ retry (backoff until a deadline), routing (ids -> shard parts), gather_future an
 from engram_mem.client.api import MemoryClient
 from engram_mem.client.connect import connect
 
+
 __all__ = ["MemoryClient", "connect"]

@@ -34,20 +34,19 @@ import threading
 import grpc
 import numpy as np
 
-from engram_mem.security import ClientSecurity
 from engram_mem.client.channel import ShardChannels, rpc_error
+from engram_mem.client.members import Members
+from engram_mem.client.reads import Reads
+from engram_mem.client.retry import RETRYABLE, RetryPolicy
+from engram_mem.client.routing import ClusterView
+from engram_mem.client.write_future import WriteFuture
+from engram_mem.client.writes import Writes
 from engram_mem.errors import UnknownTable
 from engram_mem.optim import OptimizerSpec
 from engram_mem.pb.v1 import memory_pb2 as pb
-from engram_mem.client.retry import RETRYABLE, RetryPolicy
-from engram_mem.client.routing import ClusterView
+from engram_mem.security import ClientSecurity
 from engram_mem.table import TableSpec
 from engram_mem.validate import check_ids
-from engram_mem.client.write_future import WriteFuture
-
-from engram_mem.client.members import Members
-from engram_mem.client.reads import Reads
-from engram_mem.client.writes import Writes
 
 log = logging.getLogger("engram_mem.client.api")
 

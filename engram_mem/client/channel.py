@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from engram_mem.security import ClientSecurity
 from engram_mem.errors import ERROR_CLASSES, EngramMemError, RequestTooLarge, ShardUnavailable
 from engram_mem.pb.v1 import memory_pb2 as pb
+from engram_mem.security import ClientSecurity
 from engram_mem.wire import SERVICE, decode_rows_chunk
 
 

@@ -12,9 +12,8 @@ import asyncio
 import logging
 import time
 
-
-from engram_mem.errors import ShardUnavailable, StaleEpoch
 from engram_mem.client.routing import ClusterView
+from engram_mem.errors import ShardUnavailable, StaleEpoch
 
 log = logging.getLogger("engram_mem.client.members")
 

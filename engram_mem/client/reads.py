@@ -15,10 +15,10 @@ import logging
 import numpy as np
 
 from engram_mem.client.channel import CALL_ERRORS, call_error
-from engram_mem.errors import EngramMemError, NotReady, ShardUnavailable
 from engram_mem.client.gather_future import GatherFuture, Reshaped
-from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.client.routing import ClusterView, dest_rows, split_by_shard
+from engram_mem.errors import EngramMemError, NotReady, ShardUnavailable
+from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.wire import ids_bytes, max_reply_bytes
 
 log = logging.getLogger("engram_mem.client.reads")

@@ -19,6 +19,7 @@ import time
 
 from engram_mem.errors import NotReady, ShardUnavailable, StaleEpoch
 
+
 RETRYABLE = (StaleEpoch, NotReady, ShardUnavailable)
 
 

@@ -14,14 +14,14 @@ import time
 import numpy as np
 
 from engram_mem.client.channel import CALL_ERRORS, call_error
-from engram_mem.errors import InvalidArgument, ReadOnlyTable, ShardUnavailable, StaleEpoch, Unavailable
-from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.client.retry import RETRYABLE, RetryPolicy
 from engram_mem.client.routing import slot_aligned_chunks, split_by_shard
+from engram_mem.client.write_future import WriteFuture
+from engram_mem.errors import InvalidArgument, ReadOnlyTable, ShardUnavailable, StaleEpoch, Unavailable
+from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.table import TableSpec, from_float32, np_dtype
 from engram_mem.validate import check_grads, check_lr, check_rows_finite
 from engram_mem.wire import ids_bytes
-from engram_mem.client.write_future import WriteFuture
 
 log = logging.getLogger("engram_mem.client.writes")
 

@@ -32,7 +32,7 @@ class Supervisor:
         self.cfg, self.cluster_id = cfg, cluster_id
 
     def shard_name(self, sid: int, member: int = 0) -> str:
-        from engram_mem.shard.actor import member_name
+        from engram_mem.config import member_name
 
         return member_name(self.cfg.name, sid, member)
 

@@ -47,31 +47,13 @@ import time
 
 import numpy as np
 
-from engram_mem.plan.presets import Device
+from engram_mem.plan.compute_probe import measure_compute
 from engram_mem.plan.tiers import GiB, Tier, save_tiers
+from engram_mem.plan.timing import time_calls
+
 
 ROWS, DIM = 1_000_000, 64                       # 256 MiB fp32 table, 256 B rows
 SIZES = (256, 2048, 16384)
-
-
-def _time(fn, batches, warmup: int = 2, best: bool = False, before=None) -> tuple[float, float]:
-    """(median wall seconds, median process CPU seconds) per call; best=True: the fastest call.
-    before(b), if given, runs untimed before every call (a cold start)."""
-    for b in batches[:warmup]:
-        if before:
-            before(b)
-        fn(b)
-    wall, cpu = [], []
-    for b in batches[warmup:]:
-        if before:
-            before(b)
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn(b)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    if best:
-        return float(np.min(wall)), float(np.min(cpu))
-    return float(np.median(wall)), float(np.median(cpu))
 
 
 def fit_latency_bandwidth(nbytes: list[float], seconds: list[float]) -> tuple[float, float]:
@@ -88,7 +70,7 @@ def _measure(name: str, fn, rng, reps: int) -> dict:
     pts = []
     for n in SIZES:
         batches = [np.sort(rng.choice(ROWS, n, replace=False)) for _ in range(reps + 2)]
-        wall, cpu = _time(fn, batches)
+        wall, cpu = time_calls(fn, batches)
         pts.append({"rows": n, "bytes": n * DIM * 4, "wall_s": wall, "cpu_s": cpu})
         print(f"  {name:<16} {n:>6} rows: {wall * 1e3:8.3f} ms  ({n * DIM * 4 / wall / 1e9:.3f} GB/s, "
               f"cpu {cpu * 1e3:.3f} ms)", flush=True)
@@ -175,7 +157,7 @@ def measure_disk(directory: str, reps: int, rows: int = ROWS, sizes=SIZES, seed:
         pts = []
         for n in sizes:
             batches = [_isolated_page_ids(ts, n, rng) for _ in range(reps + 2)]
-            wall, cpu = _time(lambda ids: store.gather("calib", ids), batches,
+            wall, cpu = time_calls(lambda ids: store.gather("calib", ids), batches,
                               before=lambda _: _drop(store, "calib"))
             pts.append({"rows": n, "pages": n, "bytes": n * PAGE, "wall_s": wall, "cpu_s": cpu})
             print(f"  {'here-disk':<16} {n:>6} rows: {wall * 1e3:8.3f} ms  ({n * PAGE / wall / 1e9:.3f} GB/s of "
@@ -308,7 +290,7 @@ def measure_tiers(reps: int, disk_dir: str = "/var/tmp") -> tuple[list[Tier], di
                 pw = []
                 for n in (256, 2048, 16384):   # a push's wall time alone: round trip + bytes + the shard's Adam
                     batches = [np.sort(rng.choice(ROWS, n, replace=False)) for _ in range(reps + 2)]
-                    wall, _ = _time(lambda ids: f.push_async("calibp", ids, grads[ids.size], lr=1e-3, step=1).result(),
+                    wall, _ = time_calls(lambda ids: f.push_async("calibp", ids, grads[ids.size], lr=1e-3, step=1).result(),
                                     batches)
                     pw.append((n, wall))
                     print(f"  {name + ' push':<16} {n:>6} rows: {wall * 1e3:8.3f} ms", flush=True)
@@ -346,88 +328,6 @@ def measure_tiers(reps: int, disk_dir: str = "/var/tmp") -> tuple[list[Tier], di
     tiers.append(disk_tier)
     return tiers, {"tier_points": raw, "interference": {f"{k[0]}@{k[1]}t": v for k, v in inter.items()},
                    "push_interference": push_inter, "push_wall": push_wall}
-
-
-def _flops(cfg: dict, tokens: int, attended: float) -> tuple[float, float]:
-    """(per-block FLOPs, head FLOPs) of a forward, as the planner counts them."""
-    from engram_mem.plan.presets import shape_from_config
-
-    s = shape_from_config(cfg)
-    return 2 * s.active_params_per_block * tokens + 4 * s.hidden * tokens * attended, 2 * s.hidden * s.vocab * tokens
-
-
-def measure_compute(reps: int) -> tuple[list[Device], dict]:
-    import torch
-
-    from engram_model.config import ModelConfig
-    from engram_model.model import EngramModel
-
-    def model_of(path):
-        with open(path) as f:
-            m = json.load(f)["model"]
-        cfg = ModelConfig.from_dict({**m, "engram": None})
-        torch.manual_seed(0)
-        return m, EngramModel(cfg, rows=None).eval(), cfg
-
-    from engram_model.config import CONFIG_DIR
-
-    serving, model, cfg = model_of(CONFIG_DIR / "serving.json")
-    L = cfg.n_layers
-    devices, raw = [], {}
-    default_threads = torch.get_num_threads()
-    for name, threads in (("here-cpu", 1),):
-        torch.set_num_threads(threads)
-        pts = []
-        with torch.inference_mode():
-            for B, T in ((1, 128), (1, 512), (1, 1024)):
-                x = torch.randint(0, cfg.vocab_size, (B, T))
-                wall, _ = _time(lambda _: model(x), list(range(reps + 2)), warmup=2, best=True)
-                pts.append((_flops(serving, B * T, T / 2), wall, f"prefill {B}x{T}"))
-            for B, ctx in ((8, 160), (32, 160)):
-                cache = model.new_cache(B, max_len=ctx + reps + 8)
-                model(torch.randint(0, cfg.vocab_size, (B, ctx)), cache=cache)
-                x = torch.randint(0, cfg.vocab_size, (B, 1))
-                wall, _ = _time(lambda _: model(x, cache=cache), list(range(reps + 2)), warmup=2, best=True)
-                pts.append((_flops(serving, B, ctx), wall, f"decode {B}x1"))
-        devices.append(_fit_device(name, pts, L, f"measured here: serving-model forwards, fp32, {threads} torch thread(s)"))
-        raw[name] = [{"shape": p[2], "block_flops": p[0][0], "head_flops": p[0][1], "wall_s": p[1]} for p in pts]
-    torch.set_num_threads(1)
-    small, smodel, scfg = model_of(CONFIG_DIR / "small.json")
-    smodel.train()
-    pts = []
-    for B, T in ((4, 128), (16, 128)):
-        x = torch.randint(0, scfg.vocab_size, (B, T))
-
-        def step(_):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits, aux = smodel(x)
-                loss = logits.float().logsumexp(-1).mean() + aux
-            loss.backward()
-            smodel.zero_grad(set_to_none=True)
-        wall, _ = _time(step, list(range(reps + 2)), warmup=2, best=True)
-        bf, hf = _flops(small, B * T, T / 2)
-        pts.append(((bf, hf), wall / 3, f"train {B}x{T} (fwd+bwd / 3)"))
-    torch.set_num_threads(default_threads)
-    devices.append(_fit_device("here-cpu-train", pts, scfg.n_layers,
-                               "measured here: small-model bf16 training steps (fwd+bwd)/3, 1 torch thread"))
-    raw["here-cpu-train"] = [{"shape": p[2], "block_flops": p[0][0], "head_flops": p[0][1], "wall_s": p[1]} for p in pts]
-    return devices, raw
-
-
-def _fit_device(name: str, pts, layers: int, source: str) -> Device:
-    # wall = layers * c0 + (layers * block_flops + head_flops) / F  -> least squares in (c0, 1/F), both >= 0
-    a = np.array([[layers, layers * p[0][0] + p[0][1]] for p in pts], float)
-    y = np.array([p[1] for p in pts], float)
-    sol, *_ = np.linalg.lstsq(a / y[:, None], np.ones_like(y), rcond=None)   # relative error
-    c0, inv_f = float(sol[0]), float(sol[1])
-    if c0 < 0 or inv_f <= 0:   # no fixed cost then: FLOP/s alone, through the origin (relative error)
-        c0 = 0.0
-        x = a[:, 1] / y
-        inv_f = float(np.sum(x) / np.sum(x * x))
-    for p in pts:
-        pred = layers * c0 + (layers * p[0][0] + p[0][1]) * inv_f
-        print(f"  {name:<15} {p[2]:<28} measured {p[1] * 1e3:8.2f} ms, fit {pred * 1e3:8.2f} ms", flush=True)
-    return Device(name=name, peak_flops=1 / inv_f, mfu=1.0, mem_gbps=10.0, block_fixed_s=c0, measured=True, source=source)
 
 
 def _median_tier(ts: list[Tier]) -> Tier:

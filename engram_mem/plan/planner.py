@@ -22,7 +22,7 @@ What it computes, per batch shape (one forward of `batch` x `seq_len` tokens on 
   - penalty = 1 - (baseline step) / (step), the baseline reading the rows from `baseline_tier`
     without prefetch (the paper's and the benchmarks' reference: rows already in the worker).
   - bandwidth each tier must deliver at that throughput, hot shard and hot node from hashed
-    placement under the id distribution (simulate.hot_shares), and which saturates first; past
+    placement under the id distribution (hotspots.hot_shares), and which saturates first; past
     100% the throughput falls by that factor.
 Everything is arithmetic on the inputs: a plan for any preset takes well under a second.
 """
@@ -34,9 +34,9 @@ import math
 from dataclasses import dataclass
 
 from engram_mem.plan.presets import Device, ModelShape
-from engram_mem.plan.simulate import hot_shares
+from engram_mem.plan.hotspots import hot_shares
 from engram_mem.plan.tiers import GB, TIER_PRESETS, PlanInputError, Tier
-from engram_mem.plan.workload import TraceDistribution, Workload, Zipf
+from engram_mem.plan.workload import Workload, Zipf
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def timeline(m: ModelShape, wl: Workload, hw: Hardware, dist=None, tier: Tier | 
     # Where compute shares the CPU with the read path, a fetch progresses `stretch` times slower
     # while the blocks run, and at full speed once the model waits for it.
     stretch = tier.stretch if hw.shares_cpu else 1.0
-    layers, waits, t, waited = [], [], 0.0, 0.0
+    layers, waits, waited = [], [], 0.0
     for j, layer in enumerate(m.engram_layers):
         need = t_block * layer + waited                          # embedding ~0, then blocks 0..layer-1
         if prefetch:

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engram_mem.storage.dedup import DedupWindow
 from engram_mem.optim import OptimizerSpec, RowOptimizer
+from engram_mem.storage.dedup import DedupWindow
 from engram_mem.table import TableSpec
+
 
 _PAGE = mmap.PAGESIZE
 

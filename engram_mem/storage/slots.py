@@ -8,15 +8,13 @@ restores load them (`load_slot`); `import_rows` bulk-loads rows of a checkpoint.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
-from engram_mem.storage import dedup as dedup_codec
 from engram_mem.errors import InvalidArgument
-from engram_mem.storage.wal import KIND_DROP, KIND_INSTALL
-
+from engram_mem.storage import dedup as dedup_codec
 from engram_mem.storage.frames import TableShard
+from engram_mem.storage.wal import KIND_DROP, KIND_INSTALL
 
 
 class SlotOps:

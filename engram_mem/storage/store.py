@@ -33,17 +33,16 @@ import threading
 import numpy as np
 import torch
 
-from engram_mem.storage import dedup as dedup_codec
-from engram_mem.storage.dedup import DedupWindow
 from engram_mem.errors import (InvalidArgument, NonFiniteUpdate, NotReady, ReadOnlyTable, RequestTooLarge, StaleEpoch,
                                TableExists, UnknownTable)
 from engram_mem.optim import MAX_GRAD_ABS, MAX_LR, OptimizerSpec, make_optimizer
-from engram_mem.table import TableSpec, as_torch, from_float32, np_dtype, to_float32
-from engram_mem.validate import check_grads, check_ids, check_lr, check_rows_finite
-from engram_mem.storage.wal import KIND_INSTALL, KIND_PUSH, KIND_WRITE, Record
-
+from engram_mem.storage import dedup as dedup_codec
+from engram_mem.storage.dedup import DedupWindow
 from engram_mem.storage.frames import TableShard, _Buffer, _Layout, member_dir, rows_path
 from engram_mem.storage.slots import SlotOps
+from engram_mem.storage.wal import KIND_INSTALL, KIND_PUSH, KIND_WRITE, Record
+from engram_mem.table import TableSpec, as_torch, from_float32, np_dtype, to_float32
+from engram_mem.validate import check_grads, check_ids, check_lr, check_rows_finite
 
 
 class ShardStore(SlotOps):

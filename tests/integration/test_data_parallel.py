@@ -18,7 +18,7 @@ def test_two_workers_share_one_cluster_and_converge(ray_local, tmp_path):
     with engram_mem.connect(shards=2, name="dp") as mem:
         address = ray.get_runtime_context().gcs_address
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        base = [sys.executable, "-m", "engram_model.train", "--config", "tiny", "--memory", address,
+        base = [sys.executable, "-m", "engram_model.train_cli", "--config", "tiny", "--memory", address,
                 "--memory-name", "dp", "--steps", "60", "--eval-every", "30", "--no-progress",
                 "--tokenizer", str(tmp_path / "tok.json"), "--set", "tokenizer_vocab=512"]
         run = subprocess.run(base + ["--out", str(tmp_path / "dp"), "--nproc", "2", "--reset-tables"],

@@ -213,7 +213,7 @@ def _primary_replication(name):
     """The primary's own view of its followers (describe() is the controller's, refreshed each second)."""
     import ray
 
-    from engram_mem.shard.actor import member_name
+    from engram_mem.config import member_name
     from engram_mem.config import NAMESPACE
 
     return ray.get(ray.get_actor(member_name(name, 0, 0), namespace=NAMESPACE).info.remote(), timeout=60)["replication"]

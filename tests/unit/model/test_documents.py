@@ -13,7 +13,7 @@ import pytest
 from engram_model.documents import (DataError, build_data_corpus, expand_data_paths, is_validation_key,
                                     iter_documents)
 from engram_model.tokenizer import CompressedTokenizer
-from engram_model.train import main as train_main
+from engram_model.train_cli import main as train_main
 
 SETS = ["--config", "tiny", "--steps", "12", "--no-progress", "--set", "eval_every=0", "--set", "val_fraction=0.2",
         "--set", "warmup_steps=2", "--set", "tokenizer_vocab=300", "--batch-size", "4", "--seq-len", "32"]

@@ -17,7 +17,8 @@ from engram_model.config import TrainConfig, load_config
 from engram_model.data import Corpus, is_validation, split_files, stdlib_files
 from engram_model.rows import LocalRows, table_specs
 from engram_model.tokenizer import CompressedTokenizer
-from engram_model.train import _apply_overrides, evaluate, lr_at, train
+from engram_model.train import evaluate, lr_at, train
+from engram_model.train_cli import _apply_overrides
 
 
 def synthetic_text(n_lines=600, seed=0):

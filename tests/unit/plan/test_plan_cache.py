@@ -12,7 +12,7 @@ import pytest
 from engram_mem.worker.cache import RowCache
 from engram_mem.plan.planner import Hardware, plan
 from engram_mem.plan.presets import DEVICE_PRESETS, MODEL_PRESETS
-from engram_mem.plan.simulate import hot_shares
+from engram_mem.plan.hotspots import hot_shares
 from engram_mem.plan.tiers import TIER_PRESETS, PlanInputError
 from engram_mem.plan.workload import TraceDistribution, Workload, Zipf
 

@@ -170,7 +170,8 @@ def test_a_prefetch_beside_cpu_compute_progresses_stretch_times_slower():
 
 
 def test_calibration_fits_recover_known_parameters():
-    from engram_mem.plan.calibrate import _fit_device, _median_tier, fit_latency_bandwidth
+    from engram_mem.plan.calibrate import _median_tier, fit_latency_bandwidth
+    from engram_mem.plan.compute_probe import _fit_device
 
     nbytes = [1e4, 1e5, 1e6, 1e7]
     lat, bw = fit_latency_bandwidth(nbytes, [2e-3 + b / 0.5e9 for b in nbytes])      # 2 ms + 0.5 GB/s

@@ -17,7 +17,7 @@ from engram_model.tokenizer import CompressedTokenizer
 from engram_model.trace import IdRecorder, load_trace
 from engram_model.train import train
 
-from test_train import corpus, synthetic_text, tok  # noqa: F401  (module fixtures)
+from tests.unit.model.test_train import corpus, synthetic_text, tok  # noqa: F401  (module fixtures)
 
 
 def test_recorder_keeps_every_forwards_ids_and_passes_rows_through(tok, tmp_path):  # noqa: F811
