@@ -35,7 +35,6 @@ class ClusterConfig:
     reinit_missing: bool = False        # start slots whose snapshot is missing or damaged from initial values
     max_lr: float = 1e3                 # a push's lr above this is refused
     max_grad_abs: float = 1e15          # a gradient value above this is refused (its square nears fp32's range)
-    health_interval_s: float = 1.0      # how often the controller checks its shards
     max_request_bytes: int = 256 << 20  # largest ids/rows/grads field a shard accepts
     move_batch_bytes: int = 256 << 20   # slots move between shards in batches of about this size
     storage: str = "shm"                # where shard rows live: "shm" or "disk:/dir" (storage.py)
@@ -67,8 +66,8 @@ class ClusterConfig:
             raise InvalidArgument("max_lr must be positive and finite; max_grad_abs in (0, 1e18]")
         if self.keep_generations < 1 or self.wal_segment_bytes < 1 << 16 or self.snapshot_log_bytes < 1 << 16:
             raise InvalidArgument("keep_generations must be >= 1; wal_segment_bytes and snapshot_log_bytes >= 65536")
-        if self.snapshot_interval_s < 0 or self.health_interval_s <= 0:
-            raise InvalidArgument("snapshot_interval_s must be >= 0 and health_interval_s > 0")
+        if self.snapshot_interval_s < 0:
+            raise InvalidArgument("snapshot_interval_s must be >= 0")
         if self.memory_budget < 0:
             raise InvalidArgument(f"memory_budget must be >= 0 bytes, got {self.memory_budget}")
         from engram_mem.storage.disk import parse_storage

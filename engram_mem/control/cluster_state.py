@@ -50,9 +50,6 @@ class ClusterState:
     epoch: int = 0
     tables: dict[str, TableRecord] = field(default_factory=dict)
 
-    def slots_of(self, shard_id: int) -> dict[str, np.ndarray]:
-        return {n: np.nonzero(t.placement == shard_id)[0] for n, t in self.tables.items()}
-
     def to_doc(self) -> dict:
         return {"version": 1, "cluster_id": self.cluster_id, "shards": self.shards, "epoch": self.epoch,
                 "tables": [t.to_doc() for t in self.tables.values()]}

@@ -56,7 +56,3 @@ def rebalance(placement: np.ndarray, shards: int) -> tuple[np.ndarray, dict[tupl
             moves.setdefault((int(placement[slot]), dst), []).append(slot)
             new[slot] = dst
     return new, {k: np.asarray(v, dtype=np.int64) for k, v in moves.items()}
-
-
-def shard_slots(placement: np.ndarray, shard: int) -> np.ndarray:
-    return np.nonzero(np.asarray(placement) == shard)[0]

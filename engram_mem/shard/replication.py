@@ -304,7 +304,7 @@ class ReplicaSync:
                 for i in range(0, slots.size, per):
                     lsn, data = ray.get(source.copy_slots.remote(name, slots[i:i + per]), timeout=600)
                     store.install_copy(name, data, lsn)
-                    nbytes += sum(d["rows"].nbytes + sum(v.nbytes for v in d["state"].values()) for d in data.values())
+                    nbytes += sum(img.nbytes for img in data.values())
                     slots_copied += len(data)
             store.set_epoch(info["epoch"])
             if follow and not ray.get(source.start_follower.remote(self.member, token), timeout=60):

@@ -9,11 +9,10 @@ restores load them (`load_slot`); `import_rows` bulk-loads rows of a checkpoint.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from engram_mem.errors import InvalidArgument
-from engram_mem.storage import dedup as dedup_codec
 from engram_mem.storage.frames import TableShard
+from engram_mem.storage.slot_image import SlotImage
 from engram_mem.storage.wal import KIND_DROP, KIND_INSTALL
 
 
@@ -35,60 +34,48 @@ class SlotOps:
                 frame = ts.free_frames.pop()
                 a, b = spec.slot_range(slot)
                 out = ts.rows[frame * spec.slot_rows: frame * spec.slot_rows + (b - a)]
-                if data is not None and slot in data:
-                    out[:] = data[slot]["rows"]
-                    moved_state = data[slot].get("state") or {}
-                    if moved_state:  # optimizer state moves with its rows
-                        self._ensure_state(ts)
-                        for k, v in moved_state.items():
-                            ts.state[k][frame * spec.slot_rows: frame * spec.slot_rows + (b - a)] = torch.from_numpy(v)
-                    ts.dedup.install(np.array([slot]), data[slot].get("dedup") or {})  # keys move with slots
+                if data is not None and slot in data:  # optimizer state and keys move with the rows
+                    data[slot].write(ts, slot, frame, self._ensure_state)
                     ts.dirty[slot] = True
                 elif restore is None or not restore(ts, slot, frame, out):
                     spec.init_range(a, b, out=out)
                 ts.frame_of[slot] = frame
         self._attach_budget(ts)
 
-    def add_slots(self, name: str, data: dict[int, dict]) -> int:
-        """Receive slots moved from another shard: data[slot] = {"rows", "state", "dedup"}. A slot this
-        store already holds (copied before, and changed at its source since) is overwritten: rows,
-        optimizer state and keys. Logged whole (an INSTALL record), so the slots survive this shard's
-        death before its next snapshot; a restart holds them only if the cluster file gives it them."""
+    def add_slots(self, name: str, data: dict[int, SlotImage]) -> int:
+        """Receive slots moved from another shard (SlotImages). A slot this store already holds
+        (copied before, and changed at its source since) is overwritten: rows, optimizer state and
+        keys. Logged whole (an INSTALL record of each image's parts), so the slots survive this
+        shard's death before its next snapshot; a restart holds them only if the cluster file gives
+        it them."""
         ts = self._table(name)
         slots = np.array(sorted(data), dtype=np.int64)
         blobs, meta_slots = [], []
         for slot in slots.tolist():
-            d = data[slot]
-            names = sorted(d.get("state") or {})
-            blobs += [np.ascontiguousarray(d["rows"]), *[np.ascontiguousarray(d["state"][k]) for k in names],
-                      dedup_codec.encode({c: (h, m) for c, (h, m) in (d.get("dedup") or {}).items()})]
-            meta_slots.append([slot, names])
+            parts = data[slot].parts()
+            blobs += [p for _, p in parts]
+            meta_slots.append([slot, [k[6:] for k, _ in parts if k.startswith("state:")]])
         with self.order:
             lsn = self._next_lsn()
             held = ts.frame_of[slots] >= 0
-            self._overwrite_slots(ts, {s: _with_parts(data[s]) for s in slots[held].tolist()}, lsn)
+            self._overwrite_slots(ts, {s: data[s] for s in slots[held].tolist()}, lsn)
             self._fill_slots(ts, slots[~held], data=data)
             ts.mod_lsn[slots] = lsn
             self._commit(lsn, KIND_INSTALL, {"t": name, "uid": ts.uid, "slots": meta_slots}, blobs)
         return lsn
 
-    def export_slots(self, name: str, slots) -> dict[int, dict]:
-        """Copies of the rows, optimizer state and idempotency keys of owned slots, for a move."""
+    def export_slots(self, name: str, slots) -> dict[int, SlotImage]:
+        """SlotImages (copies of rows, optimizer state and idempotency keys) of owned slots, for a move."""
         ts = self._table(name)
         out = {}
         with self.order, ts.lock:
             for slot in slots:
-                frame = int(ts.frame_of[slot])
-                if frame < 0:
+                if ts.frame_of[slot] < 0:
                     raise InvalidArgument(f"table {name!r}: shard {self.shard_id} does not own slot {slot}")
-                a, b = ts.spec.slot_range(int(slot))
-                lo = frame * ts.spec.slot_rows
-                out[int(slot)] = {"rows": ts.rows[lo: lo + b - a].copy(),
-                                  "state": {k: v[lo: lo + b - a].numpy().copy() for k, v in ts.state.items()},
-                                  "dedup": ts.dedup.export(np.array([int(slot)]))}
+                out[int(slot)] = SlotImage.read(ts, int(slot))
         return out
 
-    def copy_slots(self, name: str, slots) -> tuple[int, dict[int, dict]]:
+    def copy_slots(self, name: str, slots) -> tuple[int, dict[int, SlotImage]]:
         """export_slots as a cut: (the lsn it reflects, the copies). Each copy is exact as of that lsn;
         a slot whose mod_lsn is past it has changed since (changed_since). For a move's pre-copy
         and a replica's full copy."""
@@ -103,7 +90,7 @@ class SlotOps:
         with self.order:
             return slots[ts.mod_lsn[slots] > np.asarray(lsns, dtype=np.int64)]
 
-    def install_copy(self, name: str, data: dict[int, dict], lsn: int) -> None:
+    def install_copy(self, name: str, data: dict[int, SlotImage], lsn: int) -> None:
         """Make slots exact copies of another member's (copy_slots), as of `lsn`: later records
         (replay) apply to them, earlier ones do not. Not logged: a replica keeps no log."""
         ts = self._table(name)
@@ -148,59 +135,28 @@ class SlotOps:
             ts.dedup.clear(np.asarray(slots, dtype=np.int64))
 
     def snapshot_slots(self, name: str, slots: np.ndarray) -> tuple[int, list[tuple[int, list]]]:
-        """A per-slot cut: (lsn, [(slot, parts)]) copied under the order lock, for a SnapshotWriter."""
+        """A per-slot cut: (lsn, [(slot, SlotImage parts)]) copied under the order lock, for a SnapshotWriter."""
         ts = self._table(name)
         out = []
         with self.order, ts.lock:
             lsn = self.lsn
             for slot in slots.tolist():
-                frame = int(ts.frame_of[slot])
-                if frame < 0:
+                if ts.frame_of[slot] < 0:
                     continue
-                a, b = ts.spec.slot_range(slot)
-                lo = frame * ts.spec.slot_rows
-                parts = [("rows", ts.rows[lo: lo + b - a].copy())]
-                parts += [(f"state:{k}", v[lo: lo + b - a].numpy().copy()) for k, v in sorted(ts.state.items())]
-                parts.append(("dedup", dedup_codec.encode(ts.dedup.export(np.array([slot])))))
+                out.append((slot, SlotImage.read(ts, slot).parts()))
                 ts.dirty[slot] = False
-                out.append((slot, parts))
         return lsn, out
 
     def load_slot(self, ts: TableShard, slot: int, frame: int, out: np.ndarray, lsn: int, parts: dict) -> None:
-        """Fill an allocated slot from snapshot parts (see snapshot.py); used by recovery."""
-        rows = np.frombuffer(parts["rows"], dtype=out.dtype)
-        if rows.size != out.size:
-            raise InvalidArgument(f"table {ts.spec.name!r} slot {slot}: snapshot holds {rows.size} values, "
-                                  f"the table's slot needs {out.size}")
-        out[:] = rows.reshape(out.shape)
-        names = [k[6:] for k in parts if k.startswith("state:") and k[6:] in ts.optimizer.state_names]
-        if names:
-            self._ensure_state(ts)
-            lo = frame * ts.spec.slot_rows
-            for nm in names:
-                dst = ts.state[nm][lo: lo + out.shape[0]]
-                dst.copy_(torch.from_numpy(np.frombuffer(parts["state:" + nm], dtype=dst.numpy().dtype)
-                                           .reshape(dst.shape).copy()))
-        ts.dedup.install(np.array([slot]), dedup_codec.decode(parts["dedup"]))
+        """Fill an allocated slot from snapshot parts (SlotImage.parts, see snapshot.py); used by recovery."""
+        SlotImage.from_parts(ts, slot, parts).write(ts, slot, frame, self._ensure_state)
         ts.slot_lsn[slot] = ts.mod_lsn[slot] = lsn
 
-    def _overwrite_slots(self, ts: TableShard, data: dict, lsn: int) -> None:
-        """Replace held slots by installed data (a move's re-copy, or an INSTALL record replayed)."""
+    def _overwrite_slots(self, ts: TableShard, data: dict[int, SlotImage], lsn: int) -> None:
+        """Replace held slots by installed images (a move's re-copy, or an INSTALL record replayed)."""
         with ts.lock:
-            for slot, d in data.items():
-                frame = int(ts.frame_of[slot])
-                a, b = ts.spec.slot_range(slot)
-                lo = frame * ts.spec.slot_rows
-                ts.rows[lo: lo + b - a] = d["rows"]
-                if d["state"]:
-                    self._ensure_state(ts)
-                    for k, v in d["state"].items():
-                        ts.state[k][lo: lo + b - a] = torch.from_numpy(v.copy())
-                elif ts.state:
-                    fresh = ts.optimizer.init_state(b - a, ts.spec.dim)
-                    for k, v in fresh.items():
-                        ts.state[k][lo: lo + b - a] = v
-                ts.dedup.install(np.array([slot]), d["dedup"])
+            for slot, img in data.items():
+                img.write(ts, slot, int(ts.frame_of[slot]), self._ensure_state)
                 ts.dirty[slot] = True
                 ts.mod_lsn[slot] = lsn
 
@@ -223,8 +179,3 @@ class SlotOps:
             ts.mod_lsn[ids // spec.slot_rows] = self.lsn + 1  # newer than every cut taken so far
         self._touch(ts, local, write=True)
         return int(rows.shape[0])
-
-
-def _with_parts(d: dict) -> dict:
-    """Moved slot data with every part present (a slot without optimizer state or keys has none)."""
-    return {"rows": d["rows"], "state": d.get("state") or {}, "dedup": d.get("dedup") or {}}

@@ -36,9 +36,9 @@ import torch
 from engram_mem.errors import (InvalidArgument, NonFiniteUpdate, NotReady, ReadOnlyTable, RequestTooLarge, StaleEpoch,
                                TableExists, UnknownTable)
 from engram_mem.optim import MAX_GRAD_ABS, MAX_LR, OptimizerSpec, make_optimizer
-from engram_mem.storage import dedup as dedup_codec
 from engram_mem.storage.dedup import DedupWindow
 from engram_mem.storage.frames import TableShard, _Buffer, _Layout, member_dir, rows_path
+from engram_mem.storage.slot_image import SlotImage
 from engram_mem.storage.slots import SlotOps
 from engram_mem.storage.wal import KIND_INSTALL, KIND_PUSH, KIND_WRITE, Record
 from engram_mem.table import TableSpec, as_torch, from_float32, np_dtype, to_float32
@@ -51,7 +51,7 @@ class ShardStore(SlotOps):
                  storage: str = "shm", memory_budget: int = 0, member: int = 0):
         self.shard_id, self.member = shard_id, member   # member 0: the primary; k > 0: replica k
         self.shm_dir = shm_dir
-        self.storage, self.memory_budget = storage, memory_budget  # disk-backed rows: storage.py
+        self.storage, self.memory_budget = storage, memory_budget  # disk-backed rows: disk.py
         self.max_request_bytes = max_request_bytes
         self.max_lr, self.max_grad_abs = max_lr, max_grad_abs
         self.log = log            # a WriteAheadLog, or None (nothing logged)
@@ -347,23 +347,17 @@ class ShardStore(SlotOps):
         elif rec.kind == KIND_INSTALL:
             data, i = {}, 0
             for slot, names in rec.meta["slots"]:
-                a, b = ts.spec.slot_range(slot)
-                rows = np.frombuffer(rec.blobs[i], dtype=ts.spec.storage_dtype).reshape(b - a, ts.spec.storage_dim)
-                state = {}
-                for k, nm in enumerate(names):
-                    ref = ts.optimizer.init_state(1, ts.spec.dim)[nm]
-                    state[nm] = np.frombuffer(rec.blobs[i + 1 + k], dtype=ref.numpy().dtype).reshape(
-                        (b - a,) + tuple(ref.shape[1:]))
-                dd = dedup_codec.decode(rec.blobs[i + 1 + len(names)])
+                parts = {"rows": rec.blobs[i], **{f"state:{nm}": rec.blobs[i + 1 + k] for k, nm in enumerate(names)},
+                         "dedup": rec.blobs[i + 1 + len(names)]}
                 i += 2 + len(names)
                 if fresh[slot]:
-                    data[slot] = {"rows": rows, "state": state, "dedup": dd}
+                    data[slot] = SlotImage.from_parts(ts, slot, parts)
             if data:  # the slot is already allocated here: overwrite it in place
                 self._overwrite_slots(ts, data, rec.lsn)
         # KIND_DROP: a dropped slot that this store holds came back later by an INSTALL, which overwrites it
 
 
-    # ---- disk-backed rows (storage.py) -----------------------------------------------------
+    # ---- disk-backed rows (disk.py) ---------------------------------------------------------
     def _attach_budget(self, ts: TableShard) -> None:
         if ts.buffer.path and self._on_disk(ts.spec):
             from engram_mem.storage.disk import PageBudget

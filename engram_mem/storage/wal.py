@@ -43,7 +43,7 @@ from engram_mem.errors import CorruptData, InvalidArgument
 log = logging.getLogger("engram_mem.storage.wal")
 
 POLICIES = ("none", "process", "fsync")
-KIND_WRITE, KIND_PUSH, KIND_INSTALL, KIND_DROP, KIND_TABLE = 1, 2, 3, 4, 5
+KIND_WRITE, KIND_PUSH, KIND_INSTALL, KIND_DROP = 1, 2, 3, 4
 _FRAME = struct.Struct("<II")        # length of payload, crc32c of payload
 _HEAD = struct.Struct("<QBI")        # lsn, kind, meta length
 

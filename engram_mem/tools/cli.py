@@ -23,27 +23,7 @@ import sys
 import time
 
 from engram_mem.config import DEFAULT_NAME
-
-
-def _attach(args):
-    """(ray module, controller handle) of the named cluster; exits with a message if there is none."""
-    import ray
-
-    from engram_mem.control import local
-    from engram_mem.control.controller import get_controller
-
-    address = args.address
-    if address is None:
-        state = local.read_state(args.name)
-        if state is None:
-            sys.exit(f"engram-mem: no local memory cluster {args.name!r} is running; start one with `engram-mem up`")
-        address = state["ray_address"]
-    local.attach_ray(address)
-    ctl = get_controller(args.name)
-    if ctl is None:
-        ray.shutdown()
-        sys.exit(f"engram-mem: no memory cluster {args.name!r} in the Ray cluster at {address}")
-    return ray, ctl
+from engram_mem.tools.attach import attach
 
 
 def _parse_size(text: str) -> int:
@@ -161,7 +141,7 @@ def cmd_down(args) -> int:
     from engram_mem.control import local
 
     if args.address:
-        ray, ctl = _attach(args)
+        ray, ctl = attach(args)
         ray.get(ctl.shutdown.remote(), timeout=300)
         ray.kill(ctl, no_restart=True)
         print(f"memory cluster {args.name!r} in {args.address} is down")
@@ -196,7 +176,7 @@ def cmd_status(args) -> int:
     from engram_mem.client.api import MemoryClient
     from engram_mem.tools.status import render, shard_rows
 
-    ray, ctl = _attach(args)
+    ray, ctl = attach(args)
     with MemoryClient(ctl) as mem:
         d = mem.refresh(check_shards=True).raw   # each member's own answer now (readiness, in-sync replicas)
         stats = mem.stats()
@@ -222,7 +202,7 @@ def cmd_rotate_credential(args) -> int:
     """Two steps: new credentials (old ones still accepted) ... reconnect clients ... --finish."""
     from engram_mem.security import read_pem_or_text, split_credentials
 
-    ray, ctl = _attach(args)
+    ray, ctl = attach(args)
     full = split_credentials(read_pem_or_text(args.credential_file, "credential")) or None
     ro = split_credentials(read_pem_or_text(args.read_only_credential_file, "read-only credential")) or None
     r = ray.get(ctl.rotate_credentials.remote(full, ro, args.finish))
@@ -234,14 +214,14 @@ def cmd_rotate_credential(args) -> int:
 
 def cmd_credential(args) -> int:
     """Print the cluster credential for clients outside Ray (connect(credential=...))."""
-    ray, ctl = _attach(args)
+    ray, ctl = attach(args)
     print(ray.get(ctl.client_security.remote(args.read_only))["credential"])
     ray.shutdown()
     return 0
 
 
 def cmd_scale(args) -> int:
-    ray, ctl = _attach(args)
+    ray, ctl = attach(args)
     t0 = time.time()
     d = ray.get(ctl.scale.remote(args.shards))
     print(f"scaled to {len(d['shards'])} shards in {time.time() - t0:.1f}s (epoch {d['epoch']})")
@@ -252,7 +232,7 @@ def cmd_scale(args) -> int:
 def cmd_checkpoint(args) -> int:
     from engram_mem.tools.status import fmt_bytes
 
-    ray, ctl = _attach(args)
+    ray, ctl = attach(args)
     target = os.path.abspath(args.dir) if args.dir else None
     try:
         r = ray.get(ctl.checkpoint.remote(target))
@@ -264,7 +244,7 @@ def cmd_checkpoint(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    ray, ctl = _attach(args)
+    ray, ctl = attach(args)
     t0 = time.time()
     try:
         r = ray.get(ctl.restore.remote(os.path.abspath(args.dir)))

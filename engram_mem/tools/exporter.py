@@ -120,11 +120,11 @@ def export_tables(client, mapping: str, out: str, *, like: list[str] | None = No
                     got = ray.get(actors[sid].export_slots.remote(e.table, slots[i:i + per_batch]))
                     for slot, d in got.items():
                         a, b = spec.slot_range(slot)
-                        rows = np.ascontiguousarray(d["rows"]).view(np.uint8).reshape(b - a, spec.row_bytes)
+                        rows = np.ascontiguousarray(d.rows).view(np.uint8).reshape(b - a, spec.row_bytes)
                         written += _write_rows(fd, pieces, a, b, rows)
                         for k, sp in state_pieces.items():
                             _, dt, shp = state[k]
-                            st = d["state"].get(k)
+                            st = d.state.get(k)
                             if st is None:  # no push yet: the optimizer state is still zeros
                                 st = np.zeros((b - a, *shp), dt)
                             st = np.ascontiguousarray(st, dt).view(np.uint8).reshape(b - a, -1)

@@ -14,10 +14,10 @@ import sys
 
 
 def _client(args):
-    from engram_mem.tools.cli import _attach
+    from engram_mem.tools.attach import attach
     from engram_mem.client.api import MemoryClient
 
-    _, ctl = _attach(args)
+    _, ctl = attach(args)
     return MemoryClient(ctl)
 
 

@@ -69,7 +69,7 @@ def test_a_copy_carries_its_cut_and_changed_since_names_only_slots_changed_after
     a.push("t", [5], G, lr=0.1)
     lsn, data = a.copy_slots("t", [0, 1, 2])
     assert lsn == a.lsn == 1 and sorted(data) == [0, 1, 2]
-    assert np.array_equal(data[0]["rows"], _rows(a, 0)) and set(data[0]["state"]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert np.array_equal(data[0].rows, _rows(a, 0)) and set(data[0].state) == {"step", "exp_avg", "exp_avg_sq"}
     assert a.changed_since("t", [0, 1, 2], [lsn] * 3).tolist() == []
     a.push("t", [150], G, lr=0.1)                                   # slot 1, after the cut
     assert a.changed_since("t", [0, 1, 2], [lsn] * 3).tolist() == [1]

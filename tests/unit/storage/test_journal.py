@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from engram_mem.errors import CorruptData, SequenceTooOld
+from engram_mem.errors import CorruptData, InvalidArgument, SequenceTooOld
 from engram_mem.storage.recovery import TablePlan, restore_tables, wal_dir
 from engram_mem.storage.store import ShardStore
 from engram_mem.storage.snapshot import SnapshotWriter, create_empty
@@ -144,3 +144,21 @@ def test_older_generations_are_pruned_and_never_read(tmp_path):
     gens = sorted(d for d in os.listdir(tmp_path / "shard-0000") if d.startswith("gen-"))
     assert gens == [f"gen-{doc['generation'] - 1:08d}", f"gen-{doc['generation']:08d}"]
     wal.close()
+
+
+def test_a_slot_image_round_trips_through_its_parts_and_refuses_a_wrong_size():
+    """SlotImage.parts() is what the log and snapshots store; from_parts gives the same image back."""
+    from engram_mem.storage.slot_image import SlotImage
+
+    store = ShardStore(0)
+    store.add_table(TableSpec("img", rows=200, dim=4, num_slots=4), range(4), optimizer=OptimizerSpec("adam"), epoch=1)
+    store.push("img", np.array([1, 2]), np.ones((2, 4), np.float32), lr=0.1, client="c", seq=1)
+    ts = store.tables["img"]
+    img = SlotImage.read(ts, 0)
+    back = SlotImage.from_parts(ts, 0, {k: (v.tobytes() if hasattr(v, "tobytes") else v) for k, v in img.parts()})
+    assert np.array_equal(back.rows, img.rows) and set(back.state) == set(img.state) == set(ts.optimizer.state_names)
+    assert all(np.array_equal(back.state[k], img.state[k]) for k in img.state) and back.dedup == img.dedup
+    bad = dict(img.parts())
+    bad["rows"] = img.rows[:-1].tobytes()
+    with pytest.raises(InvalidArgument, match="table 'img' slot 0: the image holds"):
+        SlotImage.from_parts(ts, 0, bad)
