@@ -203,8 +203,11 @@ class SnapshotReader:
             if size != self.manifest["data_bytes"]:
                 raise CorruptData(f"snapshot file {path} is {size} bytes; its manifest says "
                                   f"{self.manifest['data_bytes']}: truncated or damaged")
-            self.env = lmdb.open(gen_dir, readonly=True, lock=False, subdir=True, map_size=_MAP_SIZE)
             self.path = path
+            try:
+                self.env = lmdb.open(gen_dir, readonly=True, lock=False, subdir=True, map_size=_MAP_SIZE)
+            except lmdb.Error as e:
+                raise CorruptData(f"snapshot file {path} cannot be opened: lmdb says {e}") from None
 
     @property
     def base_lsn(self) -> int:
@@ -218,15 +221,19 @@ class SnapshotReader:
         """(lsn, parts) of a slot, or None if this generation does not hold it."""
         if self.env is None:
             return None
-        txn = self.env.begin(buffers=True)
+        where = f"snapshot file {self.path} (table {table!r} slot {slot})"
         try:
-            buf = txn.get(_key(table, slot))
-            if buf is None:
-                return None
-            lsn, parts = unpack_slot(bytes(buf), f"snapshot file {self.path} (table {table!r} slot {slot})")
-            return lsn, parts
-        finally:
-            txn.abort()
+            txn = self.env.begin(buffers=True)
+            try:
+                buf = txn.get(_key(table, slot))
+                if buf is None:
+                    return None
+                buf = bytes(buf)
+            finally:
+                txn.abort()
+        except lmdb.Error as e:  # a damaged page: lmdb's words alone would not say which file
+            raise CorruptData(f"{where} is damaged: lmdb says {e}") from None
+        return unpack_slot(buf, where)
 
     def close(self) -> None:
         if self.env is not None:

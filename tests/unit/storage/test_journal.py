@@ -162,3 +162,26 @@ def test_a_slot_image_round_trips_through_its_parts_and_refuses_a_wrong_size():
     bad["rows"] = img.rows[:-1].tobytes()
     with pytest.raises(InvalidArgument, match="table 'img' slot 0: the image holds"):
         SlotImage.from_parts(ts, 0, bad)
+
+
+def test_a_damaged_lmdb_page_is_refused_naming_the_snapshot_file(tmp_path):
+    """lmdb's own errors (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, ...) come back as CorruptData that names
+    the snapshot file, the table and the slot, not lmdb's words alone."""
+    import glob
+
+    from engram_mem.storage.snapshot import SnapshotReader
+
+    store, wal = _shard(tmp_path, 0, range(SPEC.n_slots))
+    _pushes(store, np.random.default_rng(0), 5)
+    _snapshot(store, tmp_path)
+    wal.close()
+    path = glob.glob(str(tmp_path / "shard-0000" / "*" / "data.mdb"))[0]
+    raw = bytearray(open(path, "rb").read())
+    page = 4096
+    for at in range(2 * page, len(raw), page):  # every page past the two meta pages: garbage headers
+        raw[at:at + 16] = b"\xa5" * 16
+    open(path, "wb").write(bytes(raw))
+    r = SnapshotReader(str(tmp_path), 0)
+    with pytest.raises(CorruptData, match=r"snapshot file .*data\.mdb \(table 't' slot 0\)( is damaged: lmdb says|:)"):
+        for slot in range(SPEC.n_slots):
+            r.get("t", slot)
