@@ -67,6 +67,13 @@ class RequestTooLarge(EngramMemError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class ResourceExhausted(EngramMemError):
+    """The shard cannot take an update now (its data directory's disk is full); nothing was
+    applied, reads go on. The message names the directory."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class StaleEpoch(EngramMemError):
     """The request was routed with an old placement; re-read the placement and retry."""
 
@@ -129,6 +136,7 @@ ERROR_CLASSES = {
     cls.__name__: cls
     for cls in (EngramMemError, InvalidArgument, UnknownTable, TableExists, RowOutOfRange,
                 NonFiniteGradient, NonFiniteUpdate, SequenceTooOld, CorruptData, ReadOnlyTable, RequestTooLarge,
+                ResourceExhausted,
                 StaleEpoch, NotReady, ShardUnavailable, Unavailable, MaybeApplied, Unauthenticated,
                 PermissionDenied)
 }

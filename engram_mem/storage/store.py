@@ -109,6 +109,9 @@ class ShardStore(SlotOps):
 
     # ---- the log -----------------------------------------------------------------------------
     def _next_lsn(self) -> int:
+        """The lsn of the change about to be applied; refuses it first if the log cannot take it."""
+        if self.log is not None:
+            self.log.check_space()
         return self.lsn + 1
 
     def _commit(self, lsn: int, kind: int, meta: dict, blobs) -> None:

@@ -28,6 +28,7 @@ and raises CorruptData naming the file and offset.
 from __future__ import annotations
 
 import asyncio
+import errno
 import glob
 import json
 import logging
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 import crc32c
 
-from engram_mem.errors import CorruptData, InvalidArgument
+from engram_mem.errors import CorruptData, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger("engram_mem.storage.wal")
 
@@ -76,6 +77,8 @@ class WriteAheadLog:
         self.bytes_since_truncate = 0
         self._closed = False
         self._error: BaseException | None = None
+        self._stalled: OSError | None = None   # the disk is full: the committer retries, new updates are refused
+        self._progress = 0                     # bytes of the group being written that are written
         self._thread: threading.Thread | None = None
 
     # ---- segments ----------------------------------------------------------------------------
@@ -132,8 +135,13 @@ class WriteAheadLog:
                 if not self._queue and self._closed:
                     return
                 group, self._queue = self._queue, []
+            self._progress = 0
             try:
-                self._write_group(group)
+                while not self._write_group(group):  # the disk is full: wait for space, never drop a record
+                    with self._cond:
+                        if self._closed:
+                            raise self._stalled
+                        self._cond.wait(0.5)
             except BaseException as e:  # noqa: BLE001 - a failed log write fails the requests waiting on it
                 log.exception("write-ahead log %s: write failed", self.path)
                 with self._cond:
@@ -145,28 +153,49 @@ class WriteAheadLog:
                 self._cond.notify_all()
             self._wake()
 
-    def _write_group(self, group) -> None:
-        if self._seg_bytes >= self.segment_bytes:
-            self._open_segment(group[0][0])
-        bufs = [b for _, parts, _ in group for b in parts]
-        total = sum(n for _, _, n in group)
-        done = 0
-        while done < total:  # writev may write less than asked (and takes at most IOV_MAX buffers)
-            chunk, left = [], done
-            for b in bufs:
-                n = len(b) if isinstance(b, bytes) else b.nbytes
-                if left >= n:
-                    left -= n
-                    continue
-                chunk.append(memoryview(b)[left:] if left else b)
-                left = 0
-                if len(chunk) >= 512:
-                    break
-            done += os.writev(self._fd, chunk)
-        if self.policy == "fsync":
-            os.fdatasync(self._fd)
+    def check_space(self) -> None:
+        """Raise ResourceExhausted while the disk under the log is full (before an update is applied:
+        a refused update changes nothing). Updates already accepted wait until space returns."""
+        e = self._stalled
+        if e is not None:
+            raise ResourceExhausted(f"write-ahead log {self.path}: the disk is full ({e.strerror}); writes and "
+                                    f"pushes are refused until space is freed there (reads go on)")
+
+    def _write_group(self, group) -> bool:
+        """Write the group from self._progress on; False if the disk filled (call again: it resumes)."""
+        try:
+            if self._progress == 0 and self._seg_bytes >= self.segment_bytes:
+                self._open_segment(group[0][0])
+            bufs = [b for _, parts, _ in group for b in parts]
+            total = sum(n for _, _, n in group)
+            while self._progress < total:  # writev may write less than asked (and takes at most IOV_MAX buffers)
+                chunk, left = [], self._progress
+                for b in bufs:
+                    n = len(b) if isinstance(b, bytes) else b.nbytes
+                    if left >= n:
+                        left -= n
+                        continue
+                    chunk.append(memoryview(b)[left:] if left else b)
+                    left = 0
+                    if len(chunk) >= 512:
+                        break
+                self._progress += os.writev(self._fd, chunk)
+            if self.policy == "fsync":
+                os.fdatasync(self._fd)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if self._stalled is None:
+                log.error("write-ahead log %s: the disk is full (%s); refusing updates until space returns",
+                          self.path, e.strerror)
+            self._stalled = e
+            return False
+        if self._stalled is not None:
+            log.warning("write-ahead log %s: space is back; updates are accepted again", self.path)
+            self._stalled = None
         self._seg_bytes += total
         self.bytes_since_truncate += total
+        return True
 
     def _wake(self, error: BaseException | None = None) -> None:
         with self._cond:
