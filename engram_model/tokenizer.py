@@ -19,9 +19,12 @@ Only the model's embedding and output use the full vocabulary; only the hash use
 The lookup is recomputed from tokenizer.json on load (it is a pure function of the vocabulary).
 
 A Hugging Face tokenizer.json made elsewhere loads too (CompressedTokenizer.load): its end-of-text
-token is the first of EOS_ALIASES it has (<|endoftext|>, </s>, ...); when it has none of
-PAD_ALIASES, a <|pad|> special token is appended to its vocabulary. The compression mapping is
-built from its vocabulary the same way.
+token is the first of EOS_ALIASES it has (<|endoftext|>, </s>, DeepSeek's <｜end▁of▁sentence｜>, ...);
+its pad is the id a checkpoint's config names (`pad_token_id`), else the first of PAD_ALIASES it
+has, else a <|pad|> special token appended to its vocabulary (never for a published checkpoint:
+appending changes the compressed vocabulary every hash multiplier derives from, so
+`from_checkpoint` reads the pad id and checks the compressed size against the config). The
+compression mapping is built from its vocabulary the same way.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, PAD]
 # A tokenizer.json made elsewhere names its end-of-text and padding tokens in its own way.
-EOS_ALIASES = [EOS, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]"]
-PAD_ALIASES = [PAD, "<pad>", "[PAD]", "<|finetune_right_pad_id|>"]
+# DeepSeek's checkpoints (V3, V4.1) spell theirs with fullwidth bars and U+2581: <｜end▁of▁sentence｜>.
+EOS_ALIASES = [EOS, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]",
+               "<\uff5cend\u2581of\u2581sentence\uff5c>"]
+PAD_ALIASES = [PAD, "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<\uff5c\u2581pad\u2581\uff5c>"]
 _SENTINEL = "\ue000"   # private-use char: protects a lone " " from Strip
 
 
@@ -79,12 +84,24 @@ def build_lookup(keys: list[str]) -> tuple[np.ndarray, int]:
 
 
 class CompressedTokenizer:
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, pad_token_id: int | None = None,
+                 compressed_vocab_size: int | None = None):
+        """pad_token_id: the model token id that pads n-gram windows, as a checkpoint's config names
+        it (V4.1: engram_pad_token_id); then nothing is appended to the vocabulary. compressed_vocab_size:
+        the size the checkpoint's tables were hashed with (V4.1: engram_compressed_vocab_size); a
+        tokenizer that compresses to another size is refused (its rows would be silently rehashed)."""
         self.tokenizer = tokenizer
         self.eos_token = self._find(EOS_ALIASES, "end-of-text")
-        if next((t for t in PAD_ALIASES if tokenizer.token_to_id(t) is not None), None) is None:
-            tokenizer.add_special_tokens([PAD])        # a foreign tokenizer without one: append it
-        self.pad_token = self._find(PAD_ALIASES, "padding")
+        if pad_token_id is not None:
+            token = tokenizer.id_to_token(int(pad_token_id))
+            if token is None:
+                raise ValueError(f"pad_token_id {pad_token_id} is not in the tokenizer's vocabulary "
+                                 f"({tokenizer.get_vocab_size()} tokens)")
+            self.pad_token = token
+        else:
+            if next((t for t in PAD_ALIASES if tokenizer.token_to_id(t) is not None), None) is None:
+                tokenizer.add_special_tokens([PAD])        # a foreign tokenizer without one: append it
+            self.pad_token = self._find(PAD_ALIASES, "padding")
         self.vocab_size = tokenizer.get_vocab_size()
         ids = list(range(self.vocab_size))
         texts = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
@@ -92,7 +109,11 @@ class CompressedTokenizer:
         self.lookup, self.compressed_vocab_size = build_lookup(compression_keys(texts, raw))  # int64 [V]
         self._lookup_t: dict[str, torch.Tensor] = {}
         self.eos_id = self.tokenizer.token_to_id(self.eos_token)
-        self.pad_id = self.tokenizer.token_to_id(self.pad_token)
+        self.pad_id = int(pad_token_id) if pad_token_id is not None else self.tokenizer.token_to_id(self.pad_token)
+        if compressed_vocab_size is not None and compressed_vocab_size != self.compressed_vocab_size:
+            raise ValueError(f"the tokenizer compresses {self.vocab_size} tokens to {self.compressed_vocab_size} ids; "
+                             f"the checkpoint's tables were hashed with compressed_vocab_size="
+                             f"{compressed_vocab_size}: not the tokenizer these tables were made with")
 
     def _find(self, aliases: list[str], what: str) -> str:
         for token in aliases:
@@ -116,8 +137,19 @@ class CompressedTokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CompressedTokenizer":
-        return cls(Tokenizer.from_file(str(path)))
+    def load(cls, path: str | Path, pad_token_id: int | None = None,
+             compressed_vocab_size: int | None = None) -> "CompressedTokenizer":
+        return cls(Tokenizer.from_file(str(path)), pad_token_id, compressed_vocab_size)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> "CompressedTokenizer":
+        """A published checkpoint's own tokenizer.json, with the pad id and compressed size its
+        config.json gives (engram_pad_token_id, engram_compressed_vocab_size; either may be absent)."""
+        import json
+
+        d = Path(directory)
+        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+        return cls.load(d / "tokenizer.json", cfg.get("engram_pad_token_id"), cfg.get("engram_compressed_vocab_size"))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -88,3 +88,51 @@ def test_trained_tokenizer(tok, tmp_path):
 def test_train_rejects_tiny_vocab():
     with pytest.raises(ValueError):
         CompressedTokenizer.train(["abc"], vocab_size=100)
+
+
+def _deepseek_style(tmp_path, specials):
+    """A byte-level BPE tokenizer.json whose special tokens are named as DeepSeek's checkpoints name them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    text = ["def f(x):\n    return x + 1\n", "Hello World, hello world. CAFÉ café"] * 50
+    hf.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    return hf
+
+
+def test_a_deepseek_tokenizer_json_loads_with_its_own_special_tokens_and_nothing_appended(tmp_path):
+    import json
+
+    bos, eos, pad = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<\uff5c\u2581pad\u2581\uff5c>"
+    hf = _deepseek_style(tmp_path, [bos, eos, pad])
+    plain = CompressedTokenizer.load(tmp_path / "tokenizer.json")           # recognized by name
+    assert plain.eos_token == eos and plain.pad_token == pad and plain.vocab_size == hf.get_vocab_size()
+
+    (tmp_path / "config.json").write_text(json.dumps({"engram_pad_token_id": hf.token_to_id(pad),
+                                                      "engram_compressed_vocab_size": plain.compressed_vocab_size}))
+    tok = CompressedTokenizer.from_checkpoint(tmp_path)
+    assert tok.vocab_size == hf.get_vocab_size()                            # no <|pad|> appended
+    assert tok.pad_id == hf.token_to_id(pad) and tok.eos_id == hf.token_to_id(eos)
+    assert tok.compressed_vocab_size == plain.compressed_vocab_size
+    assert np.array_equal(tok.lookup, plain.lookup)
+
+    (tmp_path / "config.json").write_text(json.dumps({"engram_pad_token_id": hf.token_to_id(pad),
+                                                      "engram_compressed_vocab_size": plain.compressed_vocab_size + 1}))
+    with pytest.raises(ValueError, match=rf"compresses {tok.vocab_size} tokens to {tok.compressed_vocab_size} ids; "
+                                         rf".*compressed_vocab_size={tok.compressed_vocab_size + 1}"):
+        CompressedTokenizer.from_checkpoint(tmp_path)
+
+
+def test_a_pad_id_from_the_config_is_used_even_without_a_pad_token_name(tmp_path):
+    """A tokenizer with an end-of-text token but no known pad: the config's pad id, no token appended."""
+    eos = "<\uff5cend\u2581of\u2581sentence\uff5c>"
+    hf = _deepseek_style(tmp_path / "nopad", [eos])
+    tok = CompressedTokenizer.load(tmp_path / "nopad" / "tokenizer.json", pad_token_id=hf.token_to_id(eos))
+    assert tok.vocab_size == hf.get_vocab_size() and tok.pad_id == tok.eos_id
+    with pytest.raises(ValueError, match="pad_token_id 99999 is not in the tokenizer's vocabulary"):
+        CompressedTokenizer.load(tmp_path / "nopad" / "tokenizer.json", pad_token_id=99999)
