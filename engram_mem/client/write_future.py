@@ -31,11 +31,13 @@ class WriteFuture(concurrent.futures.Future):
         self.acked: set[int] = set()      # shard ids whose part was acknowledged
         self.waiting: set[int] = set()    # shard ids whose part is not acknowledged yet
         self._task: asyncio.Task | None = None
+        self._loop_thread = 0
         self._why = ""
 
     # ---- loop thread -----------------------------------------------------------------------
     def start(self, coro) -> None:
         """Run coro as this request's task (loop thread); its outcome becomes this future's."""
+        self._loop_thread = threading.get_ident()
         self._task = self._loop.create_task(coro)
         self._task.add_done_callback(self._finish)
 
@@ -68,33 +70,29 @@ class WriteFuture(concurrent.futures.Future):
             err.__cause__ = e
             self.set_exception(err)
 
-    def _stop_soon(self, why: str, stopped: threading.Event | None) -> None:
-        if self._task is None or self._task.done():
-            if stopped is not None:
-                stopped.set()
-            return
-        self._why = why
-        self._task.cancel()
-        if stopped is not None:
-            self._task.add_done_callback(lambda _t: stopped.set())
-
-    async def stop_here(self, why: str) -> None:
-        """Stop the request from the loop thread and wait until its task has ended."""
+    def _cancel(self, why: str) -> None:
+        """Cancel the request's task (loop thread); _finish then ends the future with the typed error."""
         if self._task is not None and not self._task.done():
             self._why = why
             self._task.cancel()
+
+    async def stop_here(self, why: str) -> None:
+        """Stop the request from the loop thread and wait until its task has ended."""
+        self._cancel(why)
+        if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
-    # ---- any thread --------------------------------------------------------------------------
+    # ---- any thread but the loop's -------------------------------------------------------------
     def stop(self, why: str) -> bool:
         """Stop retrying; return once nothing more will be sent. True if it ended unacknowledged here."""
         if self.done():
             return False
-        stopped = threading.Event()
-        self._loop.call_soon_threadsafe(self._stop_soon, why, stopped)
-        stopped.wait()
-        concurrent.futures.wait([self])
-        return not (self.exception() is None)
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError("WriteFuture.stop/cancel/result(timeout) on the client's own loop thread would "
+                               "wait on itself; use stop_here there")
+        self._loop.call_soon_threadsafe(self._cancel, why)
+        concurrent.futures.wait([self])  # _finish runs once the task has ended: nothing more is sent
+        return self.exception() is not None
 
     def cancel(self) -> bool:
         return self.stop("cancelled by the caller")
