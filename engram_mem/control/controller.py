@@ -312,15 +312,16 @@ class ClusterController(Resharding):
     # ---- checkpoints -----------------------------------------------------------------------
 
 
-def start_controller(cfg: ClusterConfig, detached: bool = False):
-    """Create the controller actor and its shards; returns the actor handle once all serve."""
+def start_controller(cfg: ClusterConfig, detached: bool = False, cluster_id: str | None = None):
+    """Create the controller actor and its shards; returns the actor handle once all serve.
+    `cluster_id` (names the /dev/shm directory): `up` picks it first, to record it before the start."""
     import ray
 
     opts = dict(name=cfg.controller_name, namespace=NAMESPACE, num_cpus=0, max_concurrency=16,
                 max_restarts=-1, max_task_retries=-1)
     if detached:
         opts["lifetime"] = "detached"
-    ctl = ray.remote(ClusterController).options(**opts).remote(cfg.to_dict(), uuid.uuid4().hex[:8])
+    ctl = ray.remote(ClusterController).options(**opts).remote(cfg.to_dict(), cluster_id or uuid.uuid4().hex[:8])
     try:
         ray.get(ctl.start.remote())
     except BaseException:

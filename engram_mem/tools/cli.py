@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -111,6 +112,16 @@ def cmd_up(args) -> int:
         return 0
     if local.read_state(args.name) is not None:
         sys.exit(f"engram-mem: a local memory cluster {args.name!r} is already up (see `engram-mem status`)")
+    starting = local.up_running(args.name)
+    if starting is not None:
+        sys.exit(f"engram-mem: an `engram-mem up` (pid {starting.pid}) is starting {args.name!r}; wait for it, "
+                 f"or stop it with `engram-mem down`")
+    found = local.leftovers(args.name)
+    if found:  # an interrupted start or a dead Ray: clear it and start fresh
+        gone = local.teardown(args.name, clean_timeout=0)
+        print(f"engram-mem: cleaned up what an earlier {args.name!r} left: {found} "
+              f"({gone['processes']} process(es) stopped)", file=sys.stderr)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("engram-mem: up stopped by SIGTERM"))  # cleans up
     try:
         state = local.up(args.name, args.shards, tables, cluster)
     except Exception as e:  # noqa: BLE001 - the CLI says what went wrong, not "see log"
@@ -146,29 +157,14 @@ def cmd_down(args) -> int:
         ray.kill(ctl, no_restart=True)
         print(f"memory cluster {args.name!r} in {args.address} is down")
         return 0
-    state = local.read_state(args.name)
-    if state is None:
+    # Whatever state it is in (up, half-started, its Ray half dead): bounded, by the recorded pids and mark.
+    r = local.teardown(args.name, clean_timeout=args.timeout)
+    if not r["found"]:
         print(f"no local memory cluster {args.name!r} is running")
         return 0
-    import ray
-
-    from engram_mem.control.controller import get_controller
-
-    note = ""
-    try:
-        local.attach_ray(state["ray_address"])
-        ctl = get_controller(args.name)
-        if ctl is not None:
-            ray.get(ctl.shutdown.remote(), timeout=args.timeout)
-            ray.kill(ctl, no_restart=True)
-    except Exception as e:  # noqa: BLE001 - a broken cluster must still come down
-        note = f" (clean shutdown failed: {type(e).__name__}: {e}; processes stopped anyway)"
-    finally:
-        ray.shutdown()
-    local.remove_shm(state)
-    local.stop_ray_head(args.name)
-    os.unlink(local.state_path(args.name))
-    print(f"memory cluster {args.name!r} is down{note}")
+    note = f" ({r['note']})" if r["note"] else ""
+    print(f"memory cluster {args.name!r} is down: {r['processes']} process(es) stopped"
+          + (f", {r['shm']} removed" if r["shm"] else "") + note)
     return 0
 
 
@@ -306,7 +302,8 @@ def main(argv=None) -> int:
             sp.add_argument("--prometheus-sd", action="store_true",
                             help="print the shards' metrics endpoints as a Prometheus file_sd target list")
         if name == "down":
-            sp.add_argument("--timeout", type=float, default=120)
+            sp.add_argument("--timeout", type=float, default=15,
+                            help="seconds for the clean shutdown (final snapshots); then processes are stopped")
         if name == "checkpoint":
             sp.add_argument("dir", nargs="?", help="write the checkpoint here (default: the data dir)")
     rs = sub.add_parser("restore", help="replace every table by a checkpoint DIR (any shard count)")
