@@ -62,6 +62,26 @@ def next_prime(start: int, used: set[int]) -> int:
     return c
 
 
+def bucket_primes(engram_vocab_size: list[int], max_ngram_size: int, n_head_per_ngram: int,
+                  layer_ids: list[int]) -> dict[int, list[list[int]]]:
+    """{layer: [[prime of each head] for each order 2..max_n]}: every (order, head) gets the smallest
+    prime above engram_vocab_size[order - 2] - 1 (then above its previous head's) that no earlier
+    layer, order or head took. V4.1-Flash's config gives one engram_vocab_size for every order."""
+    used: set[int] = set()
+    out: dict[int, list[list[int]]] = {}
+    for layer in layer_ids:
+        per_order = []
+        for n in range(2, max_ngram_size + 1):
+            start, heads = int(engram_vocab_size[n - 2]) - 1, []
+            for _ in range(n_head_per_ngram):
+                start = next_prime(start, used)
+                used.add(start)
+                heads.append(start)
+            per_order.append(heads)
+        out[int(layer)] = per_order
+    return out
+
+
 class NgramHasher:
     def __init__(self, engram_vocab_size: list[int], max_ngram_size: int, n_head_per_ngram: int,
                  layer_ids: list[int], seed: int, pad_id: int, compressed_vocab_size: int):
@@ -92,19 +112,9 @@ class NgramHasher:
             r = rng.integers(0, half_bound, size=self.max_ngram_size, dtype=np.int64)
             self.multipliers[layer] = 2 * r + 1
 
-        used: set[int] = set()
-        self.table_sizes: dict[int, list[list[int]]] = {}  # layer -> per order -> per head prime
-        for layer in self.layer_ids:
-            per_order = []
-            for n in range(2, self.max_ngram_size + 1):
-                start, heads = self.engram_vocab_size[n - 2] - 1, []
-                for _ in range(self.n_head_per_ngram):
-                    start = next_prime(start, used)
-                    used.add(start)
-                    heads.append(start)
-                per_order.append(heads)
-            self.table_sizes[layer] = per_order
-
+        # layer -> per order -> per head prime
+        self.table_sizes = bucket_primes(self.engram_vocab_size, self.max_ngram_size, self.n_head_per_ngram,
+                                         self.layer_ids)
         self.head_sizes = {L: np.array([p for o in s for p in o], dtype=np.int64) for L, s in self.table_sizes.items()}
         # A layer's heads are concatenated into one table: row id = head index + head offset.
         self.offsets = {L: np.concatenate([[0], np.cumsum(s)[:-1]]).astype(np.int64) for L, s in self.head_sizes.items()}

@@ -32,15 +32,16 @@ class TableRecord:
     optimizer: OptimizerSpec
     uid: str
     placement: np.ndarray  # int32 [n_slots]: shard id of each slot
+    meta: dict = field(default_factory=dict)  # what tools record with the table (an import: layout, identity)
 
     def to_doc(self) -> dict:
         return {"spec": self.spec.to_dict(), "optimizer": self.optimizer.to_dict(), "uid": self.uid,
-                "placement": self.placement.astype(int).tolist()}
+                "placement": self.placement.astype(int).tolist(), "meta": self.meta}
 
     @classmethod
     def from_doc(cls, d: dict) -> "TableRecord":
         return cls(TableSpec.from_dict(d["spec"]), OptimizerSpec.from_dict(d["optimizer"]), d["uid"],
-                   np.asarray(d["placement"], dtype=np.int32))
+                   np.asarray(d["placement"], dtype=np.int32), d.get("meta") or {})
 
 
 @dataclass

@@ -38,6 +38,11 @@ from engram_mem.table import TableSpec
 log = logging.getLogger("engram_mem.control.controller")
 
 
+def _public_meta(meta: dict) -> dict:
+    """describe()'s view of a table's meta: keys starting with "_" (bulky: per-slot digests) stay out."""
+    return {k: v for k, v in meta.items() if not k.startswith("_")}
+
+
 class ClusterController(Resharding):
     def __init__(self, cluster: dict, cluster_id: str):
         self.cfg = ClusterConfig(**cluster)
@@ -237,7 +242,8 @@ class ClusterController(Resharding):
                              for m, r in enumerate(self.replica_infos.get(sid, []), start=1)]}
                        for sid, i in list(self.infos.items())},
             "tables": {n: {"spec": t.spec.to_dict(), "optimizer": t.optimizer.to_dict(), "uid": t.uid,
-                           "placement": t.placement.copy()} for n, t in self.state.tables.items()},
+                           "placement": t.placement.copy(), "meta": _public_meta(t.meta)}
+                       for n, t in self.state.tables.items()},
             "last_scale": self.last_scale,
         }
 
@@ -295,6 +301,24 @@ class ClusterController(Resharding):
             ray.get([h.drop_table.remote(name) for h in self._members()])
             self._set_epoch_all()
             return self.describe()
+
+    def set_table_meta(self, name: str, meta: dict) -> dict:
+        """Replace what tools record with table `name` (an import: its layout and identity), persisted
+        with the table (cluster.json) and shown by describe() but for keys starting with "_"."""
+        with self._lock:
+            rec = self.state.tables.get(name)
+            if rec is None:
+                raise UnknownTable(f"unknown table {name!r}")
+            rec.meta = dict(meta)
+            self._save()
+            return rec.meta
+
+    def table_meta(self, name: str) -> dict:
+        """All that is recorded with table `name`, describe()'s part and the rest (per-slot digests)."""
+        rec = self.state.tables.get(name)
+        if rec is None:
+            raise UnknownTable(f"unknown table {name!r}")
+        return rec.meta
 
     def set_optimizer(self, name: str, optimizer: dict) -> dict:
         import ray

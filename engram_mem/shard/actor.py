@@ -222,6 +222,12 @@ class ShardActor(Restore, Membership):
 
         return read_into_store(self.store, table, plan)
 
+    def slot_digests(self, table: str, slots) -> dict:
+        """{slot: digest of its stored rows} for owned slots (`engram-mem verify`, tools/verify.py)."""
+        from engram_mem.tools.verify import digest_slots
+
+        return digest_slots(self.store, table, slots)
+
     # ---- snapshots ---------------------------------------------------------------------------
     def snapshot(self, target_dir: str | None = None) -> dict:
         """Write a snapshot generation (to the data directory, or to target_dir for a checkpoint)

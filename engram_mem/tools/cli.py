@@ -6,7 +6,7 @@
     engram-mem checkpoint [DIR] [--address RAY_ADDRESS]
     engram-mem restore DIR [--shards N] [--address RAY_ADDRESS]
     engram-mem down [--address RAY_ADDRESS]
-    engram-mem import | export ...    (transfer.py: tables from and to safetensors files)
+    engram-mem import | export | verify ...    (transfer.py: tables from and to safetensors files)
 
 Without --address, `up` starts a local Ray head (`ray start --head`) on a loopback node address,
 creates the memory cluster in it and exits; the cluster runs until `down`. With --address, the
@@ -187,7 +187,8 @@ def cmd_status(args) -> int:
     ray.shutdown()
     if args.json:
         out = {"describe": {k: v for k, v in d.items() if k != "tables"},
-               "tables": {n: t["spec"] for n, t in d["tables"].items()}, "stats": stats, "shards": rows}
+               "tables": {n: t["spec"] for n, t in d["tables"].items()}, "stats": stats, "shards": rows,
+               "table_meta": {n: t.get("meta") or {} for n, t in d["tables"].items()}}   # layout, identity
         print(json.dumps(out, indent=1, default=str))
         return 0
     print(render(d, rows))

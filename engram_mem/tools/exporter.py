@@ -1,7 +1,13 @@
-"""`engram-mem export`: stream tables from a running cluster back to a safetensors file.
+"""`engram-mem export`: stream tables from a running cluster back to safetensors.
 
-    engram-mem export --mapping v41-flash --out tables.safetensors [--like MODEL_DIR/] [--optimizer-state]
-    export_tables(mem, "v41-flash", "tables.safetensors")
+    engram-mem export --mapping v41-flash --out OUT_DIR/ [--like MODEL_DIR/] [--optimizer-state]
+    export_tables(mem, "v41-flash", "tables.safetensors")     # one file, no index
+    export_tables(mem, None, "out/")                          # the imported tables' own layers
+
+A directory `out` (an existing one, or a name without .safetensors) gets the published layout:
+model.safetensors, model.safetensors.index.json (tensor -> file) and a config.json (the --like
+checkpoint's, else the Engram fields of the tables' recorded layout), so `engram-mem import out/`
+loads it as it loads the original. Names follow the --like files' spelling, else the mapping's first.
 
 The same mapping as the import (mapping.py) names the tensors. Shapes come from the cluster's table
 specs; a table that the mapping splits into several heads needs the heads' sizes: pass the
@@ -13,7 +19,7 @@ state), and every batch is written straight to its tensors' byte ranges (positio
 neither the file nor a table is ever held in memory. With `optimizer_state`, a float table's row
 optimizer state is written as "<values tensor>.<state>" (Adam: exp_avg, exp_avg_sq float32 of the
 values' shape, step int32 [rows]).
-fp8 tables are written as F8_E4M3 values and U8 scales (or the mapping's scale_dtype); importing
+fp8 tables are written as F8_E4M3 values and the mapping's first scale_dtype (else U8) scales; importing
 the file again gives the same bytes, and exporting an imported file reproduces every tensor's
 bytes (tested).
 """
@@ -29,14 +35,16 @@ import torch
 
 from engram_mem.errors import InvalidArgument
 from engram_mem.tools.importer import ue8m0_to_f32
-from engram_mem.tools.mapping import ITEMSIZE, TABLE_TENSOR_DTYPE, Piece, TensorInfo, index_files, load_mapping, resolve
+from engram_mem.tools.layout import config_fields
+from engram_mem.tools.mapping import (INDEX_FILE, ITEMSIZE, TABLE_TENSOR_DTYPE, Piece, TensorInfo, index_directory,
+                                      index_files, is_checkpoint_dir, load_mapping, resolve, spelling)
 
 
 def _layout(entry, spec, like: dict | None) -> list[tuple[str, str, tuple[int, int]]]:
     """(tensor name, dtype, shape) of every tensor a table is written as."""
     n = len(entry.values)
     vdtype = TABLE_TENSOR_DTYPE.get(entry.dtype, "U8")
-    sdtype = entry.scale_dtype or "U8"
+    sdtype = entry.scale_dtype[0] if entry.scale_dtype else "U8"
     shapes = []
     for i, name in enumerate(entry.values):
         if like is not None and name in like:
@@ -75,16 +83,26 @@ def _header(tensors: list[tuple[str, str, tuple[int, ...]]], path: str) -> tuple
     return struct.pack("<Q", len(raw)) + raw, infos
 
 
-def export_tables(client, mapping: str, out: str, *, like: list[str] | None = None, optimizer_state: bool = False,
-                  batch_bytes: int = 64 << 20, progress: bool = True) -> dict:
+def export_tables(client, mapping: str | None, out: str, *, like: list[str] | None = None,
+                  optimizer_state: bool = False, batch_bytes: int = 64 << 20, progress: bool = True) -> dict:
     import ray
     from tqdm import tqdm
 
     view = client.refresh()
-    like_index = index_files(like) if like else None
-    entries = load_mapping(mapping)
+    layouts = {n: t["meta"]["layout"] for n, t in view.raw["tables"].items() if (t.get("meta") or {}).get("layout")}
+    if mapping is None:  # the tables a checkpoint directory's import made: their own layers
+        if not layouts:
+            raise InvalidArgument("no --mapping, and no table in the cluster was imported from a checkpoint directory")
+        entries = load_mapping("v41-flash", layers=sorted(t["layer"] for t in layouts.values()))
+    else:
+        entries = load_mapping(mapping)
+    names = [n for e in entries for n in e.names]
+    like_index = (index_directory(like[0], names) if is_checkpoint_dir(like) else index_files(like)) if like else None
+    directory = os.path.isdir(out) or not out.endswith(".safetensors")
+    path = os.path.join(out, "model.safetensors") if directory else out
     tensors, jobs = [], []
     for e in entries:
+        e = spelling(e, like_index) if like_index is not None else e
         spec = view.table(e.table).spec
         if spec.dtype != e.dtype:
             raise InvalidArgument(f"table {e.table!r} is {spec.dtype}; the mapping says {e.dtype}")
@@ -99,8 +117,10 @@ def export_tables(client, mapping: str, out: str, *, like: list[str] | None = No
             for name, _, (r, d) in lay[:len(e.values)]:
                 tensors += [(f"{name}.{k}", st, (r, d) if shp else (r,)) for k, (st, _, shp) in state.items()]
         jobs.append((e, spec, state))
-    head, infos = _header(tensors, out)
-    tmp = out + ".partial"
+    if directory:
+        os.makedirs(out, exist_ok=True)
+    head, infos = _header(tensors, path)
+    tmp = path + ".partial"
     total = sum(spec.rows for _, spec, _ in jobs)
     bar = tqdm(total=total, unit="row", unit_scale=True, desc="export", disable=not progress)
     actors = ray.get(client.controller.shard_actors.remote())
@@ -134,8 +154,24 @@ def export_tables(client, mapping: str, out: str, *, like: list[str] | None = No
     finally:
         os.close(fd)
         bar.close()
-    os.replace(tmp, out)  # a half-written export never has the final name
-    return {"tensors": len(tensors), "bytes": written, "path": out}
+    os.replace(tmp, path)  # a half-written export never has the final name
+    if directory:
+        _write_index(out, [name for name, _, _ in tensors], entries, layouts, like)
+    return {"tensors": len(tensors), "bytes": written, "path": path}
+
+
+def _write_index(out: str, names: list[str], entries, layouts: dict, like: list[str] | None) -> None:
+    """model.safetensors.index.json and config.json beside an exported directory's model.safetensors."""
+    with open(os.path.join(out, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": os.path.getsize(os.path.join(out, "model.safetensors"))},
+                   "weight_map": {n: "model.safetensors" for n in names}}, f, indent=1)
+    src = os.path.join(like[0], "config.json") if like and len(like) == 1 and os.path.isdir(like[0]) else None
+    if src and os.path.exists(src):
+        with open(src) as f, open(os.path.join(out, "config.json"), "w") as g:
+            g.write(f.read())
+    elif all(e.table in layouts for e in entries):
+        with open(os.path.join(out, "config.json"), "w") as g:
+            json.dump(config_fields([layouts[e.table] for e in entries]), g, indent=1)
 
 
 _ST_DTYPE = {torch.float32: "F32", torch.int32: "I32", torch.int64: "I64"}

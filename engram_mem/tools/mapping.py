@@ -7,16 +7,21 @@ A mapping is a small JSON file (shipped ones: engram_mem/tools/mappings/*.json):
         "table":  "engram.l{layer}",               # table name; {layer} expands over "layers"
         "layers": [1, 14],
         "dtype":  "fp8_e4m3", "block": 32,         # float32 | bfloat16 | float16 | fp8_e4m3 | bytes
-        "values": "model.layers.{layer}.engram.embed.weight",      # one tensor, or a list (heads)
-        "scales": "model.layers.{layer}.engram.embed.weight_scale",  # fp8 only: ue8m0 bytes per block
+        "values": "layers.{layer}.engram.embed.weight",      # one tensor, or a list (heads)
+        "scales": "layers.{layer}.engram.embed.scale",       # fp8 only: ue8m0 bytes per block
+        "aliases": [{"values": "model.layers.{layer}.engram.embed.weight",          # optional: other
+                     "scales": "model.layers.{layer}.engram.embed.weight_scale_inv"}],  # spellings
         "concat": "rows",                          # a list of tensors is stacked along "rows" or "dim"
-        "scale_dtype": "U8"                        # optional: required on import, written on export
+        "scale_dtype": ["F8_E8M0", "U8"]           # optional: accepted on import; the first is written on export
      }]}
 
 Tensor names may also use {head} with "heads": N (one tensor per head). With "concat": "rows" the
 heads' rows follow one another (table row = head offset + head-local row, as the DeepSeek Engram
 demo's MultiHeadEmbedding and engram_model's tables lay them out); with "dim" a table row is the
 heads' rows side by side. An fp8 table's stored row is all values, then all scale bytes (quant.py).
+"aliases" are other spellings of the same tensors (the reference loader's parameter names beside
+the checkpoint's own): the first spelling whose tensors are all present is read; export writes
+the spelling of its --like files, else the first.
 
 Values tensors must be F32/BF16/F16 (the table's dtype), F8_E4M3 (fp8), or anything (bytes: the
 row is the tensor row's raw bytes). Scales may be U8 or F8_E8M0 (exponent bytes) or F32 (exact
@@ -24,7 +29,9 @@ powers of two, turned into exponent bytes on import).
 
 `resolve(entry, index)` checks every tensor against the files' headers (present, dtype, 2-D,
 row counts, widths) and returns the row pieces an import reads: nothing is read or written before
-every table of a mapping has passed.
+every table of a mapping has passed. A directory with a model.safetensors.index.json is read by
+its index (`index_directory`): only the files that hold mapped tensors are opened, and a file the
+index names that is absent, or that lacks a tensor the index puts there, is refused by name.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import glob
 import json
 import os
 import struct
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +53,7 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 TABLE_TENSOR_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "fp8_e4m3": "F8_E4M3"}
 SCALE_DTYPES = ("U8", "F8_E8M0", "F32")
+INDEX_FILE = "model.safetensors.index.json"
 
 
 # ---- safetensors headers ---------------------------------------------------------------------
@@ -118,6 +127,39 @@ def index_files(paths: list[str]) -> dict[str, TensorInfo]:
     return index
 
 
+def index_directory(directory: str, names: list[str]) -> dict[str, TensorInfo]:
+    """Headers of the files that a checkpoint's model.safetensors.index.json says hold `names`
+    (names it does not list are left out: resolve says they are missing). A named file that is
+    absent, or whose header lacks a tensor the index puts in it, is refused naming both."""
+    path = os.path.join(directory, INDEX_FILE)
+    try:
+        weight_map = json.loads(open(path).read())["weight_map"]
+    except ValueError as e:
+        raise InvalidArgument(f"{path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise InvalidArgument(f"{path}: no 'weight_map' (tensor name -> file)") from None
+    files: dict[str, list[str]] = {}
+    for n in names:
+        if n in weight_map:
+            files.setdefault(weight_map[n], []).append(n)
+    index: dict[str, TensorInfo] = {}
+    for f, held in sorted(files.items()):
+        full = os.path.join(directory, f)
+        if not os.path.exists(full):
+            raise InvalidArgument(f"{path}: tensor {held[0]!r} is in {f}, which is not in {directory}")
+        header = read_header(os.path.abspath(full))
+        for n in held:
+            if n not in header:
+                raise InvalidArgument(f"{path}: tensor {n!r} is listed in {f}, but {full} holds no such tensor")
+        index.update(header)
+    return index
+
+
+def is_checkpoint_dir(paths: list[str]) -> bool:
+    """One directory holding a safetensors index: a checkpoint as published."""
+    return len(paths) == 1 and os.path.isfile(os.path.join(paths[0], INDEX_FILE))
+
+
 # ---- mapping entries -------------------------------------------------------------------------
 @dataclass
 class MappingTable:
@@ -127,7 +169,21 @@ class MappingTable:
     scales: list[str] = field(default_factory=list)
     block: int = 0
     concat: str = "rows"
-    scale_dtype: str | None = None
+    scale_dtype: tuple[str, ...] = ()          # accepted on import (any if empty); [0] written on export
+    aliases: list[tuple[list[str], list[str]]] = field(default_factory=list)   # other (values, scales) spellings
+    layer: int | None = None                   # the model layer, for entries expanded over "layers"
+
+    @property
+    def spellings(self) -> list[tuple[list[str], list[str]]]:
+        return [(self.values, self.scales), *self.aliases]
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name this entry may read, in all its spellings."""
+        return [n for v, s in self.spellings for n in (*v, *s)]
+
+    def spelled(self, values: list[str], scales: list[str]) -> "MappingTable":
+        return dataclasses.replace(self, values=values, scales=scales)
 
     def spec(self, rows: int, dim: int, **kw) -> TableSpec:
         return TableSpec(self.table, rows, dim, dtype=self.dtype, block=self.block, **kw)
@@ -140,8 +196,9 @@ def _names(value, fmt: dict, heads: int | None) -> list[str]:
     return [str(v).format(**fmt) for v in items]
 
 
-def load_mapping(path: str) -> list[MappingTable]:
-    """A mapping file (a path, or the name of a shipped mapping) expanded into one entry per table."""
+def load_mapping(path: str, layers: list[int] | None = None) -> list[MappingTable]:
+    """A mapping file (a path, or the name of a shipped mapping) expanded into one entry per table;
+    `layers` replaces the file's "layers" (a checkpoint's config.json names its own)."""
     p = Path(path)
     if not p.exists() and (MAPPINGS_DIR / f"{path}.json").exists():
         p = MAPPINGS_DIR / f"{path}.json"
@@ -156,7 +213,8 @@ def load_mapping(path: str) -> list[MappingTable]:
         raise InvalidArgument(f"mapping {p}: 'format' must be {FORMAT!r}, got {doc.get('format')!r}")
     out = []
     for i, e in enumerate(doc.get("tables") or []):
-        known = {"table", "layers", "heads", "dtype", "block", "values", "scales", "concat", "scale_dtype", "comment"}
+        known = {"table", "layers", "heads", "dtype", "block", "values", "scales", "concat", "scale_dtype", "comment",
+                 "aliases"}
         if set(e) - known:
             raise InvalidArgument(f"mapping {p}: table entry {i} has unknown keys {sorted(set(e) - known)}")
         for k in ("table", "dtype", "values"):
@@ -166,17 +224,27 @@ def load_mapping(path: str) -> list[MappingTable]:
             raise InvalidArgument(f"mapping {p}: table entry {i}: concat must be 'rows' or 'dim'")
         if (e["dtype"] == "fp8_e4m3") != ("scales" in e):
             raise InvalidArgument(f"mapping {p}: table entry {i}: 'scales' is needed for, and only for, fp8_e4m3")
-        if e.get("scale_dtype") not in (None, *SCALE_DTYPES):
-            raise InvalidArgument(f"mapping {p}: table entry {i}: scale_dtype must be one of {SCALE_DTYPES}")
-        for layer in e.get("layers") or [None]:
+        sd = e.get("scale_dtype") or ()
+        sd = (sd,) if isinstance(sd, str) else tuple(sd)
+        if set(sd) - set(SCALE_DTYPES):
+            raise InvalidArgument(f"mapping {p}: table entry {i}: scale_dtype must be among {SCALE_DTYPES}, got {sd}")
+        spellings = [e, *(e.get("aliases") or [])]
+        for a in spellings[1:]:
+            if set(a) != ({"values", "scales"} if "scales" in e else {"values"}):
+                raise InvalidArgument(f"mapping {p}: table entry {i}: an alias gives exactly the entry's "
+                                      f"'values'{' and scales' if 'scales' in e else ''}, got {sorted(a)}")
+        entry_layers = e.get("layers") if layers is None or "layers" not in e else layers
+        for layer in entry_layers or [None]:
             fmt = {} if layer is None else {"layer": layer}
             heads = e.get("heads")
-            t = MappingTable(str(e["table"]).format(**fmt), e["dtype"], _names(e["values"], fmt, heads),
-                             _names(e["scales"], fmt, heads) if "scales" in e else [], int(e.get("block", 0)),
-                             e.get("concat", "rows"), e.get("scale_dtype"))
-            if t.scales and len(t.scales) != len(t.values):
-                raise InvalidArgument(f"mapping {p}: table {t.table!r} has {len(t.values)} values tensors but "
-                                      f"{len(t.scales)} scales tensors")
+            named = [(_names(a["values"], fmt, heads), _names(a["scales"], fmt, heads) if "scales" in a else [])
+                     for a in spellings]
+            t = MappingTable(str(e["table"]).format(**fmt), e["dtype"], *named[0], int(e.get("block", 0)),
+                             e.get("concat", "rows"), sd, named[1:], layer)
+            for v, s in named:
+                if s and len(s) != len(v):
+                    raise InvalidArgument(f"mapping {p}: table {t.table!r} has {len(v)} values tensors but "
+                                          f"{len(s)} scales tensors")
             out.append(t)
     if not out:
         raise InvalidArgument(f"mapping {p}: no tables")
@@ -197,30 +265,43 @@ class Piece:
     kind: str = "raw"
 
 
+def spelling(entry: MappingTable, index: dict[str, TensorInfo]) -> MappingTable:
+    """The entry as the files spell it: the first of its spellings whose values tensors are present
+    (else the first spelling, so that resolve names what is missing)."""
+    for values, scales in entry.spellings:
+        if all(n in index for n in values):
+            return entry.spelled(values, scales)
+    return entry
+
+
 def resolve(entry: MappingTable, index: dict[str, TensorInfo]) -> tuple[int, int, list[Piece]]:
     """(rows, dim, pieces) of one table; raises InvalidArgument naming the first thing that is wrong."""
     where = f"table {entry.table!r}"
+    entry = spelling(entry, index)
 
     def get(name: str) -> TensorInfo:
         t = index.get(name)
         if t is None:
             near = [n for n in index if n.split(".")[-1] == name.split(".")[-1]][:3]
+            others = [v[0] for v, _ in entry.spellings if v[0] != name] if name in entry.values else []
             raise InvalidArgument(f"{where}: tensor {name!r} is in none of the files"
+                                  + (f" (nor is {others})" if others else "")
                                   + (f" (similar: {near})" if near else ""))
         if len(t.shape) != 2:
-            raise InvalidArgument(f"{where}: tensor {name!r} has shape {t.shape}; expected 2-D [rows, width]")
+            raise InvalidArgument(f"{where}: tensor {name!r} in {t.file} has shape {t.shape}; expected 2-D [rows, width]")
         return t
 
     values = [get(n) for n in entry.values]
     want = TABLE_TENSOR_DTYPE.get(entry.dtype)
     for v in values:
         if want is not None and v.dtype != want:
-            raise InvalidArgument(f"{where}: tensor {v.name!r} is {v.dtype}; a {entry.dtype} table needs {want}")
+            raise InvalidArgument(f"{where}: tensor {v.name!r} in {v.file} is {v.dtype}; a {entry.dtype} table "
+                                  f"needs {want}")
     scales = [get(n) for n in entry.scales]
     for s in scales:
-        if s.dtype not in SCALE_DTYPES or (entry.scale_dtype and s.dtype != entry.scale_dtype):
-            raise InvalidArgument(f"{where}: scales tensor {s.name!r} is {s.dtype}; expected "
-                                  f"{entry.scale_dtype or ' or '.join(SCALE_DTYPES)}")
+        if s.dtype not in (entry.scale_dtype or SCALE_DTYPES):
+            raise InvalidArgument(f"{where}: scales tensor {s.name!r} in {s.file} is {s.dtype}; expected "
+                                  f"{' or '.join(entry.scale_dtype or SCALE_DTYPES)}")
     widths = [v.shape[1] if entry.dtype != "bytes" else v.row_bytes for v in values]
     if entry.concat == "rows":
         if len(set(widths)) != 1:
@@ -234,8 +315,9 @@ def resolve(entry: MappingTable, index: dict[str, TensorInfo]) -> tuple[int, int
     if entry.dtype == "fp8_e4m3":
         for v, s in zip(values, scales):
             if v.shape[1] % entry.block or s.shape != (v.shape[0], v.shape[1] // entry.block):
-                raise InvalidArgument(f"{where}: scales {s.name!r} have shape {s.shape}; values {v.shape} with "
-                                      f"block {entry.block} need ({v.shape[0]}, {v.shape[1] // max(1, entry.block)})")
+                raise InvalidArgument(f"{where}: scales {s.name!r} in {s.file} have shape {s.shape}; values "
+                                      f"{v.name!r} {v.shape} with block {entry.block} need "
+                                      f"({v.shape[0]}, {v.shape[1] // max(1, entry.block)})")
     spec = entry.spec(rows, dim)  # validates dtype/block
     item = spec.itemsize
     pieces, r, c, sc = [], 0, 0, spec.dim  # sc: next scale byte column (fp8)

@@ -117,4 +117,23 @@ def render(describe: dict, rows: list[dict]) -> str:
         out.append(f"table {name}: {spec['rows']:,} x {spec['dim']} {spec['dtype']}, "
                    f"{fmt_bytes(TableSpec.from_dict(spec).nbytes)}, "
                    f"optimizer {t['optimizer']['name']}")
+        out += table_meta_lines(t.get("meta") or {})
     return "\n".join(out)
+
+
+def table_meta_lines(meta: dict) -> list[str]:
+    """An imported table's layout (layer, heads, bucket sizes and offsets) and identity, indented."""
+    out = []
+    lay = meta.get("layout")
+    if lay:
+        out.append(f"{'':>5} layer {lay['layer']}: n-gram orders {lay['orders'][0]}-{lay['orders'][-1]} x "
+                   f"{lay['n_heads']} heads = {len(lay['bucket_sizes'])} prime buckets of {lay['head_dim']} values "
+                   f"(block {lay['block']}), {lay['rows_past_buckets']:,} rows past the last")
+        out.append(f"{'':>5}   bucket sizes   {' '.join(str(x) for x in lay['bucket_sizes'])}")
+        out.append(f"{'':>5}   bucket offsets {' '.join(str(x) for x in lay['bucket_offsets'])}")
+    ident = meta.get("identity")
+    if ident:
+        names = ", ".join(f"{x['name']} {x['dtype']} {list(x['shape'])}" for x in ident["tensors"])
+        out.append(f"{'':>5} imported from {names}; digest "
+                   + (ident["digest"] or f"incomplete ({ident['slots_digested']} slots digested)"))
+    return out

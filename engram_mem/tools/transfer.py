@@ -1,10 +1,13 @@
-"""`engram-mem import` and `engram-mem export`: tables between safetensors files and a running cluster.
+"""`engram-mem import`, `export` and `verify`: tables between safetensors files and a running cluster.
 
-    engram-mem import --mapping v41-flash /models/V4.1-Flash/ [--sha256 SUMS] [--journal F] [--max-gbps X]
-    engram-mem export --mapping v41-flash --out tables.safetensors [--like /models/V4.1-Flash/] [--optimizer-state]
+    engram-mem import /models/DeepSeek-V4.1-Flash/ [--sha256 SUMS] [--journal F] [--max-gbps X] [--replace]
+    engram-mem import --mapping my-mapping.json 'ckpt/model-*.safetensors'
+    engram-mem export --mapping v41-flash --out DIR/ [--like /models/DeepSeek-V4.1-Flash/] [--optimizer-state]
+    engram-mem verify [--table T] [--sample N]
 
-The work is in importer.py and exporter.py; mappings (mapping.py) are JSON files or the names of
-the shipped ones in engram_mem/tools/mappings/ (`deepseek-engram-demo`, `v41-flash`).
+The work is in importer.py, exporter.py and verify.py; mappings (mapping.py) are JSON files or the
+names of the shipped ones in engram_mem/tools/mappings/ (`deepseek-engram-demo`, `v41-flash`). A
+checkpoint directory (model.safetensors.index.json + config.json) needs no mapping.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def cmd_import(args) -> int:
         try:
             r = import_tables(mem, args.mapping, args.files, sha256=args.sha256, journal=args.journal,
                               batch_bytes=args.batch_mb << 20, max_gbps=args.max_gbps, progress=not args.quiet,
-                              storage=args.table_storage or "")
+                              storage=args.table_storage or "", replace=args.replace)
         except EngramMemError as e:
             sys.exit(f"engram-mem import: {e}")
     print(json.dumps(r) if args.json else
@@ -53,11 +56,33 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from engram_mem.errors import EngramMemError
+    from engram_mem.tools.verify import verify_tables
+
+    with _client(args) as mem:
+        try:
+            r = verify_tables(mem, args.table or None, sample=0 if args.full else args.sample, seed=args.seed)
+        except EngramMemError as e:
+            sys.exit(f"engram-mem verify: {e}")
+    if args.json:
+        print(json.dumps(r))
+    for name, t in r.items():
+        if not args.json:
+            print(f"table {name}: {t['slots_checked']} of {t['slots']} slots checked, "
+                  + (f"{len(t['bad_slots'])} differ: {t['first_bad']['reason']}" if t["bad_slots"] else
+                     "all match the import"))
+    return 1 if any(t["bad_slots"] for t in r.values()) else 0
+
+
 def add_parser(sub) -> dict:
-    """Add the import and export subcommands; returns {name: command function}."""
+    """Add the import, export and verify subcommands; returns {name: command function}."""
     im = sub.add_parser("import", help="load tables from safetensors files into the cluster")
-    im.add_argument("files", nargs="+", help="safetensors files, directories or globs")
-    im.add_argument("--mapping", required=True, help="mapping JSON file, or a shipped mapping's name")
+    im.add_argument("files", nargs="+", help="a checkpoint directory, or safetensors files, directories or globs")
+    im.add_argument("--mapping", help="mapping JSON file, or a shipped mapping's name (default for a checkpoint "
+                                      "directory: its config.json's tables, named as v41-flash names them)")
+    im.add_argument("--replace", action="store_true",
+                    help="replace tables that were imported from other tensors (else refused)")
     im.add_argument("--sha256", help="a sha256sum-format file listing every file's digest (checked first)")
     im.add_argument("--journal", help="progress journal (default: ~/.cache/engram-mem/import-<key>.jsonl); "
                                       "a killed import run again continues from it")
@@ -69,9 +94,16 @@ def add_parser(sub) -> dict:
     im.add_argument("--address")
     ex = sub.add_parser("export", help="write tables from the cluster to a safetensors file")
     ex.add_argument("--mapping", required=True)
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True, help="a directory (model.safetensors + index) or a .safetensors file")
     ex.add_argument("--like", nargs="*", help="the original files: head sizes and dtypes are taken from their headers")
     ex.add_argument("--optimizer-state", action="store_true", help="also write each float table's optimizer state")
     ex.add_argument("--quiet", action="store_true")
     ex.add_argument("--address")
-    return {"import": cmd_import, "export": cmd_export}
+    ve = sub.add_parser("verify", help="check the cluster's imported rows against the digests their import recorded")
+    ve.add_argument("--table", action="append", default=[], help="a table to check (repeatable; default: all imported)")
+    ve.add_argument("--sample", type=int, default=64, help="slots per table, drawn at random (default %(default)s)")
+    ve.add_argument("--full", action="store_true", help="check every slot")
+    ve.add_argument("--seed", type=int, default=0)
+    ve.add_argument("--json", action="store_true")
+    ve.add_argument("--address")
+    return {"import": cmd_import, "export": cmd_export, "verify": cmd_verify}

@@ -1,6 +1,8 @@
-"""Real Engram tables in a real local cluster: FP8 rows with block scales imported from safetensors,
-served through every tier, exported back; imports that check first and resume after kill -9;
-a disk-backed shard under a memory budget smaller than its table."""
+"""Real Engram tables in a real local cluster: FP8 rows with block scales imported from a checkpoint
+directory in DeepSeek-V4.1-Flash's published layout (no mapping), served through every tier,
+exported back to a directory that imports again; imports that check first, resume after kill -9,
+record the table's layout and identity, refuse another source unless replacing; verify finding a
+changed row; a disk-backed shard under a memory budget smaller than its table."""
 
 import json
 import os
@@ -21,10 +23,13 @@ from engram_mem.security import authorized_stub
 from engram_mem.errors import InvalidArgument, ReadOnlyTable
 from engram_mem.tools.exporter import export_tables
 from engram_mem.worker.fetcher import RowFetcher
-from engram_mem.tools.importer import import_tables
+from engram_mem.tools.importer import digest_rows, import_tables, table_digest
+from engram_mem.tools.status import render
+from engram_mem.tools.verify import verify_tables
 from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.quant import dequantize_reference, quantize
 from engram_mem.storage.disk import resident_bytes
+from engram_model.hashing import bucket_primes
 from engram_mem.tools.synthetic import write_demo, write_v41
 from engram_mem.table import TableSpec
 from engram_mem.wire import ids_bytes
@@ -39,18 +44,31 @@ def mem(ray_local):
         yield client
 
 
+def _source(d):
+    """{layer: (values uint8 [R, 256], scale bytes uint8 [R, 8])} of a V4.1-layout directory."""
+    weight_map = json.loads(open(os.path.join(d, "model.safetensors.index.json")).read())["weight_map"]
+    src = {}
+    for layer in json.loads(open(os.path.join(d, "config.json")).read())["engram_layer_ids"]:
+        got = []
+        for part in ("weight", "scale"):
+            name = f"layers.{layer}.engram.embed.{part}"
+            with safe_open(os.path.join(d, weight_map[name]), "pt") as f:
+                got.append(f.get_tensor(name).view(torch.uint8).numpy())
+        src[layer] = tuple(got)
+    return src
+
+
+def _drop(mem, *names):
+    for name in names or ("engram.l1", "engram.l14"):
+        if name in mem.tables():
+            mem.drop_table(name)
+
+
 @pytest.fixture(scope="module")
 def v41(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("v41"))
-    paths = write_v41(d, ROWS)
-    src = {}
-    for layer, vf, sf in ((1, 0, 1), (14, 1, 2)):
-        with safe_open(paths[vf], "pt") as f:
-            v = f.get_tensor(f"model.layers.{layer}.engram.embed.weight").view(torch.uint8).numpy()
-        with safe_open(paths[sf], "pt") as f:
-            s = f.get_tensor(f"model.layers.{layer}.engram.embed.weight_scale").numpy()
-        src[layer] = (v, s)
-    return d, paths, src
+    paths = write_v41(d, ROWS, extra_rows=3)
+    return d, paths, _source(d)
 
 
 def _tensors(path):
@@ -60,13 +78,14 @@ def _tensors(path):
 
 def test_fp8_table_imported_from_safetensors_serves_its_dequantized_rows_through_every_tier(mem, v41, tmp_path):
     d, paths, src = v41
-    r = import_tables(mem, "v41-flash", [d], sha256=os.path.join(d, "SHA256SUMS"), journal=str(tmp_path / "j"),
+    n = sum(v.shape[0] for v, _ in src.values())
+    r = import_tables(mem, None, [d], sha256=os.path.join(d, "SHA256SUMS"), journal=str(tmp_path / "j"),
                       progress=False)
-    assert r["rows"] == 2 * ROWS and r["skipped_rows"] == 0 and r["bytes"] == 2 * ROWS * 264
+    assert r["rows"] == n and r["skipped_rows"] == 0 and r["bytes"] == n * 264
     spec = mem.tables()["engram.l1"]
     assert (spec.dtype, spec.block, spec.row_bytes) == ("fp8_e4m3", 32, 264)
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, ROWS, 6000)
+    ids = rng.integers(0, min(v.shape[0] for v, _ in src.values()), 6000)
     for layer, (v, s) in src.items():
         name = f"engram.l{layer}"
         want_raw = np.concatenate([v, s], axis=1)[ids]                     # [n, 264]: values then scales
@@ -158,14 +177,13 @@ def test_import_checks_everything_before_writing(mem, v41, tmp_path):
 
 def test_an_import_killed_with_sigkill_continues_where_it_stopped(mem, ray_local, tmp_path):
     d = str(tmp_path / "src")
-    paths = write_v41(d, ROWS, seed=7)
-    for name in ("engram.l1", "engram.l14"):
-        if name in mem.tables():
-            mem.drop_table(name)
+    write_v41(d, ROWS, seed=7)
+    src = _source(d)
+    _drop(mem)
     journal = str(tmp_path / "journal.jsonl")
     address = ray_local.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "engram_mem.tools.cli", "--name", NAME, "import", "--address", address,
-           "--mapping", "v41-flash", d, "--journal", journal, "--batch-mb", "1", "--quiet"]
+           d, "--journal", journal, "--batch-mb", "1", "--quiet"]
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     # Throttled so that it is surely still running when it is killed.
     proc = subprocess.Popen(cmd + ["--max-gbps", "0.002"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -182,31 +200,37 @@ def test_an_import_killed_with_sigkill_continues_where_it_stopped(mem, ray_local
     out = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["skipped_rows"] > 0 and r["rows"] + r["skipped_rows"] == 2 * ROWS
+    assert r["skipped_rows"] > 0 and r["rows"] + r["skipped_rows"] == sum(v.shape[0] for v, _ in src.values())
     mem.refresh()
-    for layer, (vf, sf) in ((1, (0, 1)), (14, (1, 2))):
-        v = _tensors(paths[vf])[f"model.layers.{layer}.engram.embed.weight"].view(torch.uint8).numpy()
-        s = _tensors(paths[sf])[f"model.layers.{layer}.engram.embed.weight_scale"].numpy()
-        assert np.array_equal(mem.gather(f"engram.l{layer}", np.arange(ROWS)), np.concatenate([v, s], axis=1))
+    for layer, (v, s) in src.items():
+        assert np.array_equal(mem.gather(f"engram.l{layer}", np.arange(v.shape[0])), np.concatenate([v, s], axis=1))
+    # The digests of the batches before the kill came back from the journal: the identity is whole.
+    assert all(r["digests"][f"engram.l{layer}"] for layer in src)
+    assert verify_tables(mem, sample=0)["engram.l1"]["bad_slots"] == []
 
 
 def test_export_round_trips_every_tensor_byte_for_byte(mem, v41, tmp_path):
     d, paths, _ = v41
-    for name in ("engram.l1", "engram.l14"):
-        if name in mem.tables():
-            mem.drop_table(name)
-    import_tables(mem, "v41-flash", [d], journal=str(tmp_path / "j1"), progress=False)
-    out = str(tmp_path / "out.safetensors")
-    export_tables(mem, "v41-flash", out, progress=False)
-    got = _tensors(out)
+    _drop(mem)
+    first = import_tables(mem, None, [d], journal=str(tmp_path / "j1"), progress=False)
+    out = str(tmp_path / "out")
+    export_tables(mem, None, out, progress=False)            # a directory: shards, index and config.json
+    got = _tensors(os.path.join(out, "model.safetensors"))
     want = {k: t for p in paths for k, t in _tensors(p).items()}
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
         assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+    assert sorted(json.loads(open(os.path.join(out, "model.safetensors.index.json")).read())["weight_map"]) == sorted(want)
+    # The exported directory loads where the original did: no mapping, and it is the same table
+    # (same tensors, same digests), so importing it again is not refused.
+    again = import_tables(mem, None, [out], journal=str(tmp_path / "j1b"), progress=False)
+    assert again["digests"] == first["digests"] and all(again["digests"].values())
+    # A single file without an index, named by a mapping, as before.
+    export_tables(mem, "v41-flash", str(tmp_path / "one.safetensors"), progress=False)
+    assert sorted(_tensors(str(tmp_path / "one.safetensors"))) == sorted(want)
     # The DeepSeek demo layout (float32 multi-head embedding), with the optimizer state alongside.
-    for name in ("engram.l1", "engram.l14"):
-        mem.drop_table(name)
+    _drop(mem)
     demo = write_demo(str(tmp_path / "demo"), 3000)
     import_tables(mem, "deepseek-engram-demo", [str(tmp_path / "demo")], journal=str(tmp_path / "j2"), progress=False)
     src = _tensors(demo[0])
@@ -281,11 +305,8 @@ def test_v41_shaped_model_generates_the_same_tokens_from_the_cluster_as_in_proce
             w.copy_(saved[k])
     assert not torch.allclose(logits, zeroed)
 
-    for name in ("engram.l1", "engram.l14"):
-        if name in mem.tables():
-            mem.drop_table(name)
-    import_tables(mem, "v41-flash", [str(ckpt / "engram_tables.safetensors")], journal=str(tmp_path / "j"),
-                  progress=False)
+    _drop(mem)
+    import_tables(mem, None, [str(ckpt)], journal=str(tmp_path / "j"), progress=False)   # the published layout
     remote_model, tok2 = load_for_inference(str(ckpt), mem)
     try:
         remote = generate(remote_model, tok2, prompts, max_new_tokens=24, stop_at_eos=False)
@@ -300,3 +321,73 @@ def test_v41_shaped_model_generates_the_same_tokens_from_the_cluster_as_in_proce
     assert out.returncode == 0, out.stderr[-2000:]
     want = generate(model, tok, [prompts[1]], max_new_tokens=24, seed=0)[0]
     assert f"{prompts[1]}{want}" in out.stdout
+
+
+def test_a_checkpoint_directory_import_records_layout_and_identity_and_refuses_another_source(mem, ray_local,
+                                                                                              v41, tmp_path):
+    d, paths, src = v41
+    _drop(mem)
+    r = import_tables(mem, None, [d], sha256=os.path.join(d, "SHA256SUMS"), journal=str(tmp_path / "j1"),
+                      progress=False)
+    cfg = json.loads(open(os.path.join(d, "config.json")).read())
+    primes = bucket_primes([cfg["engram_vocab_size"]] * 2, 3, cfg["engram_n_heads"], cfg["engram_layer_ids"])
+    desc = mem.describe()["tables"]
+    for layer, (v, s) in src.items():
+        name = f"engram.l{layer}"
+        meta = desc[name]["meta"]
+        sizes = [p for order in primes[layer] for p in order]
+        assert meta["layout"]["bucket_sizes"] == sizes and meta["layout"]["rows_past_buckets"] == 3
+        assert meta["layout"]["bucket_offsets"] == [sum(sizes[:j]) for j in range(len(sizes))]
+        assert [(t["name"], t["dtype"], t["shape"]) for t in meta["identity"]["tensors"]] == [
+            (f"layers.{layer}.engram.embed.weight", "F8_E4M3", [v.shape[0], 256]),
+            (f"layers.{layer}.engram.embed.scale", "F8_E8M0", [v.shape[0], 8])]
+        assert sorted(meta["identity"]["sha256"]) == sorted({os.path.basename(t["file"])
+                                                             for t in meta["identity"]["tensors"]})
+        assert "_digests" not in meta                       # per-slot digests stay out of describe()
+        # The recorded digest is the source's own rows, digested here slot by slot.
+        spec = mem.tables()[name]
+        rows = np.concatenate([v, s], axis=1)
+        want = table_digest(spec, {k: digest_rows(rows[slice(*spec.slot_range(k))]) for k in range(spec.n_slots)})
+        assert meta["identity"]["digest"] == want == r["digests"][name]
+    text = render(mem.describe(), [])                       # what `engram-mem status` prints for the tables
+    assert f"bucket sizes   {' '.join(map(str, [p for o in primes[14] for p in o]))}" in text
+    assert "imported from layers.1.engram.embed.weight F8_E4M3" in text
+
+    # The same tensors again: accepted (same digests). Other rows under the same names and shapes:
+    # refused before anything changes, unless replacing.
+    other = str(tmp_path / "other")
+    write_v41(other, ROWS, extra_rows=3, seed=99)
+    assert import_tables(mem, None, [d], journal=str(tmp_path / "j2"), progress=False)["digests"] == r["digests"]
+    with pytest.raises(InvalidArgument, match="differ from the rows this table was imported with.*--replace"):
+        import_tables(mem, None, [other], journal=str(tmp_path / "j3"), progress=False)
+    v, s = src[1]
+    assert np.array_equal(mem.gather("engram.l1", np.arange(v.shape[0])), np.concatenate([v, s], axis=1))
+    # Other tensors (another row count): refused at the check, naming what differs.
+    third = str(tmp_path / "third")
+    write_v41(third, ROWS, extra_rows=10, seed=5)
+    with pytest.raises(InvalidArgument, match="exists as rows=.*--replace"):
+        import_tables(mem, None, [third], journal=str(tmp_path / "j4"), progress=False)
+    r2 = import_tables(mem, None, [other], journal=str(tmp_path / "j5"), progress=False, replace=True)
+    v2, s2 = _source(other)[1]
+    assert np.array_equal(mem.gather("engram.l1", np.arange(v2.shape[0])), np.concatenate([v2, s2], axis=1))
+    assert r2["digests"]["engram.l1"] != r["digests"]["engram.l1"]
+
+    # verify: everything matches; then one byte of one row changes in the cluster, and verify names it.
+    assert all(t["bad_slots"] == [] and t["slots_checked"] == t["slots"] for t in verify_tables(mem).values())
+    row = 1234
+    changed = np.concatenate([v2, s2], axis=1)[row:row + 1].copy()
+    changed[0, 17] ^= 0x01
+    mem.write("engram.l1", np.array([row]), changed)
+    address = ray_local.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, "-m", "engram_mem.tools.cli", "--name", NAME, "verify", "--address", address,
+                          "--full", "--json"], env=dict(os.environ, PYTHONPATH=os.getcwd()), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    spec = mem.tables()["engram.l1"]
+    assert got["engram.l1"]["bad_slots"] == [int(spec.slot_of(np.array([row]))[0])]
+    assert (got["engram.l1"]["first_bad"]["row"], got["engram.l1"]["first_bad"]["byte"]) == (row, 17)
+    assert got["engram.l14"]["bad_slots"] == []
+    # Sampling is by slot: a sample holding every slot finds the row too.
+    assert verify_tables(mem, ["engram.l1"], sample=spec.n_slots)["engram.l1"]["first_bad"]["row"] == row
+    _drop(mem)
