@@ -33,14 +33,14 @@ from engram_mem.errors import InvalidArgument
 from engram_mem.tools.layout import EngramLayout, read_config
 from engram_mem.tools.mapping import Piece, index_directory, index_files, is_checkpoint_dir, load_mapping, resolve
 
-DIGEST_BYTES = 16       # blake2b-128 per slot of stored rows
+DIGEST_BYTES = 16       # sha256 cut to 128 bits, per slot of stored rows (sha256: CPUs hash it in hardware)
 DEFAULT_MAPPING = "v41-flash"
 
 
 # ---- the shard side ---------------------------------------------------------------------------
 def digest_rows(rows: np.ndarray) -> str:
     """The digest of stored rows (uint8 [n, row bytes]) that identity records and verify checks."""
-    return hashlib.blake2b(np.ascontiguousarray(rows).data, digest_size=DIGEST_BYTES).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(rows).data).hexdigest()[:2 * DIGEST_BYTES]
 
 
 def assemble_rows(item: dict, row_bytes: int, fds: dict[str, int]) -> tuple[np.ndarray, int]:
@@ -286,11 +286,11 @@ def _read_journal(path: str, key: str) -> dict[tuple[str, int], str]:
 
 
 def table_digest(spec, digests: dict[int, str]) -> str:
-    """One digest of a whole table: blake2b-128 over its slots' digests in slot order."""
-    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    """One digest of a whole table: sha256 (cut to 128 bits) over its slots' digests in slot order."""
+    h = hashlib.sha256()
     for s in range(spec.n_slots):
         h.update(bytes.fromhex(digests[s]))
-    return h.hexdigest()
+    return h.hexdigest()[:2 * DIGEST_BYTES]
 
 
 def _identity(p: TablePlan, sums: dict[str, str], digests: dict[int, str]) -> dict:
@@ -299,7 +299,7 @@ def _identity(p: TablePlan, sums: dict[str, str], digests: dict[int, str]) -> di
     ident = {"tensors": p.tensors(), "sha256": {f: d for f, d in sums.items()
                                                 if f in {os.path.basename(t["file"]) for t in p.tensors()}},
              "digest": table_digest(p.spec, digests) if complete else None,
-             "digest_kind": "blake2b-128 of each slot's stored rows; the table's over the slots' in order",
+             "digest_kind": "sha256[:128 bits] of each slot's stored rows; the table's over the slots' in order",
              "slots_digested": sum(1 for d in digests.values() if d)}
     return {"layout": p.layout, "identity": ident, "_digests": {str(s): d for s, d in sorted(digests.items()) if d},
             "_pieces": p.piece_list()}

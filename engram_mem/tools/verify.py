@@ -3,7 +3,7 @@
     engram-mem verify [--table engram.l1] [--sample 64 | --full] [--seed 0]
     verify_tables(mem, sample=64)      # {table: {"slots_checked", "bad_slots", "first_bad", ...}}
 
-An import (importer.py) digests every slot's stored rows as they stream (blake2b-128) and records
+An import (importer.py) digests every slot's stored rows as they stream (sha256, cut to 128 bits) and records
 the digests with the table. Verify asks each shard to digest its own slots in place
 (ShardActor.slot_digests -> digest_slots), so only digests travel: all of them (full) or a seeded
 random sample of slots per table. The first slot that differs is then pinned to its first
