@@ -12,6 +12,7 @@ from engram_mem.errors import InvalidArgument
 
 DEFAULT_NAME = "engram-mem"
 NAMESPACE = "engram-mem"  # Ray namespace of the controller and shard actors
+DATA_PLANES = ("tcp", "grpc")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ClusterConfig:
     storage: str = "shm"                # where shard rows live: "shm" or "disk:/dir" (storage.py)
     memory_budget: int = 0              # disk storage: bytes of page cache each shard keeps (0 = no bound)
     security: dict | None = None        # auth.Security as a dict: credentials, TLS; None = new random credentials
+    data_plane: str = "tcp"             # bulk rows: "tcp" (framed TCP beside gRPC, transport/) or "grpc" (gRPC only)
 
     def __post_init__(self):
         if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", self.name):
@@ -68,6 +70,8 @@ class ClusterConfig:
             raise InvalidArgument("keep_generations must be >= 1; wal_segment_bytes and snapshot_log_bytes >= 65536")
         if self.snapshot_interval_s < 0:
             raise InvalidArgument("snapshot_interval_s must be >= 0")
+        if self.data_plane not in DATA_PLANES:
+            raise InvalidArgument(f"data_plane {self.data_plane!r} is not one of {', '.join(DATA_PLANES)}")
         if self.memory_budget < 0:
             raise InvalidArgument(f"memory_budget must be >= 0 bytes, got {self.memory_budget}")
         from engram_mem.storage.disk import parse_storage

@@ -1,8 +1,8 @@
-"""Client: the Python API of a memory cluster (`connect`, `MemoryClient`) and its data plane.
+"""Client: the Python API of a memory cluster (`connect`, `MemoryClient`) and its request logic;
+the bytes travel through engram_mem.transport (gRPC channels, the framed-TCP data plane).
 
 api (MemoryClient), connect, reads, writes, members (which member a
-request goes to), channel (gRPC channels and the typed errors of failed calls),
-retry (backoff until a deadline), routing (ids -> shard parts), gather_future and write_future
+request goes to), retry (backoff until a deadline), routing (ids -> shard parts), gather_future and write_future
 (results in flight: a gather's rows, a write's or push's acknowledgement or typed error).
 """
 

@@ -8,8 +8,8 @@
         mem.push("t", ids, grads, lr=1e-3)             # duplicate ids' gradients are summed first
 
 The control plane (tables, placement, shard addresses) comes from the controller actor through
-Ray; the data plane is gRPC straight to the shards (channel.py), from one uvloop event loop on a
-background thread. This class is the front: the cluster view, tables and the control plane;
+Ray; bulk rows travel straight to the shards over their framed-TCP data plane (transport/), other
+calls over gRPC (channel.py), all from one uvloop event loop on a background thread. This class is the front: the cluster view, tables and the control plane;
 gathers are reads.py's, writes and pushes writes.py's, which member serves a request and finding
 a restarted one members.py's; validation is validate.py's, cutting a request into per-shard
 parts routing.py's, retrying retry.py's.
@@ -34,18 +34,22 @@ import threading
 import grpc
 import numpy as np
 
-from engram_mem.client.channel import ShardChannels, rpc_error
+from engram_mem.transport.grpc_channels import ShardChannels, rpc_error
 from engram_mem.client.members import Members
 from engram_mem.client.reads import Reads
 from engram_mem.client.retry import RETRYABLE, RetryPolicy
 from engram_mem.client.routing import ClusterView
 from engram_mem.client.write_future import WriteFuture
 from engram_mem.client.writes import Writes
-from engram_mem.errors import UnknownTable
+from engram_mem.config import DATA_PLANES
+from engram_mem.errors import InvalidArgument, UnknownTable
 from engram_mem.optim import OptimizerSpec
 from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.security import ClientSecurity
 from engram_mem.table import TableSpec
+from engram_mem.transport.connector import RowConnector
+from engram_mem.transport.grpc_connector import GrpcConnector
+from engram_mem.transport.tcp_connector import TcpConnector
 from engram_mem.validate import check_ids
 
 log = logging.getLogger("engram_mem.client.api")
@@ -54,7 +58,7 @@ log = logging.getLogger("engram_mem.client.api")
 class MemoryClient(Reads, Writes, Members):
     def __init__(self, controller, *, on_close=None, retry_timeout: float = 60.0, worker: str = "",
                  client_id: str | None = None, security: dict | None = None, read_only: bool = False,
-                 read_replicas: bool | None = None):
+                 read_replicas: bool | None = None, data_plane: str | None = None):
         import uuid
 
         import ray
@@ -74,7 +78,15 @@ class MemoryClient(Reads, Writes, Members):
         self.max_request_bytes = cfg["max_request_bytes"]
         if security is None:  # through Ray: the controller hands out the credential (auth.py)
             security = ray.get(controller.client_security.remote(read_only))
-        self._chans = ShardChannels(2 * self.max_request_bytes + (1 << 20), ClientSecurity(**security))
+        client_sec = ClientSecurity(**security)
+        self._chans = ShardChannels(2 * self.max_request_bytes + (1 << 20), client_sec)
+        # Bulk rows: the framed-TCP data plane where the shard serves one (not under TLS), else gRPC.
+        self.data_plane = data_plane or cfg.get("data_plane", "grpc")
+        if self.data_plane not in DATA_PLANES:
+            raise InvalidArgument(f"data_plane {self.data_plane!r} is not one of {', '.join(DATA_PLANES)}")
+        self._grpc_rows = GrpcConnector(self._chans, self.max_request_bytes, lambda: self.chunk_rows)
+        self._tcp_rows = (TcpConnector(client_sec.credential, self.max_request_bytes)
+                          if self.data_plane == "tcp" and not client_sec.tls_ca else None)
         self._pending: dict[str, set] = {}   # table -> in-flight writes/pushes (loop thread only)
         self._requests: set[WriteFuture] = set()  # writes/pushes not yet ended (loop thread only)
         self._unacked: dict[str, int] = {}   # table -> writes/pushes sent and not yet answered
@@ -110,6 +122,11 @@ class MemoryClient(Reads, Writes, Members):
                 self._chans.submit(stop_all()).result(timeout=30)
             except Exception as e:  # noqa: BLE001 - closing goes on
                 log.warning("close: stopping requests in flight: %s", e)
+        if self._tcp_rows is not None and self._chans.loop.is_running():
+            try:
+                self._chans.submit(self._tcp_rows.aclose()).result(timeout=10)
+            except Exception as e:  # noqa: BLE001
+                log.warning("close: data plane connections: %s", e)
         self._chans.close()
         if self._on_close is not None:
             self._on_close()
@@ -181,6 +198,27 @@ class MemoryClient(Reads, Writes, Members):
         return out
 
     # ---- data plane: requests --------------------------------------------------------------
+    def _connector(self, member: dict) -> RowConnector:
+        """The transport for bulk rows to `member`: its data plane if it serves one, else gRPC."""
+        if self._tcp_rows is not None and member.get("data_address"):
+            return self._tcp_rows
+        return self._grpc_rows
+
+    def _forget(self, address: str) -> None:
+        """A member failed: new connections (gRPC channel, data plane) to it from now on."""
+        self._grpc_rows.forget(address)
+        if self._tcp_rows is not None:
+            self._tcp_rows.forget(address)
+
+    def transport_counts(self) -> dict:
+        """Per transport ("grpc", "tcp"): requests sent (gather, write, push) and the bytes of
+        gathered rows that arrived straight into the caller's array (direct_bytes) or were copied
+        there from a transport buffer (staged_bytes). See transport/connector.py."""
+        out = {"grpc": dict(self._grpc_rows.counts)}
+        if self._tcp_rows is not None:
+            out["tcp"] = dict(self._tcp_rows.counts)
+        return out
+
     def _ids(self, spec: TableSpec, ids) -> tuple[np.ndarray, tuple]:
         shape = tuple(ids.shape) if hasattr(ids, "shape") else np.shape(ids)
         return check_ids(spec, ids), shape

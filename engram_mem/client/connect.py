@@ -10,7 +10,8 @@ from engram_mem.security import client_security
 
 def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_NAME,
             retry_timeout: float = 60.0, credential: str | None = None, tls: dict | None = None,
-            read_only: bool = False, read_replicas: bool | None = None, **cluster) -> MemoryClient:
+            read_only: bool = False, read_replicas: bool | None = None, data_plane: str | None = None,
+            **cluster) -> MemoryClient:
     """A client of a memory cluster.
 
     - address given: attach to the memory cluster `name` in the Ray cluster at that address.
@@ -24,11 +25,16 @@ def connect(address: str | None = None, shards: int = 2, *, name: str = DEFAULT_
     tls = {"ca": path, "cert": path, "key": path (mutual TLS), "server_name": name}. read_only asks
     the cluster for its read-only credential (Gather, Describe, Stats, Health only).
     read_replicas: spread gathers over a replicated shard's members (default: when read_only).
+    data_plane: "tcp" or "grpc": how this client moves bulk rows (default: the cluster's setting,
+    "tcp": framed TCP where the shards serve it, gRPC otherwise); also the setting of a cluster
+    this call starts.
 
     Extra keyword arguments (data_dir, cpus_per_shard, ...) configure a cluster this call starts.
     """
-    sec = dict(retry_timeout=retry_timeout, read_only=read_only, read_replicas=read_replicas,
+    sec = dict(retry_timeout=retry_timeout, read_only=read_only, read_replicas=read_replicas, data_plane=data_plane,
                security=client_security(credential, tls) if credential or tls else None)
+    if data_plane is not None:
+        cluster["data_plane"] = data_plane
     import ray
 
     from engram_mem.control import local

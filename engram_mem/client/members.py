@@ -32,7 +32,7 @@ class Members:
             elif isinstance(e, ShardUnavailable):
                 # Only the failed address gets a new channel: the others carry other requests' calls.
                 if e.address:
-                    self._chans.forget(e.address)
+                    self._forget(e.address)
                 await loop.run_in_executor(None, self._relocate, view)
         except Exception as err:  # noqa: BLE001 - the controller or an actor is restarting: retried
             log.debug("recovering from %s: %s", e, err)
@@ -85,7 +85,7 @@ class Members:
         log.debug("read from %s failed (%s); next member", address, e)
         if isinstance(e, ShardUnavailable) and address not in self._relocating:
             self._relocating.add(address)
-            self._chans.forget(address)
+            self._forget(address)
 
             def relocate():
                 try:

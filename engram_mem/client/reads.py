@@ -14,12 +14,9 @@ import logging
 
 import numpy as np
 
-from engram_mem.client.channel import CALL_ERRORS, call_error
 from engram_mem.client.gather_future import GatherFuture, Reshaped
 from engram_mem.client.routing import ClusterView, dest_rows, split_by_shard
 from engram_mem.errors import EngramMemError, NotReady, ShardUnavailable
-from engram_mem.pb.v1 import memory_pb2 as pb
-from engram_mem.wire import ids_bytes, max_reply_bytes
 
 log = logging.getLogger("engram_mem.client.reads")
 
@@ -27,15 +24,20 @@ log = logging.getLogger("engram_mem.client.reads")
 class Reads:
     """The reads half of MemoryClient (a mixin: the state is MemoryClient.__init__'s)."""
 
-    def gather(self, name: str, ids, *, as_torch: bool = False, device=None):
+    def gather(self, name: str, ids, *, as_torch: bool = False, device=None, out=None):
         """Rows for `ids` (int64, any shape): ids.shape + (dim,), numpy (or torch with as_torch/device).
 
-        bfloat16 tables come back as uint16 bit patterns in numpy, and as torch.bfloat16 in torch."""
-        return self.gather_async(name, ids, as_torch=as_torch, device=device).result()
+        bfloat16 tables come back as uint16 bit patterns in numpy, and as torch.bfloat16 in torch.
+        out: the caller's own buffer for the rows (a C-contiguous numpy array of the table's storage
+        dtype, or a CPU torch tensor, pinned or not, viewed as one): rows land in it as they arrive
+        and it is returned (no array of the client's own)."""
+        return self.gather_async(name, ids, as_torch=as_torch, device=device, out=out).result()
 
-    def gather_async(self, name: str, ids, *, as_torch: bool = False, device=None) -> GatherFuture:
+    def gather_async(self, name: str, ids, *, as_torch: bool = False, device=None, out=None) -> GatherFuture:
         t = self._table(name)
         flat, shape = self._ids(t.spec, ids)
+        if out is not None:
+            out = _out_buffer(t.spec, out, flat.size)
         uniq, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
         if uniq.size == flat.size:  # distinct: rows arrive straight into place, in request order
             send, dest, dups = flat, None, None
@@ -48,20 +50,20 @@ class Reads:
             repeat[dest] = False
             rep = np.nonzero(repeat)[0]
             dups = (rep, first[inverse[rep]])
-        inner = self._chans.submit(self._gather(name, send, dest, flat.size, dups))
+        inner = self._chans.submit(self._gather(name, send, dest, flat.size, dups, out))
         return GatherFuture(Reshaped(inner, tuple(shape) + (t.spec.storage_dim,)), t.spec.dtype, as_torch=as_torch,
                             device=device, spec=t.spec)
 
     async def _gather(self, name: str, send: np.ndarray, dest: np.ndarray | None, n_out: int,
-                      dups: tuple[np.ndarray, np.ndarray] | None):
+                      dups: tuple[np.ndarray, np.ndarray] | None, given: np.ndarray | None = None):
         """Rows of the distinct ids `send` into out[dest] (out[:len(send)] if dest is None); then
-        out[dups[0]] = out[dups[1]] for repeated ids. Returns out [n_out, dim]."""
+        out[dups[0]] = out[dups[1]] for repeated ids. Returns out [n_out, dim] (`given`, if given)."""
         await self._after_pending(name)
 
         async def attempt(view: ClusterView):
             t = view.table(name)
             grouped, parts, order = split_by_shard(t, send, len(view.shard_ids))
-            out = np.empty((n_out, t.spec.storage_dim), dtype=t.spec.storage_dtype)
+            out = np.empty((n_out, t.spec.storage_dim), dtype=t.spec.storage_dtype) if given is None else given
             await asyncio.gather(*(self._gather_part(view, name, rank, grouped[a:b], out, a,
                                                      dest_rows(dest, order, a, b))
                                    for rank, a, b in parts if b > a))
@@ -77,7 +79,7 @@ class Reads:
         members = self._read_members(view, rank)
         for i, m in enumerate(members):
             try:
-                return await self._gather_from(m["address"], view.epoch, name, ids, out, start, dest)
+                return await self._gather_from(m, view.epoch, name, ids, out, start, dest)
             except EngramMemError as e:
                 # The last member's error goes to the caller (retried, or what the primary refuses); a
                 # replica's error of any kind, and a primary that is down or not ready, fail over.
@@ -86,32 +88,10 @@ class Reads:
                     raise
                 self._mark_down(view, m, e)
 
-    async def _gather_from(self, address: str, epoch: int, name: str, ids: np.ndarray, out: np.ndarray,
+    async def _gather_from(self, member: dict, epoch: int, name: str, ids: np.ndarray, out: np.ndarray,
                            start: int, dest: np.ndarray | None):
-        """Stream one member's rows into out[start:start+len(ids)], or scattered to out[dest]."""
-        gather = self._chans.stubs(address).gather
-        dim, dtype = out.shape[1], out.dtype
-        max_ids = min(self.max_request_bytes // 8,  # and a reply within the shard's limit (wire.max_reply_bytes)
-                      max(1, max_reply_bytes(self.max_request_bytes) // (dim * dtype.itemsize)))
-        for first in range(0, ids.size, max_ids):
-            sub = ids[first:first + max_ids]
-            pos, end = first, first + sub.size
-            try:
-                async for chunk in gather(pb.GatherRequest(table=name, ids=ids_bytes(sub), epoch=epoch,
-                                                           chunk_rows=self.chunk_rows)):
-                    rows = np.frombuffer(chunk, dtype=dtype).reshape(-1, dim)
-                    k = rows.shape[0]
-                    if pos + k > end:
-                        raise EngramMemError(f"shard {address} sent more rows than asked for")
-                    if dest is None:
-                        out[start + pos:start + pos + k] = rows
-                    else:
-                        out[dest[pos:pos + k]] = rows
-                    pos += k
-            except CALL_ERRORS as e:
-                raise call_error(e, address) from None
-            if pos != end:
-                raise ShardUnavailable(f"shard {address}: gather reply ended early ({pos} of {end} rows)")
+        """One member's rows into out[start:start+len(ids)], or scattered to out[dest]."""
+        await self._connector(member).gather(member, epoch, name, ids, out, start, dest)
 
     def gather_distinct_async(self, name: str, ids: np.ndarray) -> concurrent.futures.Future:
         """Rows [n, dim] for distinct int64 ids, in their order (no de-duplication pass, no expansion)."""
@@ -122,3 +102,23 @@ class Reads:
             return await self._gather(name, flat, None, flat.size, None)
 
         return self._chans.submit(run())
+
+
+def _out_buffer(spec, out, n: int) -> np.ndarray:
+    """The caller's buffer as a [n, storage_dim] numpy view, or InvalidArgument saying what is wrong."""
+    from engram_mem.errors import InvalidArgument
+
+    if hasattr(out, "detach"):  # a torch tensor: its CPU memory (pinned or not) as numpy
+        if out.device.type != "cpu":
+            raise InvalidArgument(f"table {spec.name!r}: out= is a {out.device} tensor; rows land in host memory "
+                                  f"(give a pinned CPU tensor and copy it to the device with non_blocking=True)")
+        import torch
+
+        out = out.view(torch.uint16) if out.dtype == torch.bfloat16 else out
+        out = out.numpy()
+    if not isinstance(out, np.ndarray) or out.dtype != spec.storage_dtype or not out.flags.c_contiguous \
+            or not out.flags.writeable or out.size != n * spec.storage_dim:
+        raise InvalidArgument(f"table {spec.name!r}: out= must be a writeable C-contiguous {spec.storage_dtype} array "
+                              f"of {n} x {spec.storage_dim} values; got "
+                              f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+    return out.reshape(n, spec.storage_dim)

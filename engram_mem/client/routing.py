@@ -47,6 +47,10 @@ class ClusterView:
         """The address of the shard's primary (writes and pushes go there)."""
         return self.shards[self.shard_ids[rank]]["address"]
 
+    def primary(self, rank: int) -> dict:
+        """The shard's primary member (address, data_address, node_id, actor, ...)."""
+        return self.shards[self.shard_ids[rank]]
+
     def members(self, rank: int) -> list[dict]:
         """The shard's primary, then its replicas (each: address, node_id, member, actor, ...)."""
         primary = self.shards[self.shard_ids[rank]]
@@ -78,6 +82,8 @@ def split_by_shard(t: TableView, uniq: np.ndarray, n_shards: int):
     counts = np.bincount(ranks, minlength=n_shards)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     parts = [(r, int(bounds[r]), int(bounds[r + 1])) for r in range(n_shards) if counts[r]]
+    if len(parts) == 1:  # all on one shard: the stable order is the identity, rows land contiguously
+        return uniq, parts, None
     return uniq[order], parts, order
 
 

@@ -13,15 +13,12 @@ import time
 
 import numpy as np
 
-from engram_mem.client.channel import CALL_ERRORS, call_error
 from engram_mem.client.retry import RETRYABLE, RetryPolicy
 from engram_mem.client.routing import slot_aligned_chunks, split_by_shard
 from engram_mem.client.write_future import WriteFuture
 from engram_mem.errors import InvalidArgument, ReadOnlyTable, ShardUnavailable, StaleEpoch, Unavailable
-from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.table import TableSpec, from_float32, np_dtype
 from engram_mem.validate import check_grads, check_lr, check_rows_finite
-from engram_mem.wire import ids_bytes
 
 log = logging.getLogger("engram_mem.client.writes")
 
@@ -214,27 +211,17 @@ class Writes:
             self._unacked[name] -= 1
 
     async def _send_part(self, view, req: WriteFuture, rank, ids, rows, dtype, lr, step) -> int:
-        name, kind, (client, seq) = req.table, req.kind, req.key
-        address = view.address(rank)
-        stubs = self._chans.stubs(address)
+        name, kind, key = req.table, req.kind, req.key
+        member = view.primary(rank)
+        conn = self._connector(member)
         slot_rows = view.table(name).spec.slot_rows
         done = 0
         for a, b in slot_aligned_chunks(ids, slot_rows, max(1, self.max_request_bytes // max(rows.shape[1] * rows.itemsize, 8))):
-            i, r = ids_bytes(ids[a:b]), memoryview(np.ascontiguousarray(rows[a:b])).cast("B")
-            try:
-                if kind == "write":
-                    reply = await stubs.write(pb.WriteRequest(table=name, ids=i, rows=bytes(r), dtype=dtype,
-                                                           epoch=view.epoch, client=client, seq=seq))
-                    done += reply.rows_written
-                else:
-                    info = pb.StepInfo(step=step, worker=self.worker)
-                    if lr is not None:
-                        info.lr = lr
-                    reply = await stubs.push(pb.PushRequest(table=name, ids=i, grads=bytes(r), dtype=dtype,
-                                                          epoch=view.epoch, step=info, client=client, seq=seq))
-                    done += reply.rows_updated
-            except CALL_ERRORS as e:
-                raise call_error(e, address) from None
+            if kind == "write":
+                done += await conn.write(member, view.epoch, name, ids[a:b], rows[a:b], dtype, key)
+            else:
+                done += await conn.push(member, view.epoch, name, ids[a:b], rows[a:b], dtype, lr, step, self.worker,
+                                        key)
         return done
 
     def flush(self, name: str | None = None, timeout: float | None = None) -> None:

@@ -78,7 +78,8 @@ class ShardActor(Restore, Membership):
         self.restarts = _restart_count(ctx)
         self.node_id = ctx.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        self.server = ShardServer(self.store, host=self.node_ip, node_id=self.node_id, security=cfg.security)
+        self.server = ShardServer(self.store, host=self.node_ip, node_id=self.node_id, security=cfg.security,
+                                  data_plane=cfg.data_plane == "tcp")
         self.address = self.server.start()
         if self.feed is not None and cfg.replica_ack == "all":
             self.server.servicer.replica_acks = self.feed.wait_acked
@@ -140,7 +141,7 @@ class ShardActor(Restore, Membership):
                 "epoch": self.store.epoch, "shm_dir": self.store.shm_dir or "", "lsn": self.store.lsn,
                 "restore": self.restore_stats, "snapshots": self.snapshots,
                 "log_bytes": self.wal.size_bytes() if self.wal else 0,
-                "metrics_address": self.server.metrics_address,
+                "metrics_address": self.server.metrics_address, "data_address": self.server.data_address,
                 "replication": (self.feed.describe() if self.feed else
                                 {"applied_lsn": self.sync.applied_lsn, "syncs": self.sync.syncs,
                                  "following": self.sync.following, "sync_seconds": self.sync.seconds}

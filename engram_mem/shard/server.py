@@ -3,6 +3,7 @@
     server = ShardServer(store, host="127.0.0.2", security=Security.create())
     address = server.start()          # "127.0.0.2:PORT"; serves from a background thread
     server.metrics_address            # "127.0.0.2:PORT" of its Prometheus endpoint (metrics.py)
+    server.data_address               # "127.0.0.2:PORT" of its bulk data plane (data_server.py), or ""
     ...
     server.stop(grace=2.0)
 
@@ -18,6 +19,11 @@ wire.MAX_CHUNK_BYTES whatever `chunk_rows` asks), encoded here by hand (field ta
 rows: one copy after the gather, none through protobuf objects), which is byte-for-byte the
 `RowsChunk` of proto/engram_mem/v1/memory.proto, so any gRPC client can read it. A Gather whose
 reply would exceed wire.max_reply_bytes is refused (RequestTooLarge) before any row is copied.
+
+Bulk rows also travel on the shard's data plane (data_server.py: framed TCP beside this port,
+served on the same event loop through the same servicer methods, gather_plan/gather_block,
+write and push), which clients use by default; gRPC keeps control, admin and small calls and is
+the fallback (TLS clusters, config data_plane="grpc").
 """
 
 from __future__ import annotations
@@ -96,22 +102,27 @@ class ShardServicer:
         self.metrics = ShardMetrics(store.shard_id, store)
         self.replica_acks = None   # async acks(lsn) of a primary with replica_ack=all (replication.ReplicaFeed)
 
-    @_rpc
-    async def Gather(self, request: pb.GatherRequest, context):
+    # ---- the requests both transports serve (this gRPC servicer and data_server.DataServer) ----
+    def gather_plan(self, request: pb.GatherRequest):
+        """(table shard, local row indices) of a Gather, checked (ready, epoch, ids, reply size)."""
         store = self.store
         store.check_ready(request.epoch)
         ts, ids = store.parse_ids(request.table, request.ids)
         _check_reply_size(store, ts, ids.size)
-        local = store._local_rows(ts, ids)
-        step = gather_chunk_rows(request.chunk_rows, ts.spec.row_bytes)
-        rows = ts.rows  # one buffer for the whole reply, even if the table grows meanwhile
-        for start in range(0, max(local.size, 1), step):
-            store._prefetch(ts, local[start:start + step])  # disk-backed rows: read ahead (storage.py)
-            chunk = np.take(rows, local[start:start + step], axis=0)
-            store._touch(ts, local[start:start + step])  # disk-backed rows: the page budget (storage.py)
-            msg = encode_rows_chunk(chunk)
-            self.metrics.moved("gathered", chunk.shape[0], chunk.nbytes)
-            yield msg
+        return ts, store._local_rows(ts, ids)
+
+    def gather_block(self, ts, rows: np.ndarray, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """rows[local] (into out[:len(local)] if given): the one copy a gathered row takes on a shard."""
+        store = self.store
+        store._prefetch(ts, local)  # disk-backed rows: read ahead (storage/disk.py)
+        if out is None:
+            chunk = np.take(rows, local, axis=0)
+        else:
+            chunk = out[:local.size]
+            np.take(rows, local, axis=0, out=chunk)
+        store._touch(ts, local)  # disk-backed rows: the page budget
+        self.metrics.moved("gathered", chunk.shape[0], chunk.nbytes)
+        return chunk
 
     # Write and Push are applied at once and acknowledged only when their log record is written
     # (the log's group commit: every request that arrives meanwhile shares the next write), and,
@@ -122,24 +133,42 @@ class ShardServicer:
         if self.replica_acks is not None:
             await self.replica_acks(lsn)
 
-    @_rpc
-    async def Write(self, request: pb.WriteRequest, context):
-        n, lsn = self.store.write(request.table, request.ids, request.rows, dtype=request.dtype or None,
+    async def write(self, request: pb.WriteRequest, rows) -> int:
+        n, lsn = self.store.write(request.table, request.ids, rows, dtype=request.dtype or None,
                                   epoch=request.epoch, client=request.client, seq=request.seq)
         await self._acknowledgeable(lsn)
-        self.metrics.moved("written", n, len(request.rows))
-        return pb.WriteReply(rows_written=n)
+        self.metrics.moved("written", n, len(rows))
+        return n
 
-    @_rpc
-    async def Push(self, request: pb.PushRequest, context):
+    async def push(self, request: pb.PushRequest, grads) -> int:
         step = request.step
         lr = step.lr if step.HasField("lr") else None
-        n, lsn = self.store.push(request.table, request.ids, request.grads, dtype=request.dtype or "float32",
+        n, lsn = self.store.push(request.table, request.ids, grads, dtype=request.dtype or "float32",
                                  lr=lr, step=step.step, epoch=request.epoch, client=request.client,
                                  seq=request.seq)
         await self._acknowledgeable(lsn)
-        self.metrics.moved("pushed", n, len(request.grads))
-        return pb.PushReply(rows_updated=n)
+        self.metrics.moved("pushed", n, len(grads))
+        return n
+
+    write_reply = staticmethod(lambda n: pb.WriteReply(rows_written=n))
+    push_reply = staticmethod(lambda n: pb.PushReply(rows_updated=n))
+
+    # ---- gRPC handlers -------------------------------------------------------------------
+    @_rpc
+    async def Gather(self, request: pb.GatherRequest, context):
+        ts, local = self.gather_plan(request)
+        step = gather_chunk_rows(request.chunk_rows, ts.spec.row_bytes)
+        rows = ts.rows  # one buffer for the whole reply, even if the table grows meanwhile
+        for start in range(0, max(local.size, 1), step):
+            yield encode_rows_chunk(self.gather_block(ts, rows, local[start:start + step]))
+
+    @_rpc
+    async def Write(self, request: pb.WriteRequest, context):
+        return self.write_reply(await self.write(request, request.rows))
+
+    @_rpc
+    async def Push(self, request: pb.PushRequest, context):
+        return self.push_reply(await self.push(request, request.grads))
 
     @_rpc
     def Describe(self, request, context):
@@ -226,8 +255,10 @@ class ShardServer:
     """Runs the servicer on a uvloop event loop in a daemon thread."""
 
     def __init__(self, store: ShardStore, host: str = "127.0.0.1", port: int = 0, node_id: str = "",
-                 security: Security | dict | None = None, metrics_port: int | None = 0):
+                 security: Security | dict | None = None, metrics_port: int | None = 0,
+                 data_plane: bool = True):
         self.store, self.host, self.port = store, host, port
+        self.data_plane = data_plane  # also serve bulk rows over framed TCP (data_server.py), unless TLS
         self.servicer = ShardServicer(store, node_ip=host, node_id=node_id)
         # Always authenticated: without given credentials the server makes its own (tests read them here).
         self.security = security if isinstance(security, Security) else Security.from_dict(security)
@@ -239,6 +270,8 @@ class ShardServer:
         self._stopping: asyncio.Event | None = None
         self._grace = 2.0
         self.address = ""
+        self.data_address = ""   # "host:port" of the bulk data plane; "" where it is not served
+        self._data = None
 
     def start(self, timeout: float = 30.0) -> str:
         import uvloop
@@ -254,8 +287,15 @@ class ShardServer:
             self.port = self.security.add_port(self._server, f"{self.host}:{self.port}")
             await self._server.start()
             self.address = f"{self.host}:{self.port}"
+            if self.data_plane and not self.security.tls:  # the data plane speaks no TLS: clients use gRPC
+                from engram_mem.shard.data_server import DataServer
+
+                self._data = DataServer(self.servicer, lambda: self.security, self.host)
+                self.data_address = f"{self.host}:{await self._data.start()}"
             started.set()
             await self._stopping.wait()
+            if self._data is not None:
+                await self._data.stop()
             await self._server.stop(self._grace)  # in-flight requests get `grace` seconds to finish
 
         def run():

@@ -19,10 +19,10 @@ SPREAD = np.arange(0, ROWS, 64)  # every slot range: each push reaches every sha
 
 
 def _rows_at(mem, address, table, ids):
-    """The rows one member (primary or replica) serves, read from it alone over gRPC."""
+    """The rows one member (primary or replica) serves, read from it alone (over gRPC)."""
     t = mem.view.table(table)
     out = np.empty((ids.size, t.spec.storage_dim), dtype=t.spec.storage_dtype)
-    mem._chans.submit(mem._gather_from(address, mem.view.epoch, table, ids, out, 0, None)).result(30)
+    mem._chans.submit(mem._gather_from({"address": address}, mem.view.epoch, table, ids, out, 0, None)).result(30)
     return out
 
 

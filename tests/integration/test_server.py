@@ -130,7 +130,7 @@ def test_a_new_channel_for_an_address_leaves_calls_in_flight_on_the_old_one_to_f
     import asyncio
 
     from engram_mem.security import ClientSecurity
-    from engram_mem.client.channel import CALL_ERRORS, ShardChannels, call_error
+    from engram_mem.transport.grpc_channels import CALL_ERRORS, ShardChannels, call_error
     from engram_mem.errors import ShardUnavailable
 
     store, spec, _ = served

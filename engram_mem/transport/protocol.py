@@ -1,0 +1,91 @@
+"""The bulk data plane's wire format: fixed binary frames over one TCP connection.
+
+    frame  = header | meta | bulk
+    header = struct "<4sBBHIQ": magic b"EMdp", version, op, flags (0), meta bytes (u32), bulk bytes (u64)
+
+A connection opens with HELLO (meta: the cluster credential, utf-8); the shard answers OK or an
+ERROR frame (Unauthenticated) and closes. Then requests, one at a time per connection:
+
+    GATHER  meta: GatherRequest (ids inside; its chunk_rows is ignored)   bulk: -
+    WRITE   meta: WriteRequest with `rows` empty                          bulk: the rows
+    PUSH    meta: PushRequest with `grads` empty                          bulk: the gradients
+    reply   OK    meta: WriteReply / PushReply ("" for GATHER)            bulk: GATHER's rows
+            ERROR meta: "<error class>\n<message>" (utf-8)                bulk: -
+
+The meta messages are those of proto/engram_mem/v1/memory.proto, so a request means on this
+plane exactly what it means over gRPC (epochs, idempotency keys, limits); only the bulk bytes
+travel outside protobuf, so a shard sends rows straight from its gather buffer and a client
+receives them straight into the caller's array (recv_into). An ERROR before the bulk means no
+row of the reply was sent; a shard that fails mid-reply closes the connection (the client sees
+an unfinished reply: ShardUnavailable, retried).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from engram_mem.errors import ERROR_CLASSES, EngramMemError, InvalidArgument, RequestTooLarge
+
+MAGIC = b"EMdp"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHIQ")
+
+HELLO, GATHER, WRITE, PUSH = 1, 2, 3, 4
+OK, ERROR = 0x10, 0x11
+REQUEST_OPS = {HELLO: "Hello", GATHER: "Gather", WRITE: "Write", PUSH: "Push"}
+
+BLOCK_BYTES = 4 << 20      # a gather reply is gathered and sent in blocks of about this size
+MAX_ERROR_BYTES = 64 << 10  # an ERROR frame's message is cut to this
+MAX_HELLO_BYTES = 4096
+
+
+class FrameError(InvalidArgument):
+    """Bytes that are not a frame of this protocol (bad magic, version, op or sizes): the
+    connection's framing is lost, so the shard answers with an ERROR frame and closes it."""
+
+
+def pack_header(op: int, meta_len: int, bulk_len: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, op, 0, meta_len, bulk_len)
+
+
+def frame(op: int, meta: bytes = b"", bulk_len: int = 0) -> bytes:
+    """Header and meta of a frame in one buffer (the bulk, if any, is sent after it as is)."""
+    return pack_header(op, len(meta), bulk_len) + meta
+
+
+def parse_header(raw: bytes | bytearray | memoryview, max_meta: int, max_bulk: int,
+                 ops=REQUEST_OPS) -> tuple[int, int, int]:
+    """(op, meta bytes, bulk bytes) of a header, or FrameError / RequestTooLarge naming what is wrong."""
+    magic, version, op, flags, meta_len, bulk_len = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise FrameError(f"data plane: not a frame of this protocol (magic {bytes(magic)!r}, expected {MAGIC!r}); "
+                         f"this port speaks engram-mem's bulk protocol (engram_mem/transport/protocol.py), "
+                         f"gRPC is on the shard's main port")
+    if version != VERSION:
+        raise FrameError(f"data plane: protocol version {version} is not supported (this shard speaks {VERSION})")
+    if op not in ops:
+        raise FrameError(f"data plane: unknown op {op} (expected one of {sorted(ops)})")
+    if flags:
+        raise FrameError(f"data plane: flags {flags:#x} are not defined (send 0)")
+    if meta_len > max_meta:
+        raise RequestTooLarge(f"data plane: a {ops[op] if isinstance(ops, dict) else op} frame's meta is "
+                              f"{meta_len} bytes, over the {max_meta}-byte limit; split the batch")
+    if bulk_len > max_bulk:
+        raise RequestTooLarge(f"data plane: a {ops[op] if isinstance(ops, dict) else op} frame's bulk is "
+                              f"{bulk_len} bytes, over the {max_bulk}-byte limit; split the batch")
+    return op, meta_len, bulk_len
+
+
+def encode_error(e: BaseException) -> bytes:
+    cls = type(e).__name__ if isinstance(e, EngramMemError) and type(e).__name__ in ERROR_CLASSES else "EngramMemError"
+    return f"{cls}\n{e}".encode("utf-8", "replace")[:MAX_ERROR_BYTES]
+
+
+def decode_error(meta: bytes, address: str) -> EngramMemError:
+    """The exception an ERROR frame names, as the shard raised it."""
+    text = bytes(meta).decode("utf-8", "replace")
+    cls_name, _, message = text.partition("\n")
+    cls = ERROR_CLASSES.get(cls_name)
+    if cls is None:
+        return EngramMemError(f"shard {address}: {text}")
+    return cls(message)
