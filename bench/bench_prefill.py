@@ -68,10 +68,16 @@ def main(argv=None) -> int:
             t0 = time.time()
             mem = memory_on(node, f"prefill-{node}")
             clients.append(mem)
-            where = "same node" if node == "a" else "other node"
+            where = "same node" if node == "a" else "other node, TCP data plane"
             sources[f"cluster ({where}), prefetch on"] = ClusterRows(mem, specs, train=False)
             sources[f"cluster ({where}), prefetch off"] = ClusterRows(mem, specs, train=False, prefetch=False,
                                                                       create=False)
+            if node == "b":  # today's gRPC path beside it: a second client of the same cluster
+                import engram_mem
+
+                g = engram_mem.connect(name=f"prefill-{node}", data_plane="grpc")
+                clients.append(g)
+                sources["cluster (other node, gRPC), prefetch on"] = ClusterRows(g, specs, train=False, create=False)
             print(f"memory cluster on node {node}: tables created in {time.time() - t0:.0f}s", flush=True)
 
         def prefill(rows) -> tuple[float, float]:

@@ -60,12 +60,17 @@ def main(argv=None) -> int:
     losses: dict[str, list] = {}
     stats: dict[str, dict] = {}
     try:
+        import engram_mem
+
         mems = {node: memory_on(node, f"train-{node}") for node in ("a", "b")}
+        mems["b-grpc"] = engram_mem.connect(name="train-b", data_plane="grpc")  # today's path, same shards
+        sources = {"cluster, same node": "a", "cluster, other node, TCP data plane": "b",
+                   "cluster, other node, gRPC": "b-grpc"}
         for r in range(args.repeats):
-            for name in ("in-process tables", "cluster, same node", "cluster, other node"):
+            for name in ("in-process tables", *sources):
                 rows = None
                 if name != "in-process tables":
-                    mem = mems["a" if "same" in name else "b"]
+                    mem = mems[sources[name]]
                     for spec in specs.values():  # every run starts from the initial rows
                         if spec.name in mem.tables():
                             mem.drop_table(spec.name)

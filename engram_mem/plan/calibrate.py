@@ -9,6 +9,8 @@ rows of 256 B, the row size of the serving benchmarks):
   - here-in-process: LocalRows' read (torch.unique, index, expand) of an in-process table
   - here-same-node:  RowFetcher over the same-node tier (the shard's shared memory, read in place)
   - here-grpc:       RowFetcher to a shard on a second local Ray node (127.0.0.3), gRPC on loopback
+  - here-tcp:        the same over the framed-TCP data plane (transport/), the default path; a
+                     remote preset's per-client rate is capped at it in plans (tiers.driven_by)
   - here-cache:      RowCache.lookup, all hits
   - here-disk:       ShardStore.gather of a disk-backed table (storage.py; a 256 MB file under
                      --disk-dir, default /var/tmp, deleted at the end), COLD: the file is dropped from
@@ -273,8 +275,9 @@ def measure_tiers(reps: int, disk_dir: str = "/var/tmp") -> tuple[list[Tier], di
         cluster.add_node(num_cpus=4, node_ip_address="127.0.0.3", resources={"node_b": 100},
                          object_store_memory=512 << 20)
         ray.init(address=cluster.address, log_to_driver=False)
-        for node, name in (("a", "here-same-node"), ("b", "here-grpc")):
-            mem = engram_mem.connect(shards=1, name=f"calib-{node}-{os.getpid()}", shard_resources={f"node_{node}": 1})
+        for node, name, plane in (("a", "here-same-node", "tcp"), ("b", "here-grpc", "grpc"), ("b", "here-tcp", "tcp")):
+            mem = engram_mem.connect(shards=1, name=f"calib-{name}-{os.getpid()}", shard_resources={f"node_{node}": 1},
+                                     data_plane=plane)
             try:
                 mem.create_table_spec(spec)
                 f = RowFetcher(mem, node_local=True)
@@ -282,7 +285,7 @@ def measure_tiers(reps: int, disk_dir: str = "/var/tmp") -> tuple[list[Tier], di
                 for threads in (1,):
                     inter[(name, threads)] = _interference(lambda ids: f.fetch_async("calib", ids), step, rng,
                                                            5 * reps, threads)
-                # Gradient pushes (always gRPC, then the shard's Adam), as the training benchmark's model
+                # Gradient pushes (over the tier's transport, then the shard's Adam), as the training benchmark's model
                 # sends them: bf16 rows of 24, fp32 gradients.
                 pspec = TableSpec("calibp", ROWS, 24, dtype="bfloat16", seed=2)
                 mem.create_table_spec(pspec, optimizer="adam")
@@ -315,7 +318,10 @@ def measure_tiers(reps: int, disk_dir: str = "/var/tmp") -> tuple[list[Tier], di
                              interference=inter[("here-same-node", threads)], suffix=suffix),
                   _tier_from(by["here-grpc"], "remote", "measured here: RowFetcher, gRPC to a shard on another local "
                              f"Ray node; CPU taken from a model step at {threads} torch thread(s)",
-                             interference=inter[("here-grpc", threads)], suffix=suffix)]
+                             interference=inter[("here-grpc", threads)], suffix=suffix),
+                  _tier_from(by["here-tcp"], "remote", "measured here: RowFetcher, the framed-TCP data plane to a "
+                             f"shard on another local Ray node; CPU taken from a model step at {threads} torch "
+                             f"thread(s)", interference=inter[("here-tcp", threads)], suffix=suffix)]
     for i, t in enumerate(tiers):
         if t.name in push_inter:
             ip = push_inter[t.name]["points"]

@@ -21,7 +21,8 @@ import sys
 from engram_mem.plan.planner import Hardware, plan
 from engram_mem.plan.presets import MODEL_PRESETS, Device, ModelShape, resolve_device, resolve_model, shape_from_config
 from engram_mem.plan.report import format_plan
-from engram_mem.plan.tiers import TIER_PRESETS, PlanInputError, Tier, load_tiers, resolve_tier
+from engram_mem.plan.tiers import (DATA_PLANE_TIER, TIER_PRESETS, PlanInputError, Tier, driven_by, load_tiers,
+                                   resolve_tier)
 from engram_mem.plan.workload import Workload
 
 _WL_FLAGS = {"mode": "mode", "batch": "batch", "seq_len": "seq_len", "context": "context", "workers": "workers",
@@ -122,6 +123,8 @@ def build(args) -> tuple[ModelShape, Workload, Hardware, dict]:
     workload = Workload.from_dict(wl)
     # hardware
     tier = resolve_tier(args.tier or hwd.pop("tier", "rdma-400g"), extra_tiers)
+    # A network is never faster than the software driving it: the data plane's measured rate caps a preset.
+    tier, binds = driven_by(tier, resolve_tier(DATA_PLANE_TIER, extra_tiers))
     cache_name = args.cache_tier or hwd.pop("cache_tier", "hbm")
     cache = resolve_tier(cache_name, extra_tiers) if cache_name not in (None, "none") else None
     device = resolve_device(args.device or hwd.pop("device", "h800"), extra_devices)
@@ -136,7 +139,7 @@ def build(args) -> tuple[ModelShape, Workload, Hardware, dict]:
     if args.shard_gbps is not None:
         kw["shard_gbps"] = args.shard_gbps
     kw.setdefault("shares_cpu", device.name.startswith("here"))
-    hw = Hardware(device=device, rows_tier=tier, cache_tier=cache, **kw)
+    hw = Hardware(device=device, rows_tier=tier, cache_tier=cache, link_binds=binds, **kw)
     prices = dict(data.get("prices") or {})
     for item in args.price:
         name, _, val = item.partition("=")
@@ -172,14 +175,16 @@ def _all_presets(args) -> int:
                          ("decode", Workload(mode="decode", batch=64, seq_len=1, context=4096, workers=64,
                                              cache_rows=16_384))):
             for tier in ("host-dram-pcie5", "cxl-pool", "rdma-400g", "tcp-100g", "nvme"):
-                hw = Hardware(device=resolve_device(args.device or "h800"), rows_tier=TIER_PRESETS[tier],
-                              cache_tier=TIER_PRESETS["hbm"])
+                rows_tier, binds = driven_by(TIER_PRESETS[tier], TIER_PRESETS[DATA_PLANE_TIER])
+                hw = Hardware(device=resolve_device(args.device or "h800"), rows_tier=rows_tier,
+                              cache_tier=TIER_PRESETS["hbm"], link_binds=binds)
                 p = plan(resolve_model(name), wl, hw)
                 out.append({"model": name, "mode": mode, "tier": tier, "nodes": p["sizing"]["nodes"],
                             "GiB/node": round(p["sizing"]["bytes_per_node"] / 2**30, 1),
                             "exposed %": round(p["exposed_wait_pct"], 2), "penalty %": round(p["penalty_pct"], 2),
                             "tok/s/worker": round(p["tokens_per_s_per_worker"]),
                             "saturates first": p["bandwidth"]["saturates_first"],
+                            "link": "software" if binds.startswith("data plane") else "line",
                             "util": round(p["bandwidth"]["utilization"][p["bandwidth"]["saturates_first"]], 3)})
     if args.json:
         print(json.dumps(out, indent=1))

@@ -50,6 +50,7 @@ class Hardware:
     shard_update_s_per_row: float = 2e-8  # the shard's row-wise Adam per row
     shares_cpu: bool = False              # the model computes on the CPU cores the read path uses
     usable_fraction: float = 0.85         # of a memory node's capacity, for rows (the rest: OS, buffers)
+    link_binds: str = "line rate"         # what sets rows_tier's per-client rate (tiers.driven_by)
 
     def __post_init__(self):
         if self.shards_per_node < 1 or self.shard_gbps <= 0 or not 0 < self.usable_fraction <= 1:
@@ -210,7 +211,7 @@ def plan(m: ModelShape, wl: Workload, hw: Hardware, prices: dict[str, float] | N
             cost[tier.name] = {"gb": stored / GB, "per_gb_month": price, "per_month": stored / GB * price}
     return {
         "model": m.to_dict(), "workload": dataclasses.asdict(wl), "device": dataclasses.asdict(hw.device),
-        "rows_tier": t.to_dict(), "cache_tier": hw.cache_tier.to_dict() if hw.cache_tier else None,
+        "rows_tier": t.to_dict(), "rows_tier_binds": hw.link_binds, "cache_tier": hw.cache_tier.to_dict() if hw.cache_tier else None,
         "id_distribution": distr.describe(),
         "sizing": sizing,
         "batch": {"tokens": wl.tokens, **{k: v for k, v in tl["rows"].items()}},

@@ -33,6 +33,7 @@ def format_plan(p: dict) -> str:
         f"{t['latency_s'] * 1e6:.1f} us, {t['link_gbps']:g} GB/s/link, {t['aggregate_gbps']:g} GB/s aggregate"
         + (f", whole {t['min_read_bytes']} B pages per row read)" if t["min_read_bytes"] else ")")
         + (f"; cache on {p['cache_tier']['name']}, {wl['cache_rows']:,} rows/table" if p["cache_tier"] else ""),
+        f"  a client's link to the rows: {p.get('rows_tier_binds', 'line rate')}",
         "",
         "memory nodes",
         f"  {'pooled' if sz['pooled'] else 'one copy per host'}: {sz['copies']} table cop{'y' if sz['copies'] == 1 else 'ies'}, "

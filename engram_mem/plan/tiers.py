@@ -160,6 +160,12 @@ TIER_PRESETS: dict[str, Tier] = {t.name: t for t in [
     _t(name="here-grpc", kind="remote", latency_s=2e-3, link_gbps=0.77, aggregate_gbps=0.77,
        capacity_bytes=24 * GiB, cpu_s_per_row=5e-7, cpu_s_per_fetch=2e-3, measured=True,
        source="measured here: gRPC to another local Ray node 0.76 GB/s (one shard)"),
+    # The bulk data plane (framed TCP, transport/): one client to a shard on another local Ray node,
+    # bench/bench_data_plane.py and `engram-mem plan --calibrate`; the software ceiling of the
+    # remote presets above (driven_by).
+    _t(name="here-tcp", kind="remote", latency_s=1e-3, link_gbps=1.9, aggregate_gbps=1.9,
+       capacity_bytes=24 * GiB, cpu_s_per_row=2.5e-7, cpu_s_per_fetch=1e-3, measured=True,
+       source="measured here: RowFetcher over the framed-TCP data plane to another local Ray node"),
     _t(name="here-cache", kind="cache", latency_s=0.0, link_gbps=2.9, aggregate_gbps=2.9, capacity_bytes=1 * GiB,
        measured=True, source="measured here: RowCache lookup, all hits, 2.9 GB/s"),
     # `engram-mem plan --calibrate` (2026-11-24, bench/results/tiers-here.json, median of 3 runs, load
@@ -203,8 +209,29 @@ def resolve_tier(name_or_tier, extra: dict[str, Tier] | None = None) -> Tier:
     return pool[name_or_tier]
 
 
+DATA_PLANE_TIER = "here-tcp"   # the data plane's own measured per-client rate
+
+
+def driven_by(t: Tier, software: Tier | None) -> tuple[Tier, str]:
+    """A preset network tier as this project's data plane drives it: a client's link is min(the line
+    rate, the data plane's measured per-client rate), and (tier, what binds) says which one is used.
+    Measured tiers are already the software's own figures; other kinds are not driven by it."""
+    if t.measured:
+        return t, f"measured here ({t.name}: the software's own rate, {t.link_gbps:.2f} GB/s)"
+    if software is None or t.kind != "remote":
+        return t, "line rate"
+    if software.link_gbps >= t.link_gbps:
+        return t, f"line rate ({t.link_gbps:g} GB/s; the data plane measured {software.link_gbps:.2f} GB/s a client)"
+    bound = dataclasses.replace(t, link_gbps=software.link_gbps,
+                                source=f"{t.source}; a client capped at the data plane's measured "
+                                       f"{software.link_gbps:.2f} GB/s ({software.name})")
+    return bound, (f"data plane software ({software.name}: {software.link_gbps:.2f} GB/s a client, "
+                   f"under the {t.link_gbps:g} GB/s line rate)")
+
+
 def with_readers(t: Tier, readers: int) -> Tier:
     return dataclasses.replace(t, readers=max(1, int(readers)))
 
 
-__all__ = ["Tier", "TIER_PRESETS", "PlanInputError", "load_tiers", "save_tiers", "resolve_tier", "with_readers"]
+__all__ = ["Tier", "TIER_PRESETS", "PlanInputError", "load_tiers", "save_tiers", "resolve_tier", "with_readers",
+           "driven_by", "DATA_PLANE_TIER"]
