@@ -332,8 +332,8 @@ def import_tables(client, mapping: str | None, paths: list[str], *, sha256: str 
         else:
             meta = ray.get(client.controller.table_meta.remote(p.name))
             expect[p.name] = {int(s): d for s, d in (meta.get("_digests") or {}).items()}
-        # The identity comes first: an import killed now is still refused a different source later.
-        ray.get(client.controller.set_table_meta.remote(p.name, _identity(p, sums, expect.get(p.name, {}))))
+        if p.recorded is None:  # the identity first: an import killed now still refuses another source later
+            ray.get(client.controller.set_table_meta.remote(p.name, _identity(p, sums, expect.get(p.name, {}))))
     view = client.refresh()
     actors = ray.get(client.controller.shard_actors.remote())
     key = _journal_key(client, mapping, plans)

@@ -362,6 +362,8 @@ def test_a_checkpoint_directory_import_records_layout_and_identity_and_refuses_a
         import_tables(mem, None, [other], journal=str(tmp_path / "j3"), progress=False)
     v, s = src[1]
     assert np.array_equal(mem.gather("engram.l1", np.arange(v.shape[0])), np.concatenate([v, s], axis=1))
+    kept = mem.describe()["tables"]["engram.l1"]["meta"]["identity"]
+    assert kept["digest"] == r["digests"]["engram.l1"] and kept["tensors"][0]["file"].startswith(d)
     # Other tensors (another row count): refused at the check, naming what differs.
     third = str(tmp_path / "third")
     write_v41(third, ROWS, extra_rows=10, seed=5)
