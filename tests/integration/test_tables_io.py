@@ -226,6 +226,10 @@ def test_export_round_trips_every_tensor_byte_for_byte(mem, v41, tmp_path):
     # (same tensors, same digests), so importing it again is not refused.
     again = import_tables(mem, None, [out], journal=str(tmp_path / "j1b"), progress=False)
     assert again["digests"] == first["digests"] and all(again["digests"].values())
+    # With --like the original's config.json and spelling are kept.
+    export_tables(mem, None, str(tmp_path / "like"), like=[d], progress=False)
+    assert open(os.path.join(d, "config.json")).read() == open(str(tmp_path / "like" / "config.json")).read()
+    assert sorted(_tensors(str(tmp_path / "like" / "model.safetensors"))) == sorted(want)
     # A single file without an index, named by a mapping, as before.
     export_tables(mem, "v41-flash", str(tmp_path / "one.safetensors"), progress=False)
     assert sorted(_tensors(str(tmp_path / "one.safetensors"))) == sorted(want)
