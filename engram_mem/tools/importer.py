@@ -1,19 +1,24 @@
 """`engram-mem import`: load tables from safetensors files into a running memory cluster.
 
-    engram-mem import --mapping v41-flash MODEL_DIR/          # or files / globs; --sha256 SUMS; --journal F
-    import_tables(mem, "v41-flash", ["MODEL_DIR"])            # the same from Python
+    engram-mem import MODEL_DIR/                        # a checkpoint as published; --sha256 SUMS; --journal F
+    engram-mem import --mapping my.json 'ckpt/*.safetensors'     # files named by a mapping
+    import_tables(mem, None, ["MODEL_DIR"])            # the same from Python; replace=True for --replace
 
 How it works (files may be many, and larger than any one process's memory):
   1. Check everything before writing anything: every file's header (mapping.read_header), every
-     mapped tensor's presence, dtype, shape and row count (mapping.resolve), optionally each file's
-     sha256, and that an existing table has the mapped rows, dim and dtype (else it is created).
+     mapped tensor's presence, dtype, shape and row count (mapping.resolve), for a checkpoint
+     directory its index and the geometry its config.json gives (layout.py), optionally each file's
+     sha256, that an existing table has the mapped rows, dim and dtype (else it is created), and
+     that it was not imported from other tensors (its recorded identity; else `replace`).
   2. Plan: each shard's owned slots, in batches of about `batch_bytes` of rows.
   3. Each shard reads its own slots' byte ranges itself (ranged `pread`s at offsets from the
-     header; nothing goes through this process) and writes them into its ShardStore
+     header; nothing goes through this process), digests each slot's rows (refusing one whose
+     digest differs from the table's recorded one) and writes them into its ShardStore
      (ShardStore.import_rows). Every shard has one batch in flight, so the shards read in parallel.
   4. A journal (JSON lines) records each finished batch; an import that is killed and run again
      with the same mapping, files and cluster skips what the journal lists. At the end each shard
-     snapshots (ShardActor.snapshot), so the rows are durable where the cluster persists.
+     snapshots (ShardActor.snapshot), so the rows are durable where the cluster persists, and the
+     table records its identity: source tensors, slot digests, the table digest (verify.py checks them).
 
 Progress: a tqdm bar with rows and GB/s. `max_gbps` caps the rate (for a cluster that is serving).
 Slot moves (`engram-mem scale`) during an import are not supported: run them before or after.
@@ -192,7 +197,7 @@ def _check_layout(entry, rows: int, dim: int, pieces: list[Piece], layout: Engra
     v = pieces[0].info
     for what, have, want, field in (("rows", rows, t.rows, "engram_num_embeddings"),
                                     ("values a row", dim, t.head_dim, "engram_head_dim"),
-                                    ("values per scale", entry.block, t.block, "the FP8 block")):
+                                    ("values per scale", entry.block or t.block, t.block, "the FP8 block")):
         if have != want:
             raise InvalidArgument(f"table {entry.table!r}: tensor {v.name!r} in {v.file} has {have:,} {what}; "
                                   f"{layout.source} gives layer {t.layer} {want:,} ({field})")
