@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from engram_mem.errors import MaybeApplied, Unavailable
+from engram_mem.errors import MaybeApplied, ResourceExhausted, Unavailable
 
 ROWS, DIM = 1 << 17, 4
 
@@ -21,11 +21,11 @@ ROWS, DIM = 1 << 17, 4
 BALLAST = 4096  # rows on shard rank 0 in every push: its part there takes longer than a failing one
 
 
-def rows_of_push(view, name, n):
+def rows_of_push(view, name, n, rows=ROWS):
     """For push i: one row on shard rank 0 and one on rank 1 (under the placement at start); and
     the ballast rows (on rank 0) that every push also adds to."""
     t = view.table(name)
-    rank = t.placement[np.arange(ROWS) // t.spec.slot_rows]
+    rank = t.placement[np.arange(rows) // t.spec.slot_rows]
     a, b = np.nonzero(rank == 0)[0], np.nonzero(rank == 1)[0]
     ballast, a = a[:BALLAST], a[BALLAST:]
     n = min(n, a.size, b.size)
@@ -33,15 +33,29 @@ def rows_of_push(view, name, n):
 
 
 class Pusher(threading.Thread):
-    """Back-to-back pushes; per push what the caller was told: acked, maybe->acked, unavailable, or other."""
+    """Back-to-back pushes; per push what the caller was told: acked, maybe->acked, unavailable,
+    refused (ResourceExhausted: a full disk, nothing applied), or other. A MaybeApplied push is
+    retried with its key until acknowledged (for up to `retry_s`); acked_at: when each push ended."""
 
-    def __init__(self, mem, name, rows, ballast):
+    def __init__(self, mem, name, rows, ballast, retry_s: float = 300.0):
         super().__init__(daemon=True)
-        self.mem, self.name, self.rows, self.ballast = mem, name, rows, ballast
+        self.mem, self.name, self.rows, self.ballast, self.retry_s = mem, name, rows, ballast, retry_s
         self.told: list[str] = []
+        self.ended_at: list[float] = []
         self.other: list[str] = []
         self.slow = 0
         self.stop = threading.Event()
+
+    def _retry(self, ids, g, key):
+        """The same push under its key until acknowledged: whichever attempt applied it, once."""
+        end = time.monotonic() + self.retry_s
+        while True:
+            try:
+                return self.mem.push(self.name, ids, g, lr=1.0, key=key)
+            except (MaybeApplied, Unavailable, ResourceExhausted):
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.2)
 
     def run(self):
         g = -np.ones((2 + self.ballast.size, DIM), np.float32)
@@ -55,13 +69,20 @@ class Pusher(threading.Thread):
                 self.told.append("acked")
             except MaybeApplied as e:
                 assert e.key is not None and e.table == self.name
-                self.mem.push(self.name, ids, g, lr=1.0, key=e.key)  # the safe retry: applied once
-                self.told.append("maybe->acked")
+                try:
+                    self._retry(ids, g, e.key)  # the safe retry: applied once
+                    self.told.append("maybe->acked")
+                except BaseException as e2:  # noqa: BLE001 - counted: the test fails on any
+                    self.told.append("other")
+                    self.other.append(f"retry of {e.key}: {type(e2).__module__}.{type(e2).__name__}: {e2}")
             except Unavailable:
                 self.told.append("unavailable")
+            except ResourceExhausted:
+                self.told.append("refused")
             except BaseException as e:  # noqa: BLE001 - counted: the test fails on any
                 self.told.append("other")
                 self.other.append(f"{type(e).__module__}.{type(e).__name__}: {e}")
+            self.ended_at.append(time.monotonic())
             if time.monotonic() - t0 > 2.0:
                 self.slow += 1
 

@@ -52,9 +52,9 @@ def ray_dir(name: str) -> str:
 
 def ray_processes(name: str) -> list:
     """The live processes of the Ray cluster `up` started for `name`: those with its mark in their
-    environment, its directory in their command line, or a file in its directory open (Ray's agents
-    and workers set their process title, which overwrites the environment /proc shows, but keep
-    their log files open). Zombies are excluded: they are already gone."""
+    environment, its directory in their command line, or, titled ray::..., a file in its directory
+    open (Ray's agents and workers set their process title, which overwrites the environment /proc
+    shows, but keep their log files open). Zombies are excluded: they are already gone."""
     import psutil
 
     mark, me = ray_dir(name), os.getpid()
@@ -63,9 +63,10 @@ def ray_processes(name: str) -> list:
         try:
             if p.pid == me or p.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            if ((p.info["environ"] or {}).get(MARK) == mark or any(mark in a for a in (p.info["cmdline"] or []))
-                    or _has_open(p.pid, mark)):
-                found.append(p)
+            cmd = p.info["cmdline"] or []
+            if ((p.info["environ"] or {}).get(MARK) == mark or any(mark in a for a in cmd)
+                    or (cmd[:1] and cmd[0].startswith("ray::") and _has_open(p.pid, mark))):
+                found.append(p)  # (a driver attached to the cluster has its log files open too: not ours)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
