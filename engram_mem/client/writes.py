@@ -16,7 +16,8 @@ import numpy as np
 from engram_mem.client.retry import RETRYABLE, RetryPolicy
 from engram_mem.client.routing import slot_aligned_chunks, split_by_shard
 from engram_mem.client.write_future import WriteFuture
-from engram_mem.errors import InvalidArgument, ReadOnlyTable, ShardUnavailable, StaleEpoch, Unavailable
+from engram_mem.errors import (EngramMemError, InvalidArgument, MaybeApplied, ReadOnlyTable, ShardUnavailable,
+                               StaleEpoch, Unavailable)
 from engram_mem.table import TableSpec, from_float32, np_dtype
 from engram_mem.validate import check_grads, check_lr, check_rows_finite
 
@@ -199,10 +200,15 @@ class Writes:
         tasks = [asyncio.ensure_future(part(rank, a, b)) for rank, a, b in parts if b > a]
         try:
             replies = await asyncio.gather(*tasks)
-        except BaseException:
+        except BaseException as e:
             for t in tasks:  # one part failed or the request was stopped: the others stop too,
                 t.cancel()   # and none of them sends anything after this request has ended
-            await asyncio.gather(*tasks, return_exceptions=True)
+            ends = await asyncio.gather(*tasks, return_exceptions=True)
+            if isinstance(e, EngramMemError) and not isinstance(e, ShardUnavailable) and _others_may_have_applied(
+                    req, ends, e):
+                # One shard refused its part (a full disk, ...), but another part was acknowledged or
+                # was on its way: telling the caller "refused" would hide an applied part.
+                raise req.unresolved(f"one part was refused ({type(e).__name__}: {e})") from e
             raise
         return int(sum(replies))
 
@@ -245,3 +251,16 @@ class Writes:
         s = self._pending.setdefault(name, set())
         s.add(fut)
         fut.add_done_callback(s.discard)
+
+
+def _others_may_have_applied(req: WriteFuture, ends: list, refused: BaseException) -> bool:
+    """After one part's refusal: whether any other part was acknowledged, was stopped in flight, or
+    may have reached its shard (any other ending is a refusal too: nothing applied there)."""
+    if req.acked or req.touched:
+        return True
+    for r in ends:
+        if r is refused:
+            continue
+        if not isinstance(r, BaseException) or isinstance(r, (asyncio.CancelledError, MaybeApplied)):
+            return True
+    return False

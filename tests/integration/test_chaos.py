@@ -19,8 +19,7 @@ def _check(rep):
     print("\n".join(rep["log"]))
     assert rep["lost"] == 0 and rep["applied_twice"] == 0, rep
     assert rep["failed_present"] == 0 and rep["rows_differing"] == 0, rep
-    # rep["refused_present"] (pushes told ResourceExhausted yet applied by another shard) is not asserted
-    # here: that failure is open, alone in test_chaos_found.py (xfail strict) until the client is fixed.
+    assert rep["refused_present"] == 0, rep  # told ResourceExhausted yet applied elsewhere: test_chaos_found.py
     assert rep["read_violations"] == 0, rep["violations"]
     assert rep["pushes"]["other"] == 0, rep["push_errors"]
     assert rep["rows_differing_after_restart"] == 0, rep.get("up_after")
