@@ -16,7 +16,7 @@ import numpy as np
 
 from engram_mem.client.gather_future import GatherFuture, Reshaped
 from engram_mem.client.routing import ClusterView, dest_rows, split_by_shard
-from engram_mem.errors import EngramMemError, NotReady, ShardUnavailable
+from engram_mem.errors import EngramMemError, InvalidArgument, NotReady, ShardUnavailable
 
 log = logging.getLogger("engram_mem.client.reads")
 
@@ -93,21 +93,35 @@ class Reads:
         """One member's rows into out[start:start+len(ids)], or scattered to out[dest]."""
         await self._connector(member).gather(member, epoch, name, ids, out, start, dest)
 
-    def gather_distinct_async(self, name: str, ids: np.ndarray) -> concurrent.futures.Future:
-        """Rows [n, dim] for distinct int64 ids, in their order (no de-duplication pass, no expansion)."""
+    def gather_distinct_async(self, name: str, ids: np.ndarray, out: np.ndarray | None = None,
+                              dest: np.ndarray | None = None) -> concurrent.futures.Future:
+        """Rows [n, dim] for distinct int64 ids, in their order (no de-duplication pass, no expansion).
+
+        out/dest: land the rows in the caller's array instead, row i at out[dest[i]] (out[i] when
+        dest is None); the future then gives `out`. Rows of one shard for out[0:n] arrive straight
+        in (no copy on the client)."""
         t = self._table(name)
         flat, _ = self._ids(t.spec, ids)
+        if out is not None:
+            if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[1] != t.spec.storage_dim or \
+                    out.dtype != t.spec.storage_dtype or not out.flags.c_contiguous:
+                raise InvalidArgument(f"table {name!r}: out= must be a C-contiguous [rows, {t.spec.storage_dim}] "
+                                      f"{t.spec.storage_dtype} array")
+            fits = out.shape[0] >= flat.size if dest is None else (
+                dest.size == flat.size and (not dest.size or 0 <= int(dest.min()) <= int(dest.max()) < out.shape[0]))
+            if not fits:
+                raise InvalidArgument(f"table {name!r}: out= ({out.shape[0]} rows) and dest= do not place {flat.size} "
+                                      f"rows (dest needs one position per id, within out)")
+        elif dest is not None:
+            raise InvalidArgument("dest= needs out=")
 
         async def run():
-            return await self._gather(name, flat, None, flat.size, None)
+            return await self._gather(name, flat, dest, flat.size, None, out)
 
         return self._chans.submit(run())
 
-
 def _out_buffer(spec, out, n: int) -> np.ndarray:
     """The caller's buffer as a [n, storage_dim] numpy view, or InvalidArgument saying what is wrong."""
-    from engram_mem.errors import InvalidArgument
-
     if hasattr(out, "detach"):  # a torch tensor: its CPU memory (pinned or not) as numpy
         if out.device.type != "cpu":
             raise InvalidArgument(f"table {spec.name!r}: out= is a {out.device} tensor; rows land in host memory "

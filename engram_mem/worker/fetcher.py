@@ -77,7 +77,7 @@ class RowFetcher:
                 if part.remote_pos.size == 0:
                     out.set_result(self._finish(part, None))
                     return
-                remote = self.client.gather_distinct_async(name, part.uniq[part.remote_pos])
+                remote = self._gather_into(name, part)
                 remote.add_done_callback(lambda r: hand_back(part, r))
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 out.set_exception(e)
@@ -102,8 +102,15 @@ class RowFetcher:
         part = self._begin(name, np.asarray(ids, dtype=np.int64).reshape(-1))
         remote = None
         if part.remote_pos.size:
-            remote = self.client.gather_distinct_async(name, part.uniq[part.remote_pos]).result()
+            remote = self._gather_into(name, part).result()
         return self._finish(part, remote)
+
+    def _gather_into(self, name: str, f: "_Fetch") -> concurrent.futures.Future:
+        """The remote rows straight into the fetch's own array (no copy of the client's between):
+        contiguous when every distinct id is remote, else at their positions."""
+        every = f.remote_pos.size == f.uniq.size
+        return self.client.gather_distinct_async(name, f.uniq[f.remote_pos], out=f.out,
+                                                 dest=None if every else f.remote_pos)
 
     def _begin(self, name: str, ids: np.ndarray) -> "_Fetch":
         """De-duplicate, then serve what the same-node tier and the cache hold."""
@@ -136,9 +143,10 @@ class RowFetcher:
 
     def _finish(self, f: "_Fetch", remote_rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if remote_rows is not None:
-            f.out[f.remote_pos] = remote_rows
+            if remote_rows is not f.out:  # (rows gathered elsewhere) else they landed in place
+                f.out[f.remote_pos] = remote_rows
             if f.cache is not None:
-                f.cache.admit(f.uniq[f.remote_pos], remote_rows, generation=f.generation)
+                f.cache.admit(f.uniq[f.remote_pos], f.out[f.remote_pos], generation=f.generation)
         with self._lock:
             self.stats["fetches"] += 1
             self.stats["remote_rows"] += int(f.remote_pos.size) if remote_rows is not None else 0

@@ -310,6 +310,21 @@ def test_a_client_moves_its_rows_over_the_data_plane_through_ray(ray_local):
         assert np.shares_memory(got, buf.numpy()) and np.array_equal(buf.numpy(), mem.gather("t", one))
         with pytest.raises(InvalidArgument, match="out= must be"):
             mem.gather("t", one, out=np.empty((500, 8), np.float32))
+        # The model's fetcher: remote rows land in its own array, with no copy between.
+        from engram_mem.worker.fetcher import RowFetcher
+
+        f = RowFetcher(mem, node_local=False)
+        try:
+            before = mem.transport_counts()["tcp"]
+            uniq, rows, inverse = f.fetch("t", np.concatenate([one, one[:50]]))
+            after = mem.transport_counts()["tcp"]
+            assert after["direct_bytes"] - before["direct_bytes"] == 500 * 16 * 4
+            assert after["staged_bytes"] == before["staged_bytes"]
+            assert np.array_equal(rows[inverse], mem.gather("t", np.concatenate([one, one[:50]])))
+            uniq, rows, inverse = f.fetch("t", ids)  # both shards: one copy, from the staging block
+            assert np.array_equal(rows[inverse].reshape(ids.shape + (16,)), tcp_rows)
+        finally:
+            f.close()
         with engram_mem.connect(name="dp-tcp", data_plane="grpc") as g:
             assert np.array_equal(g.gather("t", ids), tcp_rows)
             assert g.transport_counts()["grpc"]["gather"] >= 2 and "tcp" not in g.transport_counts()

@@ -19,7 +19,11 @@ from tests.kill_workload import DIM, kill, three_kills, wait_restarted
 def test_kill9_three_times_every_push_ends_acked_once_or_typed(ray_local, tmp_path, durability):
     with engram_mem.connect(shards=2, name=f"once-{durability}", data_dir=str(tmp_path), durability=durability,
                             snapshot_interval_s=1.0) as mem:
-        three_kills(mem, replicas=1)
+        report = three_kills(mem, replicas=1)
+        # the counted pushes travelled over the data plane (framed TCP), killed mid-transfer three times
+        moved = mem.transport_counts()
+        assert moved["tcp"]["push"] >= sum(report[k] for k in ("acked", "maybe->acked")), moved
+        assert moved["grpc"]["push"] == 0, moved
 
 
 def test_a_closed_client_stops_its_pushes_and_says_what_is_known(ray_local, tmp_path):
