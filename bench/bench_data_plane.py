@@ -13,6 +13,8 @@ of 8,192 distinct ids (SGD) on each. Reported per configuration: GB/s at the med
 spread of the rounds' medians), x in-process, x gRPC, p50/p99 ms, CPU seconds per GB moved (the
 client process and every shard process: it carries over to real machines, while wall time here
 does not, as the "other node" shares the client's 2 cores), and the client's copies per row.
+Beside them, the wire's own ceiling here: a plain process on the other node's address sending
+the same number of bytes from one buffer per request (kernel TCP, no gather, no framing).
 Then 8 threads of one client gathering at once (tail latency), and the same-node tier (the
 shard's shared memory read in place) on a shard on the client's node.
 
@@ -32,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, append_jsonl, bar_plot, markdown_table, print_table  # noqa: E402
-from model_setup import start_two_nodes  # noqa: E402
+from model_setup import NODE_B, start_two_nodes  # noqa: E402
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -50,6 +52,42 @@ def cpu_of(pids: list[int]) -> float:
 
 def shard_pids(mem) -> list[int]:
     return [s["pid"] for s in mem.refresh().shards.values()]
+
+
+def _loopback_server(host: str, nbytes: int, q) -> None:
+    """The wire's own ceiling: a process on the other node's address that answers each 1-byte
+    request with `nbytes` from one buffer (no gather, no framing), as fast as the kernel moves it."""
+    import socket
+
+    srv = socket.create_server((host, 0))
+    q.put(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    buf = np.ones(nbytes, np.uint8)
+    while conn.recv(1):
+        conn.sendall(buf)
+
+
+class Loopback:
+    def __init__(self, host: str, nbytes: int):
+        import multiprocessing as mp
+        import socket
+
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        self.proc = ctx.Process(target=_loopback_server, args=(host, nbytes, q), daemon=True)
+        self.proc.start()
+        self.sock = socket.create_connection((host, q.get(timeout=60)))
+        self.buf = memoryview(bytearray(nbytes))
+
+    def read(self, _ids) -> None:
+        self.sock.sendall(b"x")
+        got, n = 0, len(self.buf)
+        while got < n:
+            got += self.sock.recv_into(self.buf[got:])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.kill()
 
 
 def timed(fn, inputs):
@@ -120,8 +158,10 @@ def main(argv=None) -> int:
                 check = rng.integers(0, args.rows, 1000)
                 for c in (tcp, grpc_):
                     assert np.array_equal(c.gather("t", check), table[check]), "rows differ from the table"
+                wire = Loopback(NODE_B, nbytes)
                 confs = {"in-process": lambda ids: np.take(table, ids, axis=0),
-                         "tcp": lambda ids: tcp.gather("t", ids), "grpc": lambda ids: grpc_.gather("t", ids)}
+                         "tcp": lambda ids: tcp.gather("t", ids), "grpc": lambda ids: grpc_.gather("t", ids),
+                         "loopback": wire.read}
                 res = {k: {"secs": [], "rounds": [], "cpu": 0.0} for k in confs}
                 for fn in confs.values():  # warm-up: connections, pages
                     for _ in range(2):
@@ -133,10 +173,11 @@ def main(argv=None) -> int:
                     for k in order:
                         batches = [rng.integers(0, args.rows, args.batch) for _ in range(args.calls)]
                         c0 = me.cpu_times()
-                        s0 = cpu_of(pids) if k != "in-process" else 0.0
+                        others = pids if k in ("tcp", "grpc") else [wire.proc.pid] if k == "loopback" else []
+                        s0 = cpu_of(others)
                         secs = timed(confs[k], batches)
                         c1 = me.cpu_times()
-                        s1 = cpu_of(pids) if k != "in-process" else 0.0
+                        s1 = cpu_of(others)
                         res[k]["secs"] += secs
                         res[k]["rounds"].append(nbytes / float(np.median(secs)) / 1e9)
                         res[k]["cpu"] += (c1.user - c0.user + c1.system - c0.system) + (s1 - s0)
@@ -155,7 +196,9 @@ def main(argv=None) -> int:
                 g_gbps = float(np.median(res["grpc"]["rounds"]))
                 for k, v in res.items():
                     gbps = float(np.median(v["rounds"]))
-                    row = {"config": f"{k}, {shards} shard{'s' * (shards > 1)}" + (", other node" if k != "in-process" else ""),
+                    label = {"loopback": f"kernel TCP to the other node, no gather (the wire's ceiling), {shards}"}.get(
+                        k, f"{k}, {shards}")
+                    row = {"config": f"{label} shard{'s' * (shards > 1)}" + (", other node" if k in ("tcp", "grpc") else ""),
                            "transport": k, "shards": shards, "GB/s": gbps,
                            "spread": f"{min(v['rounds']):.2f}-{max(v['rounds']):.2f}",
                            "x in-process": gbps / base, "x grpc": gbps / g_gbps,
@@ -180,6 +223,7 @@ def main(argv=None) -> int:
                                            "p99 ms": float(np.percentile(secs, 99)) * 1e3})
                         print_table([extra_rows[-1]], list(extra_rows[-1]))
                 grpc_.close()
+                wire.close()
         # the same-node tier (the product path for a worker on a shard's node)
         with engram_mem.connect(shards=1, name="bench-dp-local", shard_resources={"node_a": 1}) as mem:
             mem.create_table_spec(spec)
@@ -214,6 +258,9 @@ def main(argv=None) -> int:
             ratios[f"tcp_{s}shard_x_in_process"] = t["x in-process"]
             ratios[f"tcp_{s}shard_x_grpc"] = t["x grpc"]
             ratios[f"push_p50_grpc_over_tcp_{s}shard"] = g["push p50 ms"] / t["push p50 ms"]
+        w = by.get(("loopback", s))
+        if w:
+            ratios[f"wire_ceiling_{s}shard_x_in_process"] = w["x in-process"]
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
     suffix = "-quick" if args.quick else ""

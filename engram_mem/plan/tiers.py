@@ -160,12 +160,15 @@ TIER_PRESETS: dict[str, Tier] = {t.name: t for t in [
     _t(name="here-grpc", kind="remote", latency_s=2e-3, link_gbps=0.77, aggregate_gbps=0.77,
        capacity_bytes=24 * GiB, cpu_s_per_row=5e-7, cpu_s_per_fetch=2e-3, measured=True,
        source="measured here: gRPC to another local Ray node 0.76 GB/s (one shard)"),
-    # The bulk data plane (framed TCP, transport/): one client to a shard on another local Ray node,
-    # bench/bench_data_plane.py and `engram-mem plan --calibrate`; the software ceiling of the
-    # remote presets above (driven_by).
-    _t(name="here-tcp", kind="remote", latency_s=1e-3, link_gbps=1.9, aggregate_gbps=1.9,
-       capacity_bytes=24 * GiB, cpu_s_per_row=2.5e-7, cpu_s_per_fetch=1e-3, measured=True,
-       source="measured here: RowFetcher over the framed-TCP data plane to another local Ray node"),
+    # The bulk data plane (framed TCP, transport/): RowFetcher to a shard on another local Ray node,
+    # `engram-mem plan --calibrate --quick` (2026-12-06, load 3.1 -> 2.0, 256..16k rows of 256 B):
+    # 0.89 ms + 0.77 GB/s, 0.69 ms CPU per fetch (gRPC beside it: 0.99 ms + 0.91 GB/s, 1.78 ms).
+    # The software ceiling of the remote presets above (driven_by).
+    _t(name="here-tcp", kind="remote", latency_s=0.893e-3, link_gbps=0.772, aggregate_gbps=0.772,
+       capacity_bytes=24 * GiB, cpu_s_per_row=8.0e-8, cpu_s_per_fetch=0.694e-3, stretch=4.9, measured=True,
+       push_cpu_s_per_row=3.36e-8, push_cpu_s_per_call=0.308e-3,
+       source="measured here: RowFetcher over the framed-TCP data plane to another local Ray node, "
+              "0.89 ms + 0.77 GB/s (calibrate --quick)"),
     _t(name="here-cache", kind="cache", latency_s=0.0, link_gbps=2.9, aggregate_gbps=2.9, capacity_bytes=1 * GiB,
        measured=True, source="measured here: RowCache lookup, all hits, 2.9 GB/s"),
     # `engram-mem plan --calibrate` (2026-11-24, bench/results/tiers-here.json, median of 3 runs, load
