@@ -56,7 +56,7 @@ for p in (HERE, ROOT):
 
 FAULTS = ("kill-primary", "kill-replica", "kill-controller", "kill-client", "kill-up", "kill-scale",
           "kill-checkpoint", "sigstop-shard", "scale", "delete-shard-dir", "disk-full")
-TABLE, ROWS, BALLAST = "k", 1 << 18, 256
+TABLE, BALLAST = "k", 256
 CLIENT_PUSHES = 400  # rows reserved for each killed client process
 
 
@@ -81,6 +81,8 @@ class Config:
     disk_mb: int = 256
     restart_check: bool = True
     rounds: int = 0                   # > 0: stop after that many rounds (each kind once per round)
+    rows: int = 1 << 18               # table rows: two writers use half of them, ~50 pushes/s each on 2 cores
+    snapshot_s: float = 10.0
     log: list = field(default_factory=list)
 
 
@@ -171,15 +173,15 @@ class Chaos:
         os.makedirs(self.data, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.cfg.disk_mb}m", "tmpfs", self.data], check=True)
         self.up_args = ["up", "--shards", "2", "--replicas", "2", "--replica-ack", "all", "--data-dir", self.data,
-                        "--snapshot-interval", "10"]
+                        "--snapshot-interval", str(self.cfg.snapshot_s)]
         out = subprocess.run(_cli(self.cfg, *self.up_args), env=self.env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout + out.stderr
         self.state = self.local.load_state(self.cfg.name)
         self.local.attach_ray(self.state["ray_address"])
         self.ray = ray
         self.mem = engram_mem.connect(name=self.cfg.name)
-        self.mem.create_table(TABLE, rows=ROWS, dim=4, optimizer={"name": "sgd"}, init_std=0.0)
-        pairs, ballast = rows_of_push(self.mem.view, TABLE, 10 ** 6, rows=ROWS)
+        self.mem.create_table(TABLE, rows=self.cfg.rows, dim=4, optimizer={"name": "sgd"}, init_std=0.0)
+        pairs, ballast = rows_of_push(self.mem.view, TABLE, self.cfg.rows, rows=self.cfg.rows)
         self.ballast = ballast[:BALLAST]
         n_client = len(self.cfg.faults) and 40 * CLIENT_PUSHES
         self.client_pairs = pairs[:n_client]
@@ -621,8 +623,10 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench_chaos: stopped by SIGTERM"))  # run() cleans up
 
+    long = args.minutes >= 10  # enough rows for ~80 min of pushes, and room for their snapshots
     cfg = Config(seconds=args.minutes * 60, seed=args.seed, every=tuple(args.every),
-                 faults=tuple(args.faults.split(",")), name=args.name)
+                 faults=tuple(args.faults.split(",")), name=args.name, rows=1 << 20 if long else 1 << 18,
+                 disk_mb=768 if long else 256, snapshot_s=30.0 if long else 10.0)
     rep = run(cfg)
     rows = [{"fault": k, "injected": n, "longest write stall s": round(rep["stalls"].get(k, {}).get("write", 0.0), 1),
              "longest read stall s": round(rep["stalls"].get(k, {}).get("read", 0.0), 1)}
@@ -649,7 +653,7 @@ def main(argv=None):
     ax.bar(x + 0.2, [rep["stalls"].get(k, {}).get("read", 0) for k in kinds], 0.4, label="no read")
     ax.set_xticks(x, [f"{k} ({rep['faults'][k]})" for k in kinds], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("longest stretch, s")
-    ax.set_title(f"chaos {rep['seconds'] / 60:.0f} min, seed {rep['seed']}: lost {rep['lost']}, "
+    ax.set_title(f"chaos {rep['seconds'] / 60:.1f} min, seed {rep['seed']}: lost {rep['lost']}, "
                  f"twice {rep['applied_twice']}, acked {rep['pushes']['acked'] + rep['pushes']['maybe->acked']}",
                  fontsize=10)
     ax.legend(fontsize=8)
