@@ -208,6 +208,7 @@ class Writes:
                     req, ends, e):
                 # One shard refused its part (a full disk, ...), but another part was acknowledged or
                 # was on its way: telling the caller "refused" would hide an applied part.
+                req.touched.update(req.waiting)  # the parts stopped in flight may have been applied
                 raise req.unresolved(f"one part was refused ({type(e).__name__}: {e})") from e
             raise
         return int(sum(replies))

@@ -75,7 +75,12 @@ def test_primary_node_and_its_disk_lost_mid_pushes_loses_nothing(spare_nodes, tm
         rows = mem.gather("r", SPREAD)
         assert np.array_equal(rows, before + acked[0]), (
             f"lost {int((before + acked[0] - rows).max())}, applied twice {int((rows - before - acked[0]).max())}")
-        view = mem.refresh(check_shards=True)
-        now = view.members(0)
+        deadline = time.time() + 120   # the pushes may all be acknowledged before the lost node is noticed
+        while True:
+            view = mem.refresh(check_shards=True)
+            now = view.members(0)
+            if now[0]["node_ip"] not in (primary["node_ip"], replica["node_ip"]) or time.time() > deadline:
+                break
+            time.sleep(0.5)
         assert now[0]["node_ip"] not in (primary["node_ip"], replica["node_ip"])   # moved to the spare node
         assert view.shards[view.shard_ids[0]]["restore"]["source"] == "replica 1"
