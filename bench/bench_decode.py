@@ -7,8 +7,10 @@ source (teacher forcing), so the n-gram traffic is that of real code whatever th
 After each token the model hashes it with the previous ones and requests the next step's rows at
 once (prefetch), before running the blocks ahead of the first Engram layer. For each row source:
   - in-process table (the reference)
-  - cluster on this node (shared-memory tier), prefetch on (the default) / off (read at get())
-  - cluster on another node (gRPC), no cache / with a hot-row cache (the cache fronts remote shards)
+  - cluster on this node (shared-memory tier)
+  - cluster on another node (data plane), no cache / with a hot-row cache (it fronts remote shards)
+each cluster source with its read path in the node's fetch agent (the default: de-duplication,
+cache, the client and its event loop in the agent's process) or in the model's own process.
 it reports decode tokens/s, the exposed wait for rows as a share of step time, and the cache hit
 rate (share of the step's distinct remote rows found in the cache). The sources take turns for
 --rounds rounds (each cache emptied and re-warmed every round); each source's median round is
@@ -83,23 +85,24 @@ def main(argv=None) -> int:
             mem = memory_on(node, f"decode-{node}")
             mems.append(mem)
             where = "same node" if node == "a" else "other node"
-            ClusterRows(mem, specs, train=False).close()  # create the tables
-            if node == "a":  # the cache fronts remote shards only
-                sources["cluster (same node), prefetch on"] = ClusterRows(mem, specs, train=False, create=False)
-                sources["cluster (same node), prefetch off"] = ClusterRows(mem, specs, train=False, create=False,
-                                                                           prefetch=False)
-                continue
-            for cache_mb in (0, args.cache_mb):
-                label = f"cluster ({where}), " + (f"cache {cache_mb} MB/table" if cache_mb else "no cache")
-                sources[label] = ClusterRows(mem, specs, train=False, create=False, cache_bytes=cache_mb << 20)
+            ClusterRows(mem, specs, train=False, agent=False).close()  # create the tables
+            for agent in (True, False):  # the node's fetch agent (the default) or the model's own process
+                path = "agent" if agent else "in-process path"
+                if node == "a":  # the cache fronts remote shards only
+                    sources[f"cluster ({where}), {path}"] = ClusterRows(mem, specs, train=False, create=False,
+                                                                        agent=agent)
+                    continue
+                for cache_mb in (0, args.cache_mb):
+                    label = f"cluster ({where}), {path}, " + (f"cache {cache_mb} MB/table" if cache_mb else "no cache")
+                    sources[label] = ClusterRows(mem, specs, train=False, create=False, cache_bytes=cache_mb << 20,
+                                                 agent=agent)
         decode(local)
         ref = decode(local)
         runs: dict[str, list[dict]] = {k: [] for k in sources}
         for r in range(args.rounds):  # the sources take turns, so drifting machine load hits them alike
             for label, rows in sources.items():
                 if rows is not local:
-                    for c in rows.fetcher.caches.values():
-                        c.clear()
+                    rows.fetcher.clear_caches()
                     decode(rows, warm_text)                    # warm-up on other text (fills the cache)
                 s0 = rows.stats() if rows is not local else {}
                 out = decode(rows)
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
                 runs[label].append({**out, "cache_hit_rate": hits / looked if looked else 0.0,
                                     "node_local_rows": s1.get("node_local_rows", 0) - s0.get("node_local_rows", 0),
                                     "remote_rows": s1.get("remote_rows", 0) - s0.get("remote_rows", 0)})
-                print(f"  round {r + 1}: {label:<42} {1000 * out['seconds'] / args.steps:6.2f} ms/step, "
+                print(f"  round {r + 1}: {label:<58} {1000 * out['seconds'] / args.steps:6.2f} ms/step, "
                       f"wait {100 * out['wait_s'] / out['seconds']:.2f}%", flush=True)
         results = []
         for label, rs in runs.items():  # the round with the median time stands for the source

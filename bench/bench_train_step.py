@@ -5,8 +5,10 @@
 The demo model (engram_model/configs/small.json) trained with engram_model.train.train on the
 stdlib corpus, the same seed and batches for every row source:
   - in-process tables (LocalRows)
-  - tables in the cluster, shards on this node (reads from shared memory, pushes over gRPC)
-  - tables in the cluster, shards on another Ray node (reads and pushes over gRPC)
+  - tables in the cluster, shards on this node (reads from shared memory)
+  - tables in the cluster, shards on another Ray node (reads and pushes over the TCP data plane, or gRPC)
+each cluster source through the node's fetch agent (the default: the read path in the agent's
+process) or with the read path in the model's own process (ClusterRows(agent=False)).
 Step time is the median over the timed steps (the first --warmup steps of each run are skipped).
 Every run starts from the tables' initial rows, so the loss curves must agree; the benchmark
 checks that they do. Prints a table, appends bench/results/train_step.jsonl, draws
@@ -64,17 +66,21 @@ def main(argv=None) -> int:
 
         mems = {node: memory_on(node, f"train-{node}") for node in ("a", "b")}
         mems["b-grpc"] = engram_mem.connect(name="train-b", data_plane="grpc")  # today's path, same shards
-        sources = {"cluster, same node": "a", "cluster, other node, TCP data plane": "b",
-                   "cluster, other node, gRPC": "b-grpc"}
+        # (cluster, read path): through the node's fetch agent (the default) or in the model's process
+        sources = {"cluster, same node, agent": ("a", True),
+                   "cluster, same node, in-process path": ("a", False),
+                   "cluster, other node, agent (TCP)": ("b", True),
+                   "cluster, other node, in-process path, TCP": ("b", False),
+                   "cluster, other node, in-process path, gRPC": ("b-grpc", False)}
         for r in range(args.repeats):
             for name in ("in-process tables", *sources):
                 rows = None
                 if name != "in-process tables":
-                    mem = mems[sources[name]]
+                    mem, agent = mems[sources[name][0]], sources[name][1]
                     for spec in specs.values():  # every run starts from the initial rows
                         if spec.name in mem.tables():
                             mem.drop_table(spec.name)
-                    rows = ClusterRows(mem, specs)
+                    rows = ClusterRows(mem, specs, agent=agent)
                 res = train(m, t, rows=rows, **quiet)
                 if rows is not None:
                     rows.flush()
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
                 step_s = np.diff([0.0] + res.history["elapsed"])[args.warmup:]
                 runs.setdefault(name, []).extend(step_s.tolist())
                 losses[name] = res.history["loss"]
-                print(f"  repeat {r + 1}: {name:<20} median step {1000 * np.median(step_s):7.1f} ms", flush=True)
+                print(f"  repeat {r + 1}: {name:<44} median step {1000 * np.median(step_s):7.1f} ms", flush=True)
         for mem in mems.values():
             mem.close()
     finally:

@@ -42,11 +42,15 @@ from engram_model.rows import TABLE_OPTIMIZER, RowSource, table_name, table_spec
 class ClusterRows(RowSource):
     def __init__(self, client, specs: dict[int, TableSpec], device: torch.device | str = "cpu", *,
                  train: bool = True, prefetch: bool = True, cache_bytes: int = 0, node_local: bool = True,
-                 optimizer: dict | None = TABLE_OPTIMIZER, create: bool = True, grad_scale: float = 1.0):
-        """prefetch: fetch every Engram layer's rows ahead, on the fetcher's thread, from prefetch();
-        False fetches each at get(), on the caller's thread. cache_bytes: hot-row cache per table
-        for rows of remote shards (0 = none); grad_scale: multiplies pushed gradients (1/world_size
-        under data parallelism, so the pushes add up to the global-batch gradient)."""
+                 optimizer: dict | None = TABLE_OPTIMIZER, create: bool = True, grad_scale: float = 1.0,
+                 agent: bool = True):
+        """prefetch: fetch every Engram layer's rows ahead from prefetch(); False fetches each at
+        get(). cache_bytes: hot-row cache per table for rows of remote shards (0 = none; through
+        the agent, the node's shared cache is at least this big); grad_scale: multiplies pushed
+        gradients (1/world_size under data parallelism, so the pushes add up to the global-batch
+        gradient). agent: read and push through this node's fetch agent (engram_mem/agent/: the
+        read path runs in its process, one cache for every worker of the node); False runs the
+        read path in this process (RowFetcher), as before the agent. Both give the same rows."""
         self.client = client
         self.specs = dict(specs)
         self.device = torch.device(device)
@@ -63,8 +67,14 @@ class ClusterRows(RowSource):
             if got != spec and (create or not same_shape):
                 raise ValueError(f"layer {layer}: the cluster's table {spec.name!r} is {have.get(spec.name)}, "
                                  f"the model needs {spec}")
-        self.fetcher = RowFetcher(client, cache_bytes={s.name: cache_bytes for s in self.specs.values()},
-                                  node_local=node_local)
+        caches = {s.name: cache_bytes for s in self.specs.values()}
+        if agent:
+            from engram_mem.agent import AgentReader
+
+            self.fetcher = AgentReader(client, cache_bytes=caches, node_local=node_local)
+        else:
+            self.fetcher = RowFetcher(client, cache_bytes=caches, node_local=node_local)
+        self.agent = agent
         self._inflight: dict[int, tuple[torch.Tensor, object]] = {}
         self._leaves: list[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = []  # layer, uniq, inv, leaf
         self._pushes: list = []
@@ -86,17 +96,35 @@ class ClusterRows(RowSource):
             self._check_layer(layer)  # bad input is an error either way
             return
         ids = self._ids(layer, row_ids)
+        self._drop(self._inflight.pop(layer, None))
         self._inflight[layer] = (row_ids, self.fetcher.fetch_async(self.specs[layer].name, ids))
+
+    def _drop(self, entry) -> None:
+        """A prefetch nobody will read: its slot goes back to the agent's reader once it is answered."""
+        if entry is not None and self.agent:
+            entry[1].release()
 
     def get(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
         entry = self._inflight.pop(layer, None)
         t0 = time.perf_counter()
+        lease = None
         if entry is not None and (entry[0] is row_ids or torch.equal(entry[0], row_ids)):
-            uniq, rows_np, inverse = entry[1].result()
-        else:  # not prefetched: fetch here, on the caller's thread
+            lease = entry[1]
+            uniq, rows_np, inverse = lease.result()
+        else:  # not prefetched (or other ids): fetch here, on the caller's thread
+            self._drop(entry)
             ids = self._ids(layer, row_ids)
             uniq, rows_np, inverse = self.fetcher.fetch(self.specs[layer].name, ids)
         self.wait_s += time.perf_counter() - t0
+        try:
+            return self._rows(layer, row_ids, uniq, rows_np, inverse, leased=lease is not None and self.agent)
+        finally:
+            if lease is not None and self.agent:
+                lease.release()  # the rows were copied out of the agent's slot (expanded, converted or pinned)
+
+    def _rows(self, layer: int, row_ids: torch.Tensor, uniq, rows_np, inverse, leased: bool) -> torch.Tensor:
+        if leased:  # these two outlive the slot (the gradient's scatter and push use them)
+            uniq, inverse = uniq.copy(), inverse.copy()
         spec = self.specs[layer]
         rows_u = as_torch(rows_np, spec.dtype)                               # [U, D] host (fp8: [U, D + D/block] bytes)
         if self.device.type == "cuda":
@@ -180,6 +208,8 @@ class ClusterRows(RowSource):
                 self.client.write(spec.name, np.arange(a, b), w[a:b].detach().cpu())
 
     def close(self) -> None:
+        for layer in list(self._inflight):
+            self._drop(self._inflight.pop(layer))
         self.flush()
         self.fetcher.close()
 

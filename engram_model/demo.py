@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         ("loss", f"train {h['loss'][0]:.3f} -> {sum(h['loss'][-10:]) / len(h['loss'][-10:]):.3f}, "
                  f"validation {h['val_loss'][-1]:.3f}"),
         ("training rows", f"{fetched:,} distinct rows fetched ({train_stats.get('node_local_rows', 0):,} from same-node "
-                          f"shared memory, {train_stats.get('remote_rows', 0):,} over gRPC), "
+                          f"shared memory, {train_stats.get('remote_rows', 0):,} from remote shards), "
                           f"{train_stats.get('pushes', 0)} gradient pushes"),
         ("training fetch wait", f"{train_stats['wait_s']:.2f}s exposed of {h['train_seconds']:.0f}s "
                                 f"({100 * train_stats['wait_s'] / max(h['train_seconds'], 1e-9):.2f}%)"),
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                       f"({gen_tokens / max(gen_s, 1e-9):.1f} tok/s, batch {len(PROMPTS)})"),
         ("inference rows", (f"cache hit rate {r['cache_hit_rate']:.1%} of distinct remote rows, "
                             if r.get("cache_lookups") else "cache idle (it fronts remote shards only), ") +
-                           f"{r.get('node_local_rows', 0):,} same-node, {r.get('remote_rows', 0):,} over gRPC; "
+                           f"{r.get('node_local_rows', 0):,} same-node, {r.get('remote_rows', 0):,} from remote shards; "
                            f"exposed wait {100 * again['wait_s'] / max(again['seconds'], 1e-9):.2f}% of decode time"),
         ("shards", ", ".join(f"#{s['shard_id']}: {sum(s['requests'].values())} requests, "
                              f"{s['rows_pushed']:,} rows pushed" for s in shard_stats)),

@@ -79,6 +79,7 @@ class MemoryClient(Reads, Writes, Members):
         if security is None:  # through Ray: the controller hands out the credential (auth.py)
             security = ray.get(controller.client_security.remote(read_only))
         client_sec = ClientSecurity(**security)
+        self.security = client_sec  # its credential is also what a worker shows its node's fetch agent
         self._chans = ShardChannels(2 * self.max_request_bytes + (1 << 20), client_sec)
         # Bulk rows: the framed-TCP data plane where the shard serves one (not under TLS), else gRPC.
         self.data_plane = data_plane or cfg.get("data_plane", "grpc")

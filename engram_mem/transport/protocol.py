@@ -77,7 +77,9 @@ def parse_header(raw: bytes | bytearray | memoryview, max_meta: int, max_bulk: i
 
 
 def encode_error(e: BaseException) -> bytes:
-    cls = type(e).__name__ if isinstance(e, EngramMemError) and type(e).__name__ in ERROR_CLASSES else "EngramMemError"
+    """"<class>\n<message>": the error's class, or the nearest of its bases the other side knows."""
+    cls = next((c.__name__ for c in type(e).__mro__ if c.__name__ in ERROR_CLASSES), "EngramMemError") \
+        if isinstance(e, EngramMemError) else "EngramMemError"
     return f"{cls}\n{e}".encode("utf-8", "replace")[:MAX_ERROR_BYTES]
 
 

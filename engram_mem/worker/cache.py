@@ -72,6 +72,7 @@ class RowCache:
     def __init__(self, capacity_bytes: int, dim: int, dtype, *, min_frequency: int = 1):
         self.dtype = np.dtype(dtype)
         self.dim = dim
+        self.capacity_bytes = int(capacity_bytes)
         per_row = dim * self.dtype.itemsize + _OVERHEAD
         self.capacity = max(0, int(capacity_bytes) // per_row)
         self.rows = np.empty((self.capacity, dim), dtype=self.dtype)

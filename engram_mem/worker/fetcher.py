@@ -41,6 +41,7 @@ class _Fetch:
     remote_pos: np.ndarray  # positions in uniq left for the remote shards (and offered to the cache)
     cache: RowCache | None
     generation: int | None  # the cache's, noted before any row was read
+    counts: dict | None = None  # the caller's own tally of this fetch (the agent's per worker)
 
 
 class RowFetcher:
@@ -48,10 +49,12 @@ class RowFetcher:
                  threads: int = 1):
         self.client = client
         self.caches: dict[str, RowCache] = {}
+        self._uids: dict[str, str | None] = {}  # the table uid each cache holds rows of
         for name, nbytes in (cache_bytes or {}).items():
             spec = client.view.table(name).spec
             if nbytes > 0:
                 self.caches[name] = RowCache(nbytes, spec.storage_dim, spec.storage_dtype)
+                self._uids[name] = client.view.raw["tables"][name].get("uid")
         self.tier = None
         if node_local:
             from engram_mem.worker.nodelocal import NodeLocalTier
@@ -62,18 +65,25 @@ class RowFetcher:
         self.stats: collections.Counter = collections.Counter()
 
     # ---- reads -----------------------------------------------------------------------------
-    def fetch_async(self, name: str, ids: np.ndarray) -> concurrent.futures.Future:
+    def fetch_async(self, name: str, ids: np.ndarray, *, out: np.ndarray | None = None, node_local: bool = True,
+                    cache: bool = True, tally: collections.Counter | None = None) -> concurrent.futures.Future:
         """Start a fetch at once; the future gives what fetch() returns.
+
+        out: rows land in out[:U] (at least [len(ids), storage_dim] of the table's storage dtype)
+        instead of a new array: the fetch agent passes a worker's shared buffer. node_local / cache:
+        this fetch may read the same-node tier / the hot-row cache (a worker sharing an agent that
+        asked for neither). tally: a Counter this fetch's own counts are added to once it ends
+        (fetches, ids, unique_ids, node_local_rows, cache_lookups, cache_hits, remote_rows).
 
         The same-node and cache reads run on the fetcher's thread; a remote gather then goes out
         on the client's event loop without holding that thread, so the fetches of several Engram
         layers (issued one after another) are in flight together: one round trip, not one each."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        out: concurrent.futures.Future = concurrent.futures.Future()
+        rows_out, out = out, concurrent.futures.Future()
 
         def begin():
             try:
-                part = self._begin(name, ids)
+                part = self._begin(name, ids, out=rows_out, node_local=node_local, use_cache=cache, tally=tally)
                 if part.remote_pos.size == 0:
                     out.set_result(self._finish(part, None))
                     return
@@ -112,15 +122,19 @@ class RowFetcher:
         return self.client.gather_distinct_async(name, f.uniq[f.remote_pos], out=f.out,
                                                  dest=None if every else f.remote_pos)
 
-    def _begin(self, name: str, ids: np.ndarray) -> "_Fetch":
+    def _begin(self, name: str, ids: np.ndarray, out: np.ndarray | None = None, node_local: bool = True,
+               use_cache: bool = True, tally: collections.Counter | None = None) -> "_Fetch":
         """De-duplicate, then serve what the same-node tier and the cache hold."""
         t0 = time.perf_counter()
         t = self.client.view.table(name)
         uniq, inverse = np.unique(ids, return_inverse=True)
-        out = np.empty((uniq.size, t.spec.storage_dim), dtype=t.spec.storage_dtype)
+        if out is None:
+            out = np.empty((uniq.size, t.spec.storage_dim), dtype=t.spec.storage_dtype)
+        else:
+            out = out[:uniq.size]
         self.client.flush(name)  # read-your-writes, also for the shared-memory path
         rest = np.arange(uniq.size)
-        if self.tier is not None and uniq.size:
+        if self.tier is not None and node_local and uniq.size:
             ranks = t.placement[uniq // t.spec.slot_rows]
             served = np.zeros(uniq.size, dtype=bool)
             for rank in self.tier.local_ranks():
@@ -134,12 +148,18 @@ class RowFetcher:
             with self._lock:
                 self.stats["node_local_rows"] += int(uniq.size - rest.size)
         # The cache fronts remote shards only: this node's rows are already in this node's memory.
-        cache, generation, remote_pos = self.caches.get(name), None, rest
+        cache, generation, remote_pos = self._cache(name) if use_cache else None, None, rest
         if cache is not None and rest.size:
             hit, rows, generation = cache.record_and_lookup(uniq[rest])  # frequency: fetches asking for an id
             out[rest[hit]] = rows
             remote_pos = rest[~hit]
-        return _Fetch(t0, ids.size, uniq, inverse, out, remote_pos, cache, generation)
+        f = _Fetch(t0, ids.size, uniq, inverse, out, remote_pos, cache, generation)
+        if tally is not None:
+            f.counts = {"node_local_rows": int(uniq.size - rest.size), "unique_ids": int(uniq.size), "ids": int(ids.size),
+                        "cache_lookups": int(rest.size) if cache is not None else 0,
+                        "cache_hits": int(rest.size - remote_pos.size) if cache is not None else 0}
+            f.counts["tally"] = tally
+        return f
 
     def _finish(self, f: "_Fetch", remote_rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if remote_rows is not None:
@@ -153,28 +173,62 @@ class RowFetcher:
             self.stats["ids"] += f.n_ids
             self.stats["unique_ids"] += int(f.uniq.size)
             self.stats["fetch_s"] += time.perf_counter() - f.t0
+            if f.counts is not None:
+                tally = f.counts.pop("tally")
+                tally.update(f.counts, fetches=1, remote_rows=int(f.remote_pos.size) if remote_rows is not None else 0)
         return f.uniq, f.out, f.inverse
 
     # ---- writes ----------------------------------------------------------------------------
-    def push_async(self, name: str, ids: np.ndarray, grads, lr: float | None = None, step: int = 0):
+    def push_async(self, name: str, ids: np.ndarray, grads, lr: float | None = None, step: int = 0,
+                   key: tuple[str, int] | None = None):
         """Push a gradient (ids distinct or not) and forget those rows in the cache.
 
         The cache forgets them before the push is sent and again once it is registered with the
         client: a fetch that starts later waits for the push (read-your-writes); one already under
         way sees the second invalidation and does not admit what it read."""
-        cache = self.caches.get(name)
+        cache = self._cache(name)
         ids = np.asarray(ids, dtype=np.int64)
         if cache is not None:  # before the push is sent: no fetch can be served the row from here on
             cache.invalidate(ids)
-        fut = self.client.push_async(name, ids, grads, lr=lr, step=step)
+        fut = self.client.push_async(name, ids, grads, lr=lr, step=step, key=key)
         if cache is not None:  # and after: a fetch that read the row meanwhile does not cache it
             cache.invalidate(ids)
         with self._lock:
             self.stats["pushes"] += 1
         return fut
 
+    def _cache(self, name: str) -> RowCache | None:
+        """The table's cache, emptied if the table was dropped and created again since it filled
+        (a long-lived fetcher, the node's agent, outlives tables)."""
+        cache = self.caches.get(name)
+        if cache is not None:
+            uid = self.client.view.raw["tables"].get(name, {}).get("uid")
+            if self._uids.get(name) != uid:
+                with self._lock:
+                    if self._uids.get(name) != uid:
+                        spec = self.client.view.table(name).spec
+                        cache = self.caches[name] = RowCache(cache.capacity_bytes, spec.storage_dim, spec.storage_dtype)
+                        self._uids[name] = uid
+                    cache = self.caches[name]
+        return cache
+
+    def ensure_cache(self, name: str, nbytes: int) -> None:
+        """A hot-row cache of at least nbytes for table `name` (a larger ask replaces a smaller
+        cache, which starts empty)."""
+        with self._lock:
+            have = self.caches.get(name)
+            if nbytes > 0 and (have is None or have.capacity_bytes < nbytes):
+                spec = self.client.view.table(name).spec
+                self.caches[name] = RowCache(nbytes, spec.storage_dim, spec.storage_dtype)
+                self._uids[name] = self.client.view.raw["tables"][name].get("uid")
+
+    def clear_caches(self) -> None:
+        for c in list(self.caches.values()):
+            c.clear()
+
     def summary(self) -> dict:
-        s = dict(self.stats)
+        s = {k: 0 for k in ("fetches", "ids", "unique_ids", "node_local_rows", "remote_rows", "pushes", "fetch_s")}
+        s.update(self.stats)
         s["cache_lookups"] = lookups = sum(c.stats["lookups"] for c in self.caches.values())
         s["cache_hits"] = hits = sum(c.stats["hits"] for c in self.caches.values())
         s["cache_hit_rate"] = hits / lookups if lookups else 0.0

@@ -80,6 +80,30 @@ def test_training_in_the_cluster_follows_the_in_process_loss_curve(setup):
         assert np.allclose(got, w.numpy(), atol=1e-4)
 
 
+def test_training_through_the_nodes_agent_equals_the_in_process_read_path_bit_for_bit(setup):
+    """ClusterRows reads and pushes through the node's fetch agent by default; agent=False keeps
+    the read path in the model's process. Same losses and same tables, to the bit."""
+    mem, tok, corpus = setup
+    m, t = _tiny(steps=30)
+    cfg = m.for_tokenizer(tok)
+    out = {}
+    for agent in (False, True):
+        _fresh_tables(mem, cfg)
+        rows = ClusterRows(mem, table_specs(cfg), cache_bytes=1 << 20, agent=agent)
+        try:
+            hist = train(m, t, tokenizer=tok, corpus=corpus, rows=rows, **QUIET).history
+            rows.flush()
+            stats = rows.stats()
+        finally:
+            rows.close()
+        tables = {s.name: mem.gather(s.name, np.arange(s.rows)) for s in table_specs(cfg).values()}
+        out[agent] = (hist["loss"], tables, stats)
+    assert out[True][0] == out[False][0]
+    for name, w in out[False][1].items():
+        assert np.array_equal(out[True][1][name], w), name
+    assert out[True][2]["agent_pushes"] > 0 and out[True][2]["agent_fetches"] > 0
+
+
 def test_the_cache_never_serves_a_row_older_than_the_workers_last_push(setup):
     mem, tok, corpus = setup
     m, t = _tiny(steps=40)
@@ -102,7 +126,7 @@ def test_the_cache_never_serves_a_row_older_than_the_workers_last_push(setup):
                 self.checked += 1
 
     # node_local=False: rows come over gRPC, with the cache in front (it fronts remote shards only)
-    rows = Checked(mem, table_specs(cfg), cache_bytes=1 << 20, node_local=False)
+    rows = Checked(mem, table_specs(cfg), cache_bytes=1 << 20, node_local=False, agent=False)  # its own cache, to look into
     try:
         remote = train(m, t, tokenizer=tok, corpus=corpus, rows=rows, **QUIET)
         stats = rows.stats()
