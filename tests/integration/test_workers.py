@@ -104,6 +104,74 @@ def test_training_through_the_nodes_agent_equals_the_in_process_read_path_bit_fo
     assert out[True][2]["agent_pushes"] > 0 and out[True][2]["agent_fetches"] > 0
 
 
+class _KillsTheAgent(ClusterRows):
+    """kill -9 of the node's fetch agent at the k-th get(): with this forward's fetches (and the
+    last step's pushes) in flight."""
+
+    def __init__(self, *a, kill_at: int, **kw):
+        super().__init__(*a, **kw)
+        self.kill_at, self.gets, self.killed = kill_at, 0, []
+
+    def get(self, layer, row_ids):
+        self.gets += 1
+        if self.gets == self.kill_at:
+            import os
+            import signal
+
+            import ray
+
+            pid = ray.get(self.fetcher.handle.pid.remote(), timeout=60)
+            os.kill(pid, signal.SIGKILL)
+            self.killed.append(pid)
+        return super().get(layer, row_ids)
+
+
+def test_kill9_of_the_agent_mid_training_changes_nothing_of_the_run(setup):
+    """Pushes in flight when the agent dies are re-sent with their keys to the restarted agent:
+    applied once, so the run is the run without the kill, bit for bit, with no failed step."""
+    mem, tok, corpus = setup
+    m, t = _tiny(steps=24)
+    cfg = m.for_tokenizer(tok)
+    out = {}
+    for kill in (False, True):
+        _fresh_tables(mem, cfg)
+        rows = (_KillsTheAgent(mem, table_specs(cfg), kill_at=2 * 10 + 1) if kill
+                else ClusterRows(mem, table_specs(cfg), agent=False))
+        try:
+            hist = train(m, t, tokenizer=tok, corpus=corpus, rows=rows, **QUIET).history
+            rows.flush()
+        finally:
+            rows.close()
+        out[kill] = (hist["loss"], {s.name: mem.gather(s.name, np.arange(s.rows)) for s in table_specs(cfg).values()})
+    assert rows.killed and rows.fetcher.stats["reconnects"] >= 1
+    assert out[True][0] == out[False][0]
+    for name, w in out[False][1].items():
+        assert np.array_equal(out[True][1][name], w), name
+
+
+def test_kill9_of_the_agent_mid_decode_changes_no_token(setup):
+    mem, tok, corpus = setup
+    m, t = _tiny(steps=10)
+    trained = train(m, t, tokenizer=tok, corpus=corpus, **QUIET)
+    cfg = trained.model_cfg
+    _fresh_tables(mem, cfg)
+    writer = ClusterRows(mem, table_specs(cfg), train=False)
+    writer.load_state_dict({k: v for k, v in trained.rows.state_dict().items() if k.endswith(".weight")})
+    writer.close()
+    reader = _KillsTheAgent(mem, table_specs(cfg), train=False, cache_bytes=256 << 10, create=False, kill_at=25)
+    try:
+        remote = EngramModel(cfg, rows=reader, compress_lookup=tok.lookup)
+        remote.load_state_dict(trained.model.state_dict())
+        remote.eval(), trained.model.eval()
+        prompts = ["def beta_1(self, zeta):", "    delta = Gamma.get("]
+        want = generate(trained.model, tok, prompts, max_new_tokens=24, temperature=0.0, seed=3)
+        got = generate(remote, tok, prompts, max_new_tokens=24, temperature=0.0, seed=3)
+    finally:
+        reader.close()
+    assert reader.killed and reader.fetcher.stats["reconnects"] >= 1 and reader.gets > 25
+    assert got == want
+
+
 def test_the_cache_never_serves_a_row_older_than_the_workers_last_push(setup):
     mem, tok, corpus = setup
     m, t = _tiny(steps=40)
