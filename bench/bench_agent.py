@@ -94,7 +94,7 @@ def shared_cache(mem, rows: int, dim: int, cache_bytes: int, batches: int, batch
                     lookups = s1["node_cache_lookups"] - s0["node_cache_lookups"]  # every worker's: the node's cache
                     hits = s1["node_cache_hits"] - s0["node_cache_hits"]
                     remote = s1["node_remote_rows"] - s0["node_remote_rows"]
-                    nbytes = s1["cache_bytes"]
+                    nbytes = s1["node_cache_bytes_by_table"].get(table, 0)
                 else:
                     ss = [w.summary() for w in workers]
                     lookups, hits = sum(s["cache_lookups"] for s in ss), sum(s["cache_hits"] for s in ss)

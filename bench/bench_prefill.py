@@ -6,10 +6,11 @@ A small dense backbone with ~2.2 GB of Engram tables (engram_model/configs/servi
 text (the stdlib's validation files) in sequences with lengths uniform in [100, 1024], the paper's
 shape scaled to this machine. Same dense weights, same sequences, one run, configurations
 interleaved per repeat:
-  1. table in the cluster, prefetch on   (shards on the worker's node: same-node shared-memory tier)
-  2. in-process table                    (LocalRows: the whole table in the worker)
-  3. table in the cluster, prefetch off
-  4. / 5. the same two with the shards on another Ray node (rows over gRPC)
+  - in-process table                    (LocalRows: the whole table in the worker)
+  - table in the cluster, shards on the worker's node (same-node shared-memory tier) / on another
+    Ray node (rows over the TCP data plane; also a gRPC client beside it), each read through the
+    node's fetch agent (the default) or with the read path in the model's process (prefetch on,
+    and off)
 Reports tokens/s (median over repeats) and the penalty against the in-process table.
 Prints a table, appends bench/results/prefill.jsonl, draws bench/results/prefill.png.
 """
@@ -69,15 +70,19 @@ def main(argv=None) -> int:
             mem = memory_on(node, f"prefill-{node}")
             clients.append(mem)
             where = "same node" if node == "a" else "other node, TCP data plane"
-            sources[f"cluster ({where}), prefetch on"] = ClusterRows(mem, specs, train=False)
-            sources[f"cluster ({where}), prefetch off"] = ClusterRows(mem, specs, train=False, prefetch=False,
-                                                                      create=False)
-            if node == "b":  # today's gRPC path beside it: a second client of the same cluster
+            # the read path in the node's fetch agent (the default) or in the model's own process
+            sources[f"cluster ({where}), agent"] = ClusterRows(mem, specs, train=False)
+            sources[f"cluster ({where}), in-process path"] = ClusterRows(mem, specs, train=False, create=False,
+                                                                         agent=False)
+            sources[f"cluster ({where}), in-process path, prefetch off"] = ClusterRows(
+                mem, specs, train=False, prefetch=False, create=False, agent=False)
+            if node == "b":  # the gRPC path beside it: a second client of the same cluster
                 import engram_mem
 
                 g = engram_mem.connect(name=f"prefill-{node}", data_plane="grpc")
                 clients.append(g)
-                sources["cluster (other node, gRPC), prefetch on"] = ClusterRows(g, specs, train=False, create=False)
+                sources["cluster (other node, gRPC), in-process path"] = ClusterRows(g, specs, train=False, create=False,
+                                                                                      agent=False)
             print(f"memory cluster on node {node}: tables created in {time.time() - t0:.0f}s", flush=True)
 
         def prefill(rows) -> tuple[float, float]:

@@ -157,13 +157,20 @@ class FetchAgent:
         """End the agent once its memory cluster is gone (its controller no longer named)."""
         from engram_mem.control.controller import get_controller
 
-        missing = 0
+        missing, rounds = 0, 0
         while not self._stopping:
             time.sleep(WATCH_S)
+            rounds += 1
             try:
                 missing = missing + 1 if get_controller(self.cluster_name) is None else 0
             except Exception:  # noqa: BLE001 - Ray itself is going away
                 missing += 1
+            if not missing and rounds % 5 == 0:  # every ~10 s: forget the caches of dropped tables
+                try:
+                    self.client.refresh()
+                    self.fetcher.prune_caches()
+                except Exception as e:  # noqa: BLE001 - the controller may be restarting
+                    log.debug("fetch agent: view refresh failed: %s", e)
             if missing >= 2:
                 log.info("fetch agent: memory cluster %s is gone; ending", self.cluster_name)
                 self._stopping = True

@@ -222,6 +222,17 @@ class RowFetcher:
                 self.caches[name] = RowCache(nbytes, spec.storage_dim, spec.storage_dtype)
                 self._uids[name] = self.client.view.raw["tables"][name].get("uid")
 
+    def prune_caches(self) -> int:
+        """Drop the caches of tables no longer in the client's view (or created again since):
+        for a long-lived fetcher, the node's agent. Returns how many were dropped."""
+        tables = self.client.view.raw["tables"]
+        with self._lock:
+            gone = [n for n in self.caches if n not in tables or tables[n].get("uid") != self._uids.get(n)]
+            for n in gone:
+                del self.caches[n]
+                self._uids.pop(n, None)
+        return len(gone)
+
     def clear_caches(self) -> None:
         for c in list(self.caches.values()):
             c.clear()
@@ -233,6 +244,7 @@ class RowFetcher:
         s["cache_hits"] = hits = sum(c.stats["hits"] for c in self.caches.values())
         s["cache_hit_rate"] = hits / lookups if lookups else 0.0
         s["cache_bytes"] = sum(c.nbytes for c in self.caches.values())
+        s["cache_bytes_by_table"] = {n: c.nbytes for n, c in self.caches.items()}
         if self.tier is not None:
             s["node_local_fallbacks"] = self.tier.stats["fallbacks"]
         return s

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +96,12 @@ def test_one_cache_for_the_node_and_a_push_from_any_worker_invalidates_it(mem, c
         uniq, rows, _ = w2.fetch(counted, ids)
         assert np.array_equal(rows, mem.gather(counted, uniq))
         assert np.all(rows[:100] == 1.0) and np.all(rows[100:] == 0.0)
+        assert counted in w2.summary()["node_cache_bytes_by_table"]
+        mem.drop_table(counted)  # the agent forgets a dropped table's cache
+        deadline = time.monotonic() + 60
+        while counted in w2.summary()["node_cache_bytes_by_table"]:
+            assert time.monotonic() < deadline, "the dropped table's cache is still held"
+            time.sleep(0.5)
     finally:
         w1.close()
         w2.close()
