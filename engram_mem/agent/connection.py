@@ -160,7 +160,7 @@ class WorkerConnection:
                 self.reply_error(rid, e)
 
         self.agent.fetcher.fetch_async(name, ids, out=rows, node_local=self.node_local, cache=name in self.cache_tables,
-                                       tally=self.tally).add_done_callback(done)
+                                       tally=self.tally, inline=True).add_done_callback(done)
 
     def _push(self, rid: int, d: dict) -> None:
         if self.level != "full":

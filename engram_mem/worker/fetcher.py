@@ -29,6 +29,8 @@ import numpy as np
 
 from engram_mem.worker.cache import RowCache
 
+INLINE_FINISH_ROWS = 4096  # fetches of at most this many distinct rows finish on the client's loop thread
+
 
 @dataclass
 class _Fetch:
@@ -66,7 +68,8 @@ class RowFetcher:
 
     # ---- reads -----------------------------------------------------------------------------
     def fetch_async(self, name: str, ids: np.ndarray, *, out: np.ndarray | None = None, node_local: bool = True,
-                    cache: bool = True, tally: collections.Counter | None = None) -> concurrent.futures.Future:
+                    cache: bool = True, tally: collections.Counter | None = None,
+                    inline: bool = False) -> concurrent.futures.Future:
         """Start a fetch at once; the future gives what fetch() returns.
 
         out: rows land in out[:U] (at least [len(ids), storage_dim] of the table's storage dtype)
@@ -74,6 +77,8 @@ class RowFetcher:
         this fetch may read the same-node tier / the hot-row cache (a worker sharing an agent that
         asked for neither). tally: a Counter this fetch's own counts are added to once it ends
         (fetches, ids, unique_ids, node_local_rows, cache_lookups, cache_hits, remote_rows).
+        inline: run the local part on the calling thread (the agent's connection thread: one
+        thread hand-off fewer per fetch) instead of the fetcher's.
 
         The same-node and cache reads run on the fetcher's thread; a remote gather then goes out
         on the client's event loop without holding that thread, so the fetches of several Engram
@@ -93,6 +98,9 @@ class RowFetcher:
                 out.set_exception(e)
 
         def hand_back(part, remote):  # on the client's loop thread: finish on the fetcher's
+            if part.uniq.size <= INLINE_FINISH_ROWS:  # a small fetch (decode): no second hand-off
+                finish(part, remote)
+                return
             try:
                 self._pool.submit(finish, part, remote)
             except RuntimeError:  # the fetcher is closing: finish here rather than never
@@ -104,7 +112,10 @@ class RowFetcher:
             except BaseException as e:  # noqa: BLE001
                 out.set_exception(e)
 
-        self._pool.submit(begin)
+        if inline:
+            begin()
+        else:
+            self._pool.submit(begin)
         return out
 
     def fetch(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
