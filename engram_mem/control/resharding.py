@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import shutil
 import time
@@ -15,7 +17,9 @@ import numpy as np
 from engram_mem.control.cluster_state import ClusterState
 from engram_mem.control.migration import SlotMigration
 from engram_mem.control.placement import rebalance
-from engram_mem.errors import InvalidArgument
+from engram_mem.errors import InvalidArgument, ResourceExhausted
+
+log = logging.getLogger("engram_mem.control.resharding")
 
 
 class Resharding:
@@ -44,37 +48,35 @@ class Resharding:
             if shards == old:
                 return self.describe()
             t_start = time.perf_counter()
-            if shards > old:
-                new = self.sup.start_shards(list(range(old, shards)))
-                ray.get([h.add_table.remote(t.spec.to_dict(), t.optimizer.to_dict(), np.zeros(0, np.int64),
-                                            self.state.epoch, t.uid)
-                         for h in new.values() for t in self.state.tables.values()])
-                self.shards.update(new)
-                # Their addresses first: a client that reads the new placement must find every shard it names.
-                self._refresh_infos()
-            plans = {n: rebalance(t.placement, shards) for n, t in self.state.tables.items()}
-            mig = SlotMigration(self.shards, self.state.tables, plans, self.cfg.move_batch_bytes)
-            switched = False
+            new: dict = {}
+            mig, switched = None, False
             try:
+                if shards > old:
+                    new = self.sup.start_shards(list(range(old, shards)))
+                    ray.get([h.add_table.remote(t.spec.to_dict(), t.optimizer.to_dict(), np.zeros(0, np.int64),
+                                                self.state.epoch, t.uid)
+                             for h in new.values() for t in self.state.tables.values()])
+                    self.shards.update(new)
+                    # Their addresses first: a client that reads the new placement must find every shard it names.
+                    self._refresh_infos()
+                plans = {n: rebalance(t.placement, shards) for n, t in self.state.tables.items()}
+                mig = SlotMigration(self.shards, self.state.tables, plans, self.cfg.move_batch_bytes)
                 mig.precopy()
                 with self.sup.frozen(self.shards) as t_freeze:
                     mig.finish()
+                    self._switch(plans, shards)  # persisted: from here on a restart reads the new placement
                     switched = True
-                    self.state.epoch += 1
-                    for name, (placement, _) in plans.items():
-                        self.state.tables[name].placement = placement
                     gone = {sid: h for sid, h in self.shards.items() if sid >= shards}
                     for sid in gone:
                         del self.shards[sid]
-                    self._save()  # from here on a restart reads the moved slots from their new shards
                     self._set_epoch_all()
                     for name, (_, moves) in plans.items():
                         ray.get([self.shards[src].remove_slots.remote(name, slots)
                                  for (src, _dst), slots in moves.items() if src < shards])
                     pause = time.perf_counter() - t_freeze
-            except BaseException:
+            except BaseException as e:
                 if not switched:
-                    mig.abandon()
+                    self._scale_abandoned(old, shards, new, mig, e)
                 raise
             if gone:
                 self.sup.stop(gone)
@@ -88,6 +90,64 @@ class Resharding:
                                "recopied_bytes": mig.recopied_bytes, "precopy_rounds": mig.rounds,
                                "seconds": time.perf_counter() - t_start}
             return self.describe()
+
+    def _switch(self, plans: dict, shards: int) -> None:
+        """The new placement and epoch, persisted (cluster.json) before anyone is told. If the cluster file
+        cannot be written (a full disk) and still names the old placement, nothing switched: the old
+        placement and epoch are put back and the error raised."""
+        before = (self.state.epoch, {name: self.state.tables[name].placement for name in plans}, self.state.shards)
+        self.state.epoch += 1
+        for name, (placement, _) in plans.items():
+            self.state.tables[name].placement = placement
+        self.state.shards = shards
+        try:
+            if self.cfg.data_dir:
+                self.state.save(self.cfg.data_dir, fsync=self.cfg.durability == "fsync")
+        except BaseException as e:
+            try:
+                kept = ClusterState.load(self.cfg.data_dir, missing_ok=True)
+            except Exception:  # noqa: BLE001 - unreadable: as if not written
+                kept = None
+            if kept is not None and kept.epoch == self.state.epoch:
+                log.warning("scale: cluster file written, only its directory's fsync failed: the switch stands")
+                return
+            self.state.epoch, placements, self.state.shards = before
+            for name, placement in placements.items():
+                self.state.tables[name].placement = placement
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"the cluster file in {self.cfg.data_dir} could not be written: the disk "
+                                        f"is full ({e.strerror})") from e
+            raise
+
+    def _scale_abandoned(self, old: int, shards: int, new: dict, mig, err: BaseException) -> None:
+        """A scale that failed before its placement switched leaves the cluster as it was: the copies
+        dropped from the destinations, the new shards (if any) stopped, their placement groups and
+        directories removed. `err` gets the scale's outcome and what to do added to its message."""
+        from engram_mem.errors import EngramMemError
+
+        if mig is not None:
+            mig.abandon()
+        if new:
+            for sid in new:
+                self.shards.pop(sid, None)
+            self.infos = {sid: i for sid, i in self.infos.items() if sid in self.shards}
+            try:
+                self.sup.stop(new)
+            except Exception as e:  # noqa: BLE001 - the scale's own error is the one raised
+                log.warning("abandoned scale: stopping the new shards failed: %s: %s", type(e).__name__, e)
+        try:
+            self.sup.remove_unused_groups(set(self.shards))
+        except Exception as e:  # noqa: BLE001
+            log.warning("abandoned scale: removing placement groups failed: %s: %s", type(e).__name__, e)
+        if self.cfg.data_dir and shards > old:  # no cluster file names these: a later scale starts them afresh
+            for sid in range(old, shards):
+                shutil.rmtree(os.path.join(self.cfg.data_dir, f"shard-{sid:04d}"), ignore_errors=True)
+        self.sup._remove_shm(list(range(old, shards)) if shards > old else [])
+        if isinstance(err, EngramMemError) and err.args:
+            todo = (f"free space on the data directory's disk ({self.cfg.data_dir}), then run the scale again"
+                    if isinstance(err, ResourceExhausted) else "run the scale again once that is resolved")
+            err.args = (f"scale {old} -> {shards} refused, nothing changed (the cluster still has {old} shards "
+                        f"and serves as before): {err.args[0]}; {todo}", *err.args[1:])
 
     def _replicas_after_scale(self) -> None:
         """Replicas follow a scale by re-joining: those of removed shards stop, those of new shards start,

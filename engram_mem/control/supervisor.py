@@ -17,6 +17,7 @@ primary and its R-1 replicas (`start_replicas`, after the primaries) on R differ
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -25,6 +26,16 @@ import time
 from engram_mem.config import NAMESPACE, ClusterConfig
 
 log = logging.getLogger("engram_mem.control.supervisor")
+
+
+def _error_class_of(msg: str):
+    """The typed error for a shard's start that failed with an OSError: ResourceExhausted for a full disk
+    (ENOSPC, EDQUOT), as the write-ahead log reports one; None for other errors."""
+    from engram_mem.errors import ResourceExhausted
+
+    if any(f"[Errno {n}]" in msg for n in (errno.ENOSPC, errno.EDQUOT)):
+        return ResourceExhausted
+    return None
 
 
 class Supervisor:
@@ -99,12 +110,28 @@ class Supervisor:
             self.stop(handles)
             for pg in groups.values():
                 ray.util.remove_placement_group(pg)
-            if self.cfg.shm_dir:
-                shutil.rmtree(os.path.join(self.cfg.shm_dir, self.cluster_id), ignore_errors=True)
+            self._remove_shm(ids)
             first = errors[0]["error"]
             cls_name, _, msg = first.partition(": ")
-            raise ERROR_CLASSES.get(cls_name, EngramMemError)(f"shard {errors[0]['shard_id']} could not start: {msg}")
+            cls = ERROR_CLASSES.get(cls_name) or _error_class_of(msg) or EngramMemError
+            raise cls(f"shard {errors[0]['shard_id']} could not start: {msg}")
         return handles
+
+    def _remove_shm(self, ids: list[int]) -> None:
+        """The /dev/shm files of shards `ids` (and their replicas), and the cluster's directory once
+        empty: the files of other shards that serve meanwhile (a scale's new shards failed) stay."""
+        if not self.cfg.shm_dir:
+            return
+        from engram_mem.storage.frames import member_dir
+
+        top = os.path.join(self.cfg.shm_dir, self.cluster_id)
+        for sid in ids:
+            for m in range(max(1, self.cfg.replicas)):
+                shutil.rmtree(os.path.join(top, member_dir(sid, m)), ignore_errors=True)
+        try:
+            os.rmdir(top)
+        except OSError:  # missing, or other shards' files in it
+            pass
 
     def _start_member(self, actor_cls, sid: int, member: int, pg, bundle: int):
         import ray

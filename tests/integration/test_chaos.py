@@ -24,10 +24,14 @@ def _check(rep):
     assert rep["pushes"]["other"] == 0, rep["push_errors"]
     assert rep["rows_differing_after_restart"] == 0, rep.get("up_after")
     assert rep["left_processes"] == [] and rep["left_shm"] == [], rep
-    # A scale the controller refuses with its own typed error while other faults overlap is an answer,
-    # not a fault that failed to run (open: found at seed 7 on 85aed84, see the stop's note).
-    unexpected = [e for e in rep["fault_errors"] if not e.startswith("scale: RayTaskError(EngramMemError)")]
-    assert unexpected == [], rep["fault_errors"]
+    assert rep["fault_errors"] == [], rep["fault_errors"]
+    # A scale refused while `disk-full` holds the data disk full (seed 7: the new shard cannot create its
+    # directory) is the cluster's typed answer, not a failed fault: ResourceExhausted, nothing changed, what
+    # to do (bench_chaos counts only that, during a disk-full, as scale_refused; test_chaos_found.py).
+    for said in rep["scale_refused"]:
+        assert " refused, nothing changed (the cluster still has " in said, said
+        assert "the disk is full" in said or "No space left on device" in said, said
+        assert "free space on the data directory's disk" in said and "run the scale again" in said, said
 
 
 def test_every_fault_kind_overlapping_nothing_lost_or_applied_twice(tmp_path):
