@@ -159,6 +159,7 @@ class Chaos:
         self.exclusive = threading.Lock()   # delete-shard-dir runs alone
         self.clients: list[dict] = []        # killed client processes: their rows and what they logged
         self.side_left: list[str] = []
+        self.scale_refused: list[str] = []   # scales refused, nothing changed, while disk-full ran
         self.cli_errors: list[str] = []
         self.filler = os.path.join(self.data, "filler")
         self.shards = 2
@@ -277,8 +278,22 @@ class Chaos:
         return f"shard {sid} pid {pid} for {secs:.1f}s"
 
     def _f_scale(self, rng):
+        """A scale 2 <-> 3. Refused with ResourceExhausted ("nothing changed") while `disk-full` holds the
+        data disk full (a new shard cannot create its directory, or the switch cannot write the cluster
+        file): that is the cluster's answer, counted in scale_refused, not a fault that failed."""
+        from engram_mem.errors import ResourceExhausted
+
         n = 3 if len(self.mem.view.shard_ids) == 2 else 2
-        self.mem.scale(n)
+        t0 = time.monotonic()
+        try:
+            self.mem.scale(n)
+        except ResourceExhausted as e:
+            said = str(getattr(e, "cause", None) or e).strip().splitlines()[-1]
+            full = [x for x in self.events if x.kind == "disk-full" and (not x.t1 or x.t1 >= t0)]
+            if "refused, nothing changed" not in said or not full:
+                raise
+            self.scale_refused.append(said[:300])
+            return f"to {n}: refused while the disk is full ({said[:160]})"
         return f"to {n}"
 
     def _kill_cli(self, rng, args, lo, hi, name=None):
@@ -598,7 +613,16 @@ def run(cfg: Config) -> dict:
         rep["stalls"] = ch.stalls()
         rep["faults"] = _merge([{e.kind: 1} for e in ch.events])
         rep["fault_errors"] = [f"{e.kind}: {e.error}" for e in ch.events if e.error]
-        rep.update(ch.down_up_check())
+        rep["scale_refused"] = ch.scale_refused
+        try:
+            rep.update(ch.down_up_check())
+        except Exception as e:  # noqa: BLE001 - the counts above stand; the restart check is reported failed
+            ch.cleanup()  # what the run left is then what teardown could not remove
+            shm = os.path.join(ch.state["shm_dir"], ch.state["cluster_id"])
+            rep.update(rows_differing_after_restart=-1, up_after=f"down/up/down failed: {type(e).__name__}: {e}"[:500],
+                       left_processes=[f"{p.pid}" for n in (cfg.name, f"{cfg.name}-side")
+                                       for p in ch.local.ray_processes(n)] + ch.side_left,
+                       left_shm=[shm] if os.path.exists(shm) else [])
         rep["seconds"] = round(time.monotonic() - t0, 1)
         rep["seed"], rep["schedule_s"], rep["every"] = cfg.seed, cfg.seconds, list(cfg.every)
         rep["log"] = cfg.log
@@ -639,7 +663,7 @@ def main(argv=None):
     print_table([dict(rep["pushes"], reads=rep["reads"], **inv)],
                 list(rep["pushes"]) + ["reads", *inv])
     print("read errors:", rep["read_errors"], "| push errors:", rep["push_errors"][:3],
-          "| fault errors:", rep["fault_errors"][:5], "| left:", rep["left_processes"], rep["left_shm"])
+          "| fault errors:", rep["fault_errors"][:5], "| scales refused:", len(rep["scale_refused"]), "| left:", rep["left_processes"], rep["left_shm"])
     append_jsonl("chaos", {k: v for k, v in rep.items() if k != "log"})
     import matplotlib
 
