@@ -6,6 +6,7 @@ every live process's environment) and by Ray's process names among processes new
 independently of how `down` finds them.
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -27,9 +28,35 @@ def _run(name, args, env, timeout=240):
     return subprocess.run(_cli(name, args, env), env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _foreign(p, env: dict, home: str) -> bool:
+    """Whether a young Ray process belongs to another cluster on this machine (another `up`'s Ray, a
+    test or benchmark running beside this one): its environment names another ENGRAM_MEM_HOME or
+    Ray directory, or it holds files open in another `up` cluster's Ray directory. A process that
+    says nothing either way is counted as ours."""
+    if env.get("ENGRAM_MEM_HOME", home) != home:
+        return True
+    ours = {ray_dir_of(home, n) for n in _NAMES}
+    if env.get("ENGRAM_MEM_RAY_DIR", next(iter(ours), None)) not in ours:
+        return True
+    try:
+        opened = {os.readlink(f"/proc/{p.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{p.pid}/fd")}
+    except OSError:
+        return False
+    dirs = {f.split("/")[2] for f in opened if f.startswith("/tmp/engram-mem-ray-")}
+    return bool(dirs) and not dirs & {d.split("/")[2] for d in ours}
+
+
+def ray_dir_of(home: str, name: str) -> str:
+    """engram_mem.control.local.ray_dir(name) as the CLI computes it with ENGRAM_MEM_HOME=home."""
+    return f"/tmp/engram-mem-ray-{hashlib.sha1(f'{home}/{name}'.encode()).hexdigest()[:12]}"
+
+
+_NAMES: list[str] = []   # the cluster names this test has used (their Ray directories are ours)
+
+
 def _ours(home: str, since: float) -> list[str]:
     """Live processes the CLI started (their environment names our ENGRAM_MEM_HOME), or Ray processes
-    younger than the test: 'name pid' each."""
+    younger than the test that no other cluster claims: 'name pid' each."""
     out = []
     for p in psutil.process_iter(["pid", "name", "cmdline", "environ", "create_time", "status"]):
         try:
@@ -39,7 +66,8 @@ def _ours(home: str, since: float) -> list[str]:
             cmd = " ".join(p.info["cmdline"] or [])
             rayish = p.info["name"] in ("gcs_server", "raylet") or cmd.startswith("ray::") or "site-packages/ray/" in cmd \
                 or "ray.util.client.server" in cmd
-            if env.get("ENGRAM_MEM_HOME") == home or (rayish and p.info["create_time"] >= since):
+            if env.get("ENGRAM_MEM_HOME") == home or (rayish and p.info["create_time"] >= since
+                                                      and not _foreign(p, env, home)):
                 out.append(f"{p.info['name']} {p.pid}")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -60,6 +88,7 @@ def cli_env(tmp_path):
 
 
 def _leaves_nothing(name, env, home, since, shm_before):
+    _NAMES.append(name)
     down = _run(name, ["down"], env, timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
     left = _ours(home, since)
