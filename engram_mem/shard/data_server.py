@@ -8,7 +8,8 @@
 It serves the same requests as the gRPC servicer, through the same servicer methods (one
 meaning, two transports): rows of a Gather are gathered into a per-connection block of about
 protocol.BLOCK_BYTES and sent from it (one copy in user space: the gather itself, on a worker
-thread while the loop sends the block before); the rows of a
+thread while the loop sends the block before; a reply of at most INLINE_REPLY_BYTES, as decode's
+are, is gathered on the loop and sent with its header in one system call); the rows of a
 Write and the gradients of a Push are received into one buffer of exactly their size, which the
 store reads in place.
 
@@ -42,6 +43,7 @@ log = logging.getLogger("engram_mem.shard.data_server")
 MAX_CONNECTIONS = 512
 HELLO_TIMEOUT_S = 10.0
 GATHER_THREADS = 2
+INLINE_REPLY_BYTES = 256 << 10  # Gather replies up to this size are gathered on the loop, not a worker thread
 
 
 class _Closed(Exception):
@@ -218,14 +220,23 @@ class DataServer:
         table's lock, so a row is never read while a push or write changes it."""
         ts, local = plan
         row_bytes = ts.spec.row_bytes
-        await c.send(P.frame(P.OK, b"", local.size * row_bytes))
+        header = P.frame(P.OK, b"", local.size * row_bytes)
+        step = max(1, P.BLOCK_BYTES // row_bytes)
+        rows = ts.rows  # one buffer for the whole reply, even if the table grows meanwhile
+        blocks = c.blocks(min(step, local.size), ts.spec.storage_dim, ts.spec.storage_dtype) if local.size else []
+        if local.size * row_bytes <= INLINE_REPLY_BYTES and not self.store.budgets:
+            # A small reply (decode's): gathered here on the loop and sent with its header at once;
+            # a thread hand-off and a second send would cost more than the gather itself.
+            with ts.lock:
+                part = self.servicer.gather_block(ts, rows, local, out=blocks[0]) if local.size else None
+            c.started = True
+            await c.send(header, *([memoryview(part).cast("B")] if part is not None else []))
+            return
+        await c.send(header)
         c.started = True
         if not local.size:
             return
         loop = asyncio.get_running_loop()
-        step = max(1, P.BLOCK_BYTES // row_bytes)
-        rows = ts.rows  # one buffer for the whole reply, even if the table grows meanwhile
-        blocks = c.blocks(min(step, local.size), ts.spec.storage_dim, ts.spec.storage_dtype)
 
         def gather(i: int, s: int) -> np.ndarray:
             with ts.lock:
@@ -257,7 +268,10 @@ class _Conn:
         view = memoryview(buf)
         got = 0
         while got < n:
-            k = await self.loop.sock_recv_into(self.sock, view[got:])
+            try:  # what has arrived, at once; wait on the loop only when nothing has
+                k = self.sock.recv_into(view[got:])
+            except BlockingIOError:
+                k = await self.loop.sock_recv_into(self.sock, view[got:])
             if k == 0:
                 if between_frames and got == 0:
                     raise _Closed()
@@ -265,8 +279,8 @@ class _Conn:
             got += k
         return buf
 
-    async def send(self, data) -> None:
-        await self.loop.sock_sendall(self.sock, data)
+    async def send(self, *parts) -> None:
+        await P.send_parts(self.loop, self.sock, parts)
 
     async def send_error(self, e: BaseException) -> None:
         try:

@@ -70,6 +70,7 @@ class ShardMetrics:
         self.replica_lag.set(-1)
         self._http = None
         self.address = ""
+        self._children: dict = {}
 
     def _store(self, what: str) -> float:
         s = self.store
@@ -83,18 +84,26 @@ class ShardMetrics:
             return math.nan
 
     # ---- counting (called by the servicer) ---------------------------------------------------
+    def _child(self, metric, *labels):
+        """metric.labels(shard, *labels), kept: prometheus_client's lookup costs more than the count."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(self.shard, *labels)
+        return c
+
     def request(self, rpc: str) -> None:
-        self.requests.labels(self.shard, rpc).inc()
+        self._child(self.requests, rpc).inc()
 
     def error(self, rpc: str, code: str, error: str) -> None:
-        self.errors.labels(self.shard, rpc, code, error).inc()
+        self._child(self.errors, rpc, code, error).inc()
 
     def observe(self, rpc: str, seconds: float) -> None:
-        self.latency.labels(self.shard, rpc).observe(seconds)
+        self._child(self.latency, rpc).observe(seconds)
 
     def moved(self, op: str, rows: int, nbytes: int) -> None:
-        self.rows.labels(self.shard, op).inc(rows)
-        self.bytes.labels(self.shard, op).inc(nbytes)
+        self._child(self.rows, op).inc(rows)
+        self._child(self.bytes, op).inc(nbytes)
 
     # ---- hooks for the durability work -------------------------------------------------------
     def set_log_bytes(self, n: int) -> None:

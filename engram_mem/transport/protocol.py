@@ -53,6 +53,22 @@ def frame(op: int, meta: bytes = b"", bulk_len: int = 0) -> bytes:
     return pack_header(op, len(meta), bulk_len) + meta
 
 
+async def send_parts(loop, sock, parts) -> None:
+    """Send the buffers in order on a non-blocking socket: as far as the socket takes them at once in
+    one system call (a small frame and its bulk: one sendmsg, no wait on the loop), the rest on the loop."""
+    try:
+        k = sock.sendmsg(parts)
+    except BlockingIOError:
+        k = 0
+    for part in parts:
+        n = memoryview(part).nbytes
+        if k >= n:
+            k -= n
+            continue
+        await loop.sock_sendall(sock, memoryview(part).cast("B")[k:] if k else part)
+        k = 0
+
+
 def parse_header(raw: bytes | bytearray | memoryview, max_meta: int, max_bulk: int,
                  ops=REQUEST_OPS) -> tuple[int, int, int]:
     """(op, meta bytes, bulk bytes) of a header, or FrameError / RequestTooLarge naming what is wrong."""

@@ -60,8 +60,8 @@ class _Connection:
         await self.recv_into(memoryview(buf))
         return buf
 
-    async def send(self, data) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+    async def send(self, *parts) -> None:
+        await P.send_parts(asyncio.get_running_loop(), self.sock, parts)
 
     async def reply(self, address: str, max_meta: int, max_bulk: int) -> tuple[bytearray, int]:
         """(meta, bulk bytes to read) of an OK reply; an ERROR reply raises the shard's error."""
@@ -135,9 +135,8 @@ class TcpConnector(RowConnector):
         c = await self._acquire(member)
         ok = False
         try:
-            await c.send(P.frame(op, meta, 0 if bulk is None else bulk.nbytes))
-            if bulk is not None and bulk.nbytes:
-                await c.send(bulk)
+            head = P.frame(op, meta, 0 if bulk is None else bulk.nbytes)
+            await (c.send(head, bulk) if bulk is not None and bulk.nbytes else c.send(head))
             rmeta, bulk_len = await c.reply(address, P.MAX_ERROR_BYTES, self.max_reply_bytes())
             got = await receive(c, bulk_len) if receive is not None else None
             ok = True

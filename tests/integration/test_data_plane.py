@@ -18,6 +18,7 @@ from engram_mem.errors import (InvalidArgument, PermissionDenied, RequestTooLarg
                                UnknownTable)
 from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.security import ClientSecurity, Security
+from engram_mem.shard.data_server import INLINE_REPLY_BYTES
 from engram_mem.shard.server import ShardServer
 from engram_mem.storage.store import ShardStore
 from engram_mem.table import TableSpec
@@ -69,6 +70,11 @@ def test_tcp_and_grpc_give_the_same_rows_writes_and_pushes(served):
     assert np.array_equal(_gather(chans, tcp, member, "t", ids, DIM), store.gather("t", ids))
     perm = rng.permutation(ids.size)  # scattered into the caller's array
     assert np.array_equal(_gather(chans, tcp, member, "t", ids, DIM, dest=perm)[perm], store.gather("t", ids))
+    # a reply gathered on the shard's loop (small, decode's) and one gathered in blocks on its workers
+    edge = INLINE_REPLY_BYTES // (DIM * 4)
+    for n in (1, edge, edge + 1):
+        some = ids[:n]
+        assert np.array_equal(_gather(chans, tcp, member, "t", some, DIM), store.gather("t", some)), n
     bids = np.arange(0, 4096, 3)
     assert np.array_equal(_gather(chans, tcp, member, "b", bids, 32, np.uint16), store.gather("b", bids))
     # A write, then a push (SGD lr 1, gradient -1 adds 1.0), each over one transport, then the other.
