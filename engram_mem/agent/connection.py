@@ -43,6 +43,7 @@ class WorkerConnection:
         self.worker = ""
         self.cache_tables: set[str] = set()    # tables this worker reads through the node's cache
         self.node_local = True
+        self.spread = False
         self._send_lock = threading.Lock()
         self.closed = False
         self.tally: collections.Counter = collections.Counter()  # this worker's own fetch counts
@@ -122,6 +123,12 @@ class WorkerConnection:
         self.worker = str(d.get("worker", ""))[:200]
         self.cache_tables = {n for n, b in caches.items() if b > 0}
         self.node_local = bool(d.get("node_local", True))
+        # A worker whose client spreads its gathers over a replicated shard's members (a read-only,
+        # inference client's default) keeps doing so through the agent, except for tables it reads
+        # through the node's cache: a replica may trail its primary, and what a fetch reads enters
+        # the cache that other workers of the node read their own writes from. The others read
+        # primaries.
+        self.spread = bool(d.get("read_replicas", False))
         self.reply(rid, self.agent.hello_reply())
 
     def _slot(self, d: dict, fds: list[int]) -> None:
@@ -160,7 +167,8 @@ class WorkerConnection:
                 self.reply_error(rid, e)
 
         self.agent.fetcher.fetch_async(name, ids, out=rows, node_local=self.node_local, cache=name in self.cache_tables,
-                                       tally=self.tally, inline=True).add_done_callback(done)
+                                       tally=self.tally, inline=True,
+                                       spread=self.spread and name not in self.cache_tables).add_done_callback(done)
 
     def _push(self, rid: int, d: dict) -> None:
         if self.level != "full":

@@ -101,7 +101,7 @@ class AgentReader:
         self.address = ray.get(self.handle.address.remote(), timeout=max(60.0, self.retry_timeout))
         self._hello = {"credential": client.security.credential, "worker": client.worker or client.client_id,
                        "pid": _pid(), "caches": {n: int(b) for n, b in (cache_bytes or {}).items()},
-                       "node_local": bool(node_local)}
+                       "node_local": bool(node_local), "read_replicas": bool(client.read_replicas)}
         self.key_client = uuid.uuid4().hex   # this worker's idempotency keys: (key_client, seq)
         self._seq = 0
         self._rid = 0

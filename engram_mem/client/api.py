@@ -28,6 +28,7 @@ looked up in the background), so a killed replica or primary costs a gather one 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 
@@ -98,7 +99,7 @@ class MemoryClient(Reads, Writes, Members):
         self.read_replicas = read_only if read_replicas is None else read_replicas  # spread gathers over members
         self._down: dict[str, float] = {}   # member address -> skip it until (monotonic time)
         self._relocating: set[str] = set()
-        self._rr = 0
+        self._rr = collections.Counter()  # spread reads: each shard's next member
         self.failovers = 0
 
     # ---- context manager -------------------------------------------------------------------

@@ -60,17 +60,18 @@ class Members:
                 if self._view.epoch == view.epoch and info["shard_id"] in self._view.shards:
                     self._view = self._view.with_shard(info)
 
-    def _read_members(self, view: ClusterView, rank: int) -> list[dict]:
+    def _read_members(self, view: ClusterView, rank: int, spread: bool | None = None) -> list[dict]:
         """The members to read shard `rank` from, in the order to try them: members not marked down
-        first (rotated for a client that spreads reads, else the primary first), then the others."""
+        first (rotated for a read that spreads, else the primary first), then the others.
+        spread: None reads as this client does (`read_replicas`)."""
         members = view.members(rank)
         if len(members) == 1:
             return members
         now = time.monotonic()
         up = [m for m in members if self._down.get(m["address"], 0.0) <= now]
-        if self.read_replicas and len(up) > 1:
-            k = self._rr % len(up)
-            self._rr += 1
+        if (self.read_replicas if spread is None else spread) and len(up) > 1:
+            k = self._rr[rank] % len(up)  # each shard's own turn: with a counter shared by all shards,
+            self._rr[rank] += 1           # 2 shards x 2 members would always read shard 0's primary
             up = up[k:] + up[:k]
         return up + [m for m in members if m not in up]
 

@@ -55,9 +55,11 @@ class Reads:
                             device=device, spec=t.spec)
 
     async def _gather(self, name: str, send: np.ndarray, dest: np.ndarray | None, n_out: int,
-                      dups: tuple[np.ndarray, np.ndarray] | None, given: np.ndarray | None = None):
+                      dups: tuple[np.ndarray, np.ndarray] | None, given: np.ndarray | None = None,
+                      spread: bool | None = None):
         """Rows of the distinct ids `send` into out[dest] (out[:len(send)] if dest is None); then
-        out[dups[0]] = out[dups[1]] for repeated ids. Returns out [n_out, dim] (`given`, if given)."""
+        out[dups[0]] = out[dups[1]] for repeated ids. Returns out [n_out, dim] (`given`, if given).
+        spread: read from every member in turn (None: as this client does, `read_replicas`)."""
         await self._after_pending(name)
 
         async def attempt(view: ClusterView):
@@ -65,7 +67,7 @@ class Reads:
             grouped, parts, order = split_by_shard(t, send, len(view.shard_ids))
             out = np.empty((n_out, t.spec.storage_dim), dtype=t.spec.storage_dtype) if given is None else given
             await asyncio.gather(*(self._gather_part(view, name, rank, grouped[a:b], out, a,
-                                                     dest_rows(dest, order, a, b))
+                                                     dest_rows(dest, order, a, b), spread)
                                    for rank, a, b in parts if b > a))
             if dups is not None and dups[0].size:
                 out[dups[0]] = out[dups[1]]
@@ -74,9 +76,9 @@ class Reads:
         return await self._retrying(f"gather {name!r}", attempt)
 
     async def _gather_part(self, view: ClusterView, name: str, rank: int, ids: np.ndarray, out: np.ndarray,
-                           start: int, dest: np.ndarray | None):
+                           start: int, dest: np.ndarray | None, spread: bool | None = None):
         """One shard's rows, from the first of its members that answers (see _read_members)."""
-        members = self._read_members(view, rank)
+        members = self._read_members(view, rank, spread)
         for i, m in enumerate(members):
             try:
                 return await self._gather_from(m, view.epoch, name, ids, out, start, dest)
@@ -94,12 +96,13 @@ class Reads:
         await self._connector(member).gather(member, epoch, name, ids, out, start, dest)
 
     def gather_distinct_async(self, name: str, ids: np.ndarray, out: np.ndarray | None = None,
-                              dest: np.ndarray | None = None) -> concurrent.futures.Future:
+                              dest: np.ndarray | None = None, spread: bool | None = None) -> concurrent.futures.Future:
         """Rows [n, dim] for distinct int64 ids, in their order (no de-duplication pass, no expansion).
 
         out/dest: land the rows in the caller's array instead, row i at out[dest[i]] (out[i] when
         dest is None); the future then gives `out`. Rows of one shard for out[0:n] arrive straight
-        in (no copy on the client)."""
+        in (no copy on the client). spread: read a replicated shard from all its members in turn, or
+        its primary first (None: as this client does; the fetch agent passes each worker's choice)."""
         t = self._table(name)
         flat, _ = self._ids(t.spec, ids)
         if out is not None:
@@ -116,7 +119,7 @@ class Reads:
             raise InvalidArgument("dest= needs out=")
 
         async def run():
-            return await self._gather(name, flat, dest, flat.size, None, out)
+            return await self._gather(name, flat, dest, flat.size, None, out, spread)
 
         return self._chans.submit(run())
 

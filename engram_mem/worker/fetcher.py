@@ -44,6 +44,7 @@ class _Fetch:
     cache: RowCache | None
     generation: int | None  # the cache's, noted before any row was read
     counts: dict | None = None  # the caller's own tally of this fetch (the agent's per worker)
+    spread: bool | None = None  # remote rows from every member of a replicated shard in turn (None: the client's way)
 
 
 class RowFetcher:
@@ -69,7 +70,7 @@ class RowFetcher:
     # ---- reads -----------------------------------------------------------------------------
     def fetch_async(self, name: str, ids: np.ndarray, *, out: np.ndarray | None = None, node_local: bool = True,
                     cache: bool = True, tally: collections.Counter | None = None,
-                    inline: bool = False) -> concurrent.futures.Future:
+                    inline: bool = False, spread: bool | None = None) -> concurrent.futures.Future:
         """Start a fetch at once; the future gives what fetch() returns.
 
         out: rows land in out[:U] (at least [len(ids), storage_dim] of the table's storage dtype)
@@ -78,7 +79,9 @@ class RowFetcher:
         asked for neither). tally: a Counter this fetch's own counts are added to once it ends
         (fetches, ids, unique_ids, node_local_rows, cache_lookups, cache_hits, remote_rows).
         inline: run the local part on the calling thread (the agent's connection thread: one
-        thread hand-off fewer per fetch) instead of the fetcher's.
+        thread hand-off fewer per fetch) instead of the fetcher's. spread: read replicated shards
+        from all their members in turn (a read-only worker's fetches through the agent), or the
+        primary first; None: as the client does.
 
         The same-node and cache reads run on the fetcher's thread; a remote gather then goes out
         on the client's event loop without holding that thread, so the fetches of several Engram
@@ -89,6 +92,7 @@ class RowFetcher:
         def begin():
             try:
                 part = self._begin(name, ids, out=rows_out, node_local=node_local, use_cache=cache, tally=tally)
+                part.spread = spread
                 if part.remote_pos.size == 0:
                     out.set_result(self._finish(part, None))
                     return
@@ -131,7 +135,7 @@ class RowFetcher:
         contiguous when every distinct id is remote, else at their positions."""
         every = f.remote_pos.size == f.uniq.size
         return self.client.gather_distinct_async(name, f.uniq[f.remote_pos], out=f.out,
-                                                 dest=None if every else f.remote_pos)
+                                                 dest=None if every else f.remote_pos, spread=f.spread)
 
     def _begin(self, name: str, ids: np.ndarray, out: np.ndarray | None = None, node_local: bool = True,
                use_cache: bool = True, tally: collections.Counter | None = None) -> "_Fetch":

@@ -113,6 +113,55 @@ def test_members_on_different_nodes_and_replicas_follow_in_order(replicated):
     assert all(f and all(v["records"] > 0 for v in f.values()) for f in lag)
 
 
+def _rows_gathered(mem) -> dict[str, int]:
+    """Rows each member (primaries and replicas) has gathered so far, from its own Stats."""
+    from engram_mem.pb.v1 import memory_pb2 as pb
+
+    view = mem.refresh(check_shards=True)
+    addresses = [m["address"] for rank in range(len(view.shard_ids)) for m in view.members(rank)]
+
+    async def one(address):
+        return (await mem._chans.stubs(address).stats(pb.StatsRequest())).rows_gathered
+
+    return {a: mem._chans.submit(one(a)).result(30) for a in addresses}
+
+
+def test_through_the_agent_a_read_only_worker_spreads_its_reads_and_a_writer_reads_primaries(replicated):
+    """A read-only worker's fetches through the node's agent reach every member of each shard, as
+    its own client's gathers do (the replicas are its read capacity); a worker with the full
+    credential reads primaries only (its own writes); a read-only worker that reads a table
+    through the node's cache reads primaries too (what enters the shared cache must be as fresh
+    as a primary). The rows are the primaries' rows every time."""
+    from engram_mem.agent.reader import AgentReader
+
+    mem = replicated
+    want = _wait_replicas_equal(mem, "r", SPREAD)
+    view = mem.refresh(check_shards=True)
+    replicas = {m["address"] for rank in range(len(view.shard_ids)) for m in view.members(rank)[1:]}
+    reader = engram_mem.connect(name="rep", read_only=True)
+    try:
+        for client, cache, spreads in ((mem, None, False), (reader, None, True), (reader, {"r": 1 << 20}, False)):
+            w = AgentReader(client, node_local=False, cache_bytes=cache)
+            try:
+                before = _rows_gathered(mem)
+                for _ in range(4):
+                    uniq, rows, inverse = w.fetch("r", SPREAD)
+                    assert np.array_equal(rows[inverse], want)
+                    if cache:
+                        w.clear_caches()  # every fetch a miss: it goes to the shards
+                after = _rows_gathered(mem)
+            finally:
+                w.close()
+            served = {a for a in after if after[a] > before.get(a, 0)}
+            if spreads:
+                assert served == set(after), f"members that served none of the read-only worker's rows: " \
+                                             f"{set(after) - served}"
+            else:
+                assert not served & replicas, f"replicas served a worker that reads primaries: {served & replicas}"
+    finally:
+        reader.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("member", [1, 0], ids=["replica", "primary"])
 def test_kill9_member_reads_fail_over_and_it_is_rebuilt(replicated, member):
