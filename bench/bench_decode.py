@@ -12,7 +12,9 @@ once (prefetch), before running the blocks ahead of the first Engram layer. For 
 each cluster source with its read path in the node's fetch agent (the default: de-duplication,
 cache, the client and its event loop in the agent's process) or in the model's own process.
 it reports decode tokens/s, the exposed wait for rows as a share of step time, and the cache hit
-rate (share of the step's distinct remote rows found in the cache). The sources take turns for
+rate (share of the step's distinct remote rows found in the cache), and the CPU each kind of
+process spent per step (the model's own, the fetch agents', the shards', the rest of Ray's: on
+this machine they share 2 cores; elsewhere each has its own). The sources take turns for
 --rounds rounds (each cache emptied and re-warmed every round); each source's median round is
 reported. Prints a table, appends bench/results/decode.jsonl, draws bench/results/decode.png.
 """
@@ -27,7 +29,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_jsonl, bar_plot, markdown_table, print_table  # noqa: E402
+from common import append_jsonl, bar_plot, cpu_by_role, markdown_table, print_table  # noqa: E402
 from model_setup import memory_on, model_config, start_two_nodes, text_windows  # noqa: E402
 
 
@@ -70,12 +72,13 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             model(text[:, :args.prompt], cache=cache)                            # prefill (not timed)
             w1 = getattr(rows, "wait_s", 0.0)
-            t0 = time.perf_counter()
+            c0, t0 = cpu_by_role(), time.perf_counter()
             for i in range(args.prompt, args.prompt + args.steps):
                 logits, _ = model(text[:, i:i + 1], cache=cache)               # [B, 1, V]
-            dt = time.perf_counter() - t0
+            dt, c1 = time.perf_counter() - t0, cpu_by_role()
         wait = getattr(rows, "wait_s", 0.0) - w1
-        return {"seconds": dt, "wait_s": wait, "logits": logits}
+        cpu = {f"{k}_cpu_ms": 1000 * (c1[k] - c0[k]) / args.steps for k in c0}  # per step, by process role
+        return {"seconds": dt, "wait_s": wait, "logits": logits, **cpu}
 
     ray, cluster = start_two_nodes()
     sources: dict[str, object] = {"in-process table": local}
@@ -134,10 +137,11 @@ def main(argv=None) -> int:
               "exposed_wait_pct": round(100 * r["wait_s"] / r["seconds"], 2),
               "ms_per_step": round(1000 * r["seconds"] / args.steps, 2),
               "cache_hit_rate": round(r.get("cache_hit_rate", 0.0), 3),
-              "node_local_rows": r.get("node_local_rows", 0), "remote_rows": r.get("remote_rows", 0)}
+              "node_local_rows": r.get("node_local_rows", 0), "remote_rows": r.get("remote_rows", 0),
+              **{k: round(r[k], 2) for k in ("model_cpu_ms", "agent_cpu_ms", "shards_cpu_ms", "ray_cpu_ms")}}
              for r in results]
     cols = ["name", "tokens_per_s", "vs_in_process_pct", "exposed_wait_pct", "ms_per_step", "cache_hit_rate",
-            "node_local_rows", "remote_rows"]
+            "node_local_rows", "remote_rows", "model_cpu_ms", "agent_cpu_ms", "shards_cpu_ms", "ray_cpu_ms"]
     print_table(table, cols, title=f"\ndecode, batch {args.batch}, {args.steps} steps after a {args.prompt}-token prompt")
     path = append_jsonl("decode", {"bench": "decode", "args": vars(args), "results": table})
     png = bar_plot("decode", [r["name"] for r in table], [r["exposed_wait_pct"] for r in table],

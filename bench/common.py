@@ -54,6 +54,36 @@ def time_calls(name: str, fn, inputs: list, warmup: int = 3, nbytes: int = 0, ex
     return Timing(name, secs, nbytes, extra)
 
 
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this machine's processes of a run, by role: "model"
+    (this process), "agent" (fetch agents), "shards" (shard actors, primaries and replicas), "ray"
+    (every other Ray process: raylets, GCS, controller, workers). The difference of two calls is
+    what each role spent in between; on these shared cores it says where a step's CPU went, and
+    it carries over to machines where the roles have cores of their own."""
+    import psutil
+
+    out = {"model": 0.0, "agent": 0.0, "shards": 0.0, "ray": 0.0}
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["pid"] == me:
+                role = "model"
+            elif "FetchAgent" in cmd:
+                role = "agent"
+            elif "Shard" in cmd and cmd.startswith("ray::"):
+                role = "shards"
+            elif p.info["name"] in ("raylet", "gcs_server") or cmd.startswith("ray::") or "site-packages/ray/" in cmd:
+                role = "ray"
+            else:
+                continue
+            t = p.cpu_times()
+            out[role] += t.user + t.system
+        except psutil.Error:
+            continue
+    return out
+
+
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     lines = [title] if title else []
