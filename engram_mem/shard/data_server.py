@@ -221,22 +221,25 @@ class DataServer:
         ts, local = plan
         row_bytes = ts.spec.row_bytes
         header = P.frame(P.OK, b"", local.size * row_bytes)
-        step = max(1, P.BLOCK_BYTES // row_bytes)
         rows = ts.rows  # one buffer for the whole reply, even if the table grows meanwhile
-        blocks = c.blocks(min(step, local.size), ts.spec.storage_dim, ts.spec.storage_dtype) if local.size else []
         if local.size * row_bytes <= INLINE_REPLY_BYTES and not self.store.budgets:
             # A small reply (decode's): gathered here on the loop and sent with its header at once;
             # a thread hand-off and a second send would cost more than the gather itself.
-            with ts.lock:
-                part = self.servicer.gather_block(ts, rows, local, out=blocks[0]) if local.size else None
+            parts = [header]
+            if local.size:
+                block = c.blocks(local.size, ts.spec.storage_dim, ts.spec.storage_dtype)[0]
+                with ts.lock:
+                    parts.append(memoryview(self.servicer.gather_block(ts, rows, local, out=block)).cast("B"))
             c.started = True
-            await c.send(header, *([memoryview(part).cast("B")] if part is not None else []))
+            await c.send(*parts)
             return
         await c.send(header)
         c.started = True
         if not local.size:
             return
         loop = asyncio.get_running_loop()
+        step = max(1, P.BLOCK_BYTES // row_bytes)
+        blocks = c.blocks(min(step, local.size), ts.spec.storage_dim, ts.spec.storage_dtype)
 
         def gather(i: int, s: int) -> np.ndarray:
             with ts.lock:
@@ -268,10 +271,7 @@ class _Conn:
         view = memoryview(buf)
         got = 0
         while got < n:
-            try:  # what has arrived, at once; wait on the loop only when nothing has
-                k = self.sock.recv_into(view[got:])
-            except BlockingIOError:
-                k = await self.loop.sock_recv_into(self.sock, view[got:])
+            k = await P.recv_some(self.loop, self.sock, view[got:])
             if k == 0:
                 if between_frames and got == 0:
                     raise _Closed()

@@ -53,6 +53,15 @@ def frame(op: int, meta: bytes = b"", bulk_len: int = 0) -> bytes:
     return pack_header(op, len(meta), bulk_len) + meta
 
 
+async def recv_some(loop, sock, view) -> int:
+    """recv_into on a non-blocking socket: what has arrived, at once; a wait on the loop only when
+    nothing has. 0: the peer closed."""
+    try:
+        return sock.recv_into(view)
+    except BlockingIOError:
+        return await loop.sock_recv_into(sock, view)
+
+
 async def send_parts(loop, sock, parts) -> None:
     """Send the buffers in order on a non-blocking socket: as far as the socket takes them at once in
     one system call (a small frame and its bulk: one sendmsg, no wait on the loop), the rest on the loop."""

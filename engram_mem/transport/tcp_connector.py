@@ -47,10 +47,7 @@ class _Connection:
         loop = asyncio.get_running_loop()
         got, n = 0, len(view)
         while got < n:
-            try:  # what has arrived, at once; wait on the loop only when nothing has
-                k = self.sock.recv_into(view[got:])
-            except BlockingIOError:
-                k = await loop.sock_recv_into(self.sock, view[got:])
+            k = await P.recv_some(loop, self.sock, view[got:])
             if k == 0:
                 raise _Lost(f"connection closed after {got} of {n} bytes")
             got += k

@@ -36,7 +36,8 @@ def _foreign(p, env: dict, home: str) -> bool:
     if env.get("ENGRAM_MEM_HOME", home) != home:
         return True
     ours = {ray_dir_of(home, n) for n in _NAMES}
-    if env.get("ENGRAM_MEM_RAY_DIR", next(iter(ours), None)) not in ours:
+    mark = env.get("ENGRAM_MEM_RAY_DIR")
+    if mark is not None and mark not in ours:
         return True
     try:
         opened = {os.readlink(f"/proc/{p.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{p.pid}/fd")}
