@@ -1,8 +1,9 @@
 """Reads: gathers, from the first member of each shard that answers.
 
-A gather de-duplicates its ids, splits them by shard, sends the per-shard requests at once,
-receives the streamed chunks into one buffer grouped by shard, and only then (in `result()`,
-on the caller's thread) expands them back to the ids' order and shape. It waits for this
+A gather asks for each distinct id once where its repeats are many (routing.repeat_plan),
+splits the ids by shard, sends the per-shard requests at once and receives each part's rows
+into the output in place (one shard's, in request order, straight in); the repeats' rows are
+copied from one occurrence each at the end. It waits for this
 client's earlier writes and pushes to the table first (read-your-writes).
 """
 
@@ -15,7 +16,7 @@ import logging
 import numpy as np
 
 from engram_mem.client.gather_future import GatherFuture, Reshaped
-from engram_mem.client.routing import ClusterView, dest_rows, split_by_shard
+from engram_mem.client.routing import ClusterView, dest_rows, repeat_plan, split_by_shard
 from engram_mem.errors import EngramMemError, InvalidArgument, NotReady, ShardUnavailable
 
 log = logging.getLogger("engram_mem.client.reads")
@@ -38,18 +39,7 @@ class Reads:
         flat, shape = self._ids(t.spec, ids)
         if out is not None:
             out = _out_buffer(t.spec, out, flat.size)
-        uniq, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
-        if uniq.size == flat.size:  # distinct: rows arrive straight into place, in request order
-            send, dest, dups = flat, None, None
-        else:
-            # Ask for each id once, at its first occurrence; rows land there as they arrive and the
-            # few repeats are copied from their first occurrence at the end (no full expansion pass).
-            dest = np.sort(first)
-            send = flat[dest]
-            repeat = np.ones(flat.size, dtype=bool)
-            repeat[dest] = False
-            rep = np.nonzero(repeat)[0]
-            dups = (rep, first[inverse[rep]])
+        send, dest, dups = repeat_plan(flat)
         inner = self._chans.submit(self._gather(name, send, dest, flat.size, dups, out))
         return GatherFuture(Reshaped(inner, tuple(shape) + (t.spec.storage_dim,)), t.spec.dtype, as_torch=as_torch,
                             device=device, spec=t.spec)
@@ -57,7 +47,7 @@ class Reads:
     async def _gather(self, name: str, send: np.ndarray, dest: np.ndarray | None, n_out: int,
                       dups: tuple[np.ndarray, np.ndarray] | None, given: np.ndarray | None = None,
                       spread: bool | None = None):
-        """Rows of the distinct ids `send` into out[dest] (out[:len(send)] if dest is None); then
+        """Rows of the ids `send` into out[dest] (out[:len(send)] if dest is None); then
         out[dups[0]] = out[dups[1]] for repeated ids. Returns out [n_out, dim] (`given`, if given).
         spread: read from every member in turn (None: as this client does, `read_replicas`)."""
         await self._after_pending(name)

@@ -3,6 +3,7 @@
     view = ClusterView(controller.describe())
     grouped, parts, order = split_by_shard(view.table("t"), sorted_distinct_ids, len(view.shard_ids))
     for a, b in slot_aligned_chunks(ids, slot_rows, max_ids): ...   # never cut a slot (idempotency keys)
+    send, dest, dups = repeat_plan(ids)      # which ids a gather asks for, and where repeats come from
 
 Nothing here does I/O: it is arithmetic over the placement (slot -> shard rank).
 """
@@ -70,8 +71,42 @@ class ClusterView:
         return ClusterView(raw)
 
 
+DEDUP_SHARE = 8  # a gather whose repeats are more than 1/8 of its ids asks for each distinct id once
+
+
+def repeat_plan(flat: np.ndarray):
+    """How a gather of `flat` (int64, any order, repeats allowed) handles its repeated ids:
+    (send, dest, dups). The rows of `send` land at out[dest] (out[:len(send)] if dest is None);
+    then out[dups[0]] = out[dups[1]] (dups None: nothing to copy).
+
+    Few repeats (at most 1/DEDUP_SHARE of the ids, as uniform traffic has): every id is asked for
+    as it is, so one shard's rows land straight in place, in request order; the repeats' rows are
+    then copied from one occurrence each, so every copy of an id in a result holds the same row
+    even if a push lands between two blocks of the reply. Many repeats (Zipf traffic): each
+    distinct id is asked for once, at one of its positions. One sort either way (np.unique's
+    index and inverse cost 4x as much)."""
+    n = flat.size
+    if n < 2:
+        return flat, None, None
+    order = np.argsort(flat)
+    s = flat[order]
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    np.not_equal(s[1:], s[:-1], out=first[1:])
+    repeats = n - int(np.count_nonzero(first))
+    if not repeats:
+        return flat, None, None
+    group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    rest = ~first
+    dups = (order[rest], order[group_start[rest]])
+    if repeats * DEDUP_SHARE <= n:
+        return flat, None, dups
+    dest = np.sort(order[first])
+    return flat[dest], dest, dups
+
+
 def split_by_shard(t: TableView, uniq: np.ndarray, n_shards: int):
-    """Group distinct ids by shard rank: (ids[order], [(rank, start, stop)], order or None if identity)."""
+    """Group ids (distinct, or with repeat_plan's few repeats) by shard rank: (ids[order], [(rank, start, stop)], order or None if identity)."""
     ranks = t.placement[uniq // t.spec.slot_rows]
     if uniq.size and int(ranks.max()) >= n_shards:  # never drop a part: re-read the cluster instead
         raise StaleEpoch(f"table {t.spec.name!r}: the placement names shard {int(ranks.max())}, but this client "

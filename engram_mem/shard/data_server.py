@@ -7,8 +7,8 @@
 
 It serves the same requests as the gRPC servicer, through the same servicer methods (one
 meaning, two transports): rows of a Gather are gathered into a per-connection block of about
-protocol.BLOCK_BYTES and sent from it (one copy in user space: the gather itself, on a worker
-thread while the loop sends the block before; a reply of at most INLINE_REPLY_BYTES, as decode's
+protocol.BLOCK_BYTES and sent from it (one copy in user space: the gather itself, on a gather
+thread while a send thread sends the block before; a reply of at most INLINE_REPLY_BYTES, as decode's
 are, is gathered on the loop and sent with its header in one system call); the rows of a
 Write and the gradients of a Push are received into one buffer of exactly their size, which the
 store reads in place.
@@ -42,7 +42,8 @@ log = logging.getLogger("engram_mem.shard.data_server")
 
 MAX_CONNECTIONS = 512
 HELLO_TIMEOUT_S = 10.0
-GATHER_THREADS = 2
+GATHER_THREADS = 2  # threads gathering reply blocks (numpy lets go of the GIL)
+SEND_THREADS = 32   # large replies sent at once, each from a thread over its blocking socket
 INLINE_REPLY_BYTES = 256 << 10  # Gather replies up to this size are gathered on the loop, not a worker thread
 
 
@@ -59,7 +60,8 @@ class DataServer:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._conns: set[asyncio.Task] = set()
-        self._pool = concurrent.futures.ThreadPoolExecutor(GATHER_THREADS, thread_name_prefix="engram-gather")
+        self._gatherers = concurrent.futures.ThreadPoolExecutor(GATHER_THREADS, thread_name_prefix="engram-gather")
+        self._senders = concurrent.futures.ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="engram-send")
         self.connections_refused = 0
 
     async def start(self) -> int:
@@ -80,7 +82,8 @@ class DataServer:
         await asyncio.gather(*self._conns, *([self._accepting] if self._accepting else []), return_exceptions=True)
         if self._sock is not None:
             self._sock.close()
-        self._pool.shutdown(wait=False)
+        self._gatherers.shutdown(wait=False)
+        self._senders.shutdown(wait=False)
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
@@ -215,9 +218,10 @@ class DataServer:
             m.observe(name, time.perf_counter() - t0)
 
     async def _send_rows(self, c: "_Conn", plan) -> None:
-        """The reply of a Gather: blocks gathered on a worker thread (numpy lets go of the GIL) while
-        the loop sends the block before, two blocks per connection. A block is gathered under the
-        table's lock, so a row is never read while a push or write changes it."""
+        """The reply of a Gather: blocks gathered on a gather thread while a send thread sends the
+        block before over the blocking socket (protocol.on_thread: no event-loop round per block's
+        worth of socket space), two blocks per connection. A block is gathered under the table's
+        lock, so a row is never read while a push or write changes it."""
         ts, local = plan
         row_bytes = ts.spec.row_bytes
         header = P.frame(P.OK, b"", local.size * row_bytes)
@@ -237,7 +241,6 @@ class DataServer:
         c.started = True
         if not local.size:
             return
-        loop = asyncio.get_running_loop()
         step = max(1, P.BLOCK_BYTES // row_bytes)
         blocks = c.blocks(min(step, local.size), ts.spec.storage_dim, ts.spec.storage_dtype)
 
@@ -245,17 +248,19 @@ class DataServer:
             with ts.lock:
                 return self.servicer.gather_block(ts, rows, local[s:s + step], out=blocks[i % 2])
 
-        starts = range(0, local.size, step)
-        pending = loop.run_in_executor(self._pool, gather, 0, 0)
-        try:
-            for i, _ in enumerate(starts):
-                part = await pending
-                pending = (loop.run_in_executor(self._pool, gather, i + 1, starts[i + 1])
-                           if i + 1 < len(starts) else None)
-                await c.send(memoryview(part).cast("B"))
-        finally:
-            if pending is not None:  # the send failed: let the gather end before its block is freed
-                await asyncio.wait([pending])
+        def send_all(stop) -> None:
+            starts = range(0, local.size, step)
+            pending = self._gatherers.submit(gather, 0, 0)
+            try:
+                for i in range(len(starts)):
+                    part = pending.result()
+                    pending = self._gatherers.submit(gather, i + 1, starts[i + 1]) if i + 1 < len(starts) else None
+                    P.send_blocking(stop, c.sock, memoryview(part).cast("B"))
+            finally:
+                if pending is not None:  # the send failed: let the gather end before its block is freed
+                    concurrent.futures.wait([pending])
+
+        await P.on_thread(self._senders, c.sock, send_all)
 
 
 class _Conn:

@@ -5,9 +5,11 @@ credential) and carrying one request at a time; a request in flight holds its ow
 so parts of one request and concurrent requests never queue behind each other. All I/O runs on
 the client's event loop with non-blocking sockets (uvloop's sock_recv_into / sock_sendall).
 
-Copies: a gather whose part maps to contiguous rows of the caller's array (distinct ids, one
-shard) is received straight into that array: zero copies on the client. Otherwise each block of
-rows is received into the connection's staging buffer and scattered into place: one copy.
+Copies: a gather whose part maps to contiguous rows of the caller's array (one shard, ids in
+request order: client/routing.repeat_plan) is received straight into that array: zero copies on
+the client. Otherwise each block of rows is received into the connection's staging buffer and
+scattered into place: one copy. A reply of a megabyte or more is received on a pool thread over
+the blocking socket (protocol.on_thread), smaller ones on the loop.
 Write rows and Push gradients are sent from the caller's (contiguous) array as they are.
 
 Failures: a member that cannot be connected to is ShardUnavailable(sent=False) (nothing left);
@@ -19,6 +21,7 @@ cancelled mid-way, is closed, never returned to the pool.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 
 import numpy as np
@@ -32,6 +35,7 @@ from engram_mem.wire import ids_bytes
 
 IDLE_PER_MEMBER = 8   # connections kept open per member between requests
 CONNECT_TIMEOUT_S = 10.0
+RECV_THREADS = 32     # bulk receives at once on pool threads (protocol.on_thread): one per connection in use
 
 
 class _Lost(Exception):
@@ -51,6 +55,21 @@ class _Connection:
             if k == 0:
                 raise _Lost(f"connection closed after {got} of {n} bytes")
             got += k
+
+    async def recv_bulk(self, pool, view: memoryview) -> None:
+        """Bulk bytes: on a pool thread where there are many (protocol.THREAD_BYTES), else on the loop."""
+        if len(view) >= P.THREAD_BYTES:
+            await P.on_thread(pool, self.sock, P.recv_blocking, self.sock, view)
+        else:
+            await self.recv_into(view)
+
+    def recv_scattered(self, stop, out: np.ndarray, dest: np.ndarray, step: int) -> None:
+        """On a pool thread: the rows for out[dest], a staging block at a time (numpy's scatter runs
+        without the GIL)."""
+        for s in range(0, dest.size, step):
+            k = min(step, dest.size - s)
+            P.recv_blocking(stop, self.sock, memoryview(self.staging[:k]).cast("B"))
+            out[dest[s:s + k]] = self.staging[:k]
 
     async def recv_bytes(self, n: int) -> bytearray:
         buf = bytearray(n)
@@ -81,6 +100,7 @@ class TcpConnector(RowConnector):
         self.credential = credential
         self._idle: dict[str, list[_Connection]] = {}
         self._open: set[_Connection] = set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(RECV_THREADS, thread_name_prefix="engram-recv")
         self.connects = 0
 
     # ---- connections ---------------------------------------------------------------------
@@ -164,16 +184,19 @@ class TcpConnector(RowConnector):
                 if bulk_len != n * row_bytes:
                     raise _Lost(f"shard {address} announced {bulk_len} bytes of rows for {n} ids x {row_bytes}")
                 if dest is None:  # straight into the caller's array
-                    await c.recv_into(memoryview(out[start + first:start + first + n]).cast("B"))
+                    await c.recv_bulk(self._pool, memoryview(out[start + first:start + first + n]).cast("B"))
                     self.counts["direct_bytes"] += bulk_len
                     return
                 step = max(1, P.BLOCK_BYTES // row_bytes)
                 if c.staging is None or c.staging.dtype != dtype or c.staging.shape[1] != dim:
                     c.staging = np.empty((step, dim), dtype=dtype)
-                for s in range(0, n, step):
-                    k = min(step, n - s)
-                    await c.recv_into(memoryview(c.staging[:k]).cast("B"))
-                    out[dest[first + s:first + s + k]] = c.staging[:k]
+                if bulk_len >= P.THREAD_BYTES:
+                    await P.on_thread(self._pool, c.sock, c.recv_scattered, out, dest[first:first + n], step)
+                else:
+                    for s in range(0, n, step):
+                        k = min(step, n - s)
+                        await c.recv_into(memoryview(c.staging[:k]).cast("B"))
+                        out[dest[first + s:first + s + k]] = c.staging[:k]
                 self.counts["staged_bytes"] += bulk_len
 
             meta = pb.GatherRequest(table=table, ids=ids_bytes(ids[first:end]), epoch=epoch).SerializeToString()
@@ -198,6 +221,7 @@ class TcpConnector(RowConnector):
         for c in list(self._open):
             self._drop(c)
         self._idle.clear()
+        self._pool.shutdown(wait=False)
 
 
 def _bytes_view(a: np.ndarray) -> memoryview:

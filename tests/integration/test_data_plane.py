@@ -343,3 +343,100 @@ def test_a_client_moves_its_rows_over_the_data_plane_through_ray(ray_local):
         assert mem.gather("t", np.arange(10)).shape == (10, 4)
         assert mem.transport_counts()["grpc"]["gather"] == 1
 
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+def test_replies_of_megabytes_move_over_blocking_sockets_on_threads_with_the_same_rows(served, scattered):
+    """Replies of at least protocol.THREAD_BYTES: sent by the shard's send threads, received on the
+    client's pool threads (straight into the caller's array, or a block at a time and scattered)."""
+    store, server, chans, member = served
+    tcp = TcpConnector(FULL, store.max_request_bytes)
+    ids = np.random.default_rng(7).permutation(ROWS)[:30_000]  # 7.3 MB in replies of up to 4 MB
+    assert max(b - a for a, b in tcp.gather_batches(ids.size, DIM * 4)) * DIM * 4 >= P.THREAD_BYTES
+    dest = np.random.default_rng(8).permutation(ids.size) if scattered else None
+    for _ in range(3):  # the connections go back to the pool and serve again
+        out = _gather(chans, tcp, member, "t", ids, DIM, dest=dest)
+        want = store.gather("t", ids)
+        assert np.array_equal(out[dest] if scattered else out, want)
+    assert tcp.counts["staged_bytes" if scattered else "direct_bytes"] == 3 * ids.size * DIM * 4
+    assert tcp.connects == 1
+    run(chans, tcp.aclose())
+
+
+def test_a_reply_that_stops_mid_way_can_be_given_up_and_its_connection_is_not_reused(served):
+    """A shard that stops sending half-way through a large reply (a real socket that says OK, sends
+    half and stalls): cancelling the request wakes the receiving thread at once, no byte lands in
+    the caller's array after the cancel returns, and the connection is closed, not pooled."""
+    import asyncio
+    import threading
+
+    store, server, chans, member = served
+    n, row = 8192, DIM * 4
+    lst = socket.create_server((HOST, 0))
+    stalled, done = threading.Event(), threading.Event()
+
+    def fake_shard():
+        conn, _ = lst.accept()
+        with conn:
+            conn.recv(P.HEADER.size + len(FULL))
+            conn.sendall(P.frame(P.OK))
+            conn.recv(1 << 20)  # the GATHER
+            conn.sendall(P.frame(P.OK, b"", n * row) + b"\x01" * (n * row // 2))
+            stalled.set()
+            done.wait(30)
+
+    t = threading.Thread(target=fake_shard, daemon=True)
+    t.start()
+    tcp = TcpConnector(FULL, store.max_request_bytes)
+    fake = {"address": "fake:0", "data_address": f"{HOST}:{lst.getsockname()[1]}"}
+    out = np.zeros((n, DIM), np.float32)
+
+    async def give_up():
+        task = asyncio.ensure_future(tcp.gather(fake, 1, "t", np.arange(n), out, 0, None))
+        while not stalled.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    import time
+    t0 = time.monotonic()
+    assert run(chans, give_up())
+    assert time.monotonic() - t0 < 10  # not the stall limit: the cancel woke the thread
+    landed = out.copy()
+    time.sleep(0.3)
+    assert np.array_equal(out, landed)  # nothing written after the cancel returned
+    assert not tcp._idle.get("fake:0") and not tcp._open  # closed, never pooled
+    done.set()
+    lst.close()
+    run(chans, tcp.aclose())
+
+
+def test_a_client_that_never_reads_its_large_reply_holds_up_no_one_else(served):
+    """A raw client asks for megabytes and reads none of them: the shard's other connections are
+    served meanwhile, and stopping the server does not wait for the stalled send."""
+    import time
+
+    store, _, chans, _ = served
+    server = ShardServer(store, host=HOST, security=Security(credentials=(FULL,)))
+    server.start()
+    member = {"address": server.address, "data_address": server.data_address}
+    raw = socket.create_connection((HOST, int(server.data_address.rpartition(":")[2])))
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.sendall(P.frame(P.HELLO, FULL.encode()))
+    assert P.parse_header(raw.recv(P.HEADER.size), 0, 0, ops={P.OK: "OK"})[0] == P.OK
+    ids = np.arange(16_000, dtype="<i8")  # 4 MB, more than the socket buffers hold
+    raw.sendall(P.frame(P.GATHER, pb.GatherRequest(table="t", ids=ids.tobytes(), epoch=1).SerializeToString()))
+    tcp = TcpConnector(FULL, store.max_request_bytes)
+    for _ in range(3):
+        big = np.arange(20_000)
+        assert np.array_equal(_gather(chans, tcp, member, "t", big, DIM), store.gather("t", big))
+    run(chans, tcp.aclose())
+    t0 = time.monotonic()
+    server.stop(grace=0.5)
+    assert time.monotonic() - t0 < 10  # the stalled send was woken, not waited out (protocol.STALL_S)
+    raw.close()
