@@ -167,6 +167,7 @@ def main(argv=None) -> int:
                     for _ in range(2):
                         fn(rng.integers(0, args.rows, args.batch))
                 t_counts0 = tcp.transport_counts()["tcp"]
+                t_client0 = tcp.transport_counts()["client"]
                 for r in range(args.rounds):
                     order = list(confs)
                     order = order[r % len(order):] + order[:r % len(order)]
@@ -184,7 +185,8 @@ def main(argv=None) -> int:
                 t_counts = tcp.transport_counts()["tcp"]
                 moved = t_counts["direct_bytes"] + t_counts["staged_bytes"] - t_counts0["direct_bytes"] - \
                     t_counts0["staged_bytes"]
-                staged = t_counts["staged_bytes"] - t_counts0["staged_bytes"]
+                staged = t_counts["staged_bytes"] - t_counts0["staged_bytes"] + \
+                    tcp.transport_counts()["client"]["repeat_bytes"] - t_client0["repeat_bytes"]
                 # pushes of distinct ids
                 push = {}
                 for k, c in (("tcp", tcp), ("grpc", grpc_)):

@@ -11,7 +11,9 @@ each cluster source through the node's fetch agent (the default: the read path i
 process) or with the read path in the model's own process (ClusterRows(agent=False)).
 Step time is the median over the timed steps (the first --warmup steps of each run are skipped).
 Every run starts from the tables' initial rows, so the loss curves must agree; the benchmark
-checks that they do. Prints a table, appends bench/results/train_step.jsonl, draws
+checks that they do. Beside each: CPU milliseconds a step by process role (the model's process,
+the fetch agent, the shards, Ray's own; common.cpu_by_role), which carries over to machines where
+the roles do not share two cores. Prints a table, appends bench/results/train_step.jsonl, draws
 bench/results/train_step.png.
 """
 
@@ -25,7 +27,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_jsonl, bar_plot, markdown_table, print_table  # noqa: E402
+from common import append_jsonl, bar_plot, cpu_by_role, markdown_table, print_table  # noqa: E402
 from model_setup import memory_on, start_two_nodes  # noqa: E402
 
 
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
     runs: dict[str, list] = {}
     losses: dict[str, list] = {}
     stats: dict[str, dict] = {}
+    cpu: dict[str, list] = {}  # CPU seconds per step by process role (common.cpu_by_role), per repeat
     try:
         import engram_mem
 
@@ -81,7 +84,10 @@ def main(argv=None) -> int:
                         if spec.name in mem.tables():
                             mem.drop_table(spec.name)
                     rows = ClusterRows(mem, specs, agent=agent)
+                c0 = cpu_by_role()
                 res = train(m, t, rows=rows, **quiet)
+                c1 = cpu_by_role()
+                cpu.setdefault(name, []).append({k: (c1[k] - c0[k]) / args.steps for k in c0})
                 if rows is not None:
                     rows.flush()
                     stats[name] = rows.stats()
@@ -106,8 +112,11 @@ def main(argv=None) -> int:
                       "p90_step_ms": round(1000 * float(np.percentile(secs, 90)), 1),
                       "tokens_per_s": round(t.tokens_per_step / med, 1),
                       "max_loss_diff": float(np.max(np.abs(np.array(losses[name]) - ref))),
-                      "exposed_wait_s": round(s.get("wait_s", 0.0), 3)})
-    cols = ["name", "median_step_ms", "vs_in_process_pct", "p90_step_ms", "tokens_per_s", "max_loss_diff", "exposed_wait_s"]
+                      "exposed_wait_s": round(s.get("wait_s", 0.0), 3),
+                      **{f"cpu {k} ms/step": round(1000 * float(np.median([c[k] for c in cpu[name]])), 1)
+                         for k in ("model", "agent", "shards", "ray")}})
+    cols = ["name", "median_step_ms", "vs_in_process_pct", "p90_step_ms", "tokens_per_s", "max_loss_diff", "exposed_wait_s",
+            "cpu model ms/step", "cpu agent ms/step", "cpu shards ms/step", "cpu ray ms/step"]
     print_table(table, cols, title=f"\ntraining step time, {args.config}, {len(runs['in-process tables'])} timed steps per source")
     path = append_jsonl("train_step", {"bench": "train_step", "args": vars(args), "results": table})
     png = bar_plot("train_step", [r["name"] for r in table], [r["median_step_ms"] for r in table], "median step (ms)",

@@ -89,6 +89,7 @@ class MemoryClient(Reads, Writes, Members):
         self._grpc_rows = GrpcConnector(self._chans, self.max_request_bytes, lambda: self.chunk_rows)
         self._tcp_rows = (TcpConnector(client_sec.credential, self.max_request_bytes)
                           if self.data_plane == "tcp" and not client_sec.tls_ca else None)
+        self._copied = collections.Counter()  # repeat_bytes: repeated ids' rows copied by gathers (loop thread)
         self._pending: dict[str, set] = {}   # table -> in-flight writes/pushes (loop thread only)
         self._requests: set[WriteFuture] = set()  # writes/pushes not yet ended (loop thread only)
         self._unacked: dict[str, int] = {}   # table -> writes/pushes sent and not yet answered
@@ -215,8 +216,9 @@ class MemoryClient(Reads, Writes, Members):
     def transport_counts(self) -> dict:
         """Per transport ("grpc", "tcp"): requests sent (gather, write, push) and the bytes of
         gathered rows that arrived straight into the caller's array (direct_bytes) or were copied
-        there from a transport buffer (staged_bytes). See transport/connector.py."""
-        out = {"grpc": dict(self._grpc_rows.counts)}
+        there from a transport buffer (staged_bytes). See transport/connector.py. "client": bytes of
+        repeated ids' rows copied from one occurrence (repeat_bytes; client/routing.repeat_plan)."""
+        out = {"grpc": dict(self._grpc_rows.counts), "client": dict(self._copied)}
         if self._tcp_rows is not None:
             out["tcp"] = dict(self._tcp_rows.counts)
         return out

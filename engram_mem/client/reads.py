@@ -61,6 +61,7 @@ class Reads:
                                    for rank, a, b in parts if b > a))
             if dups is not None and dups[0].size:
                 out[dups[0]] = out[dups[1]]
+                self._copied["repeat_bytes"] += dups[0].size * out.shape[1] * out.itemsize
             return out
 
         return await self._retrying(f"gather {name!r}", attempt)

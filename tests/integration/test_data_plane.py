@@ -316,6 +316,16 @@ def test_a_client_moves_its_rows_over_the_data_plane_through_ray(ray_local):
         assert np.shares_memory(got, buf.numpy()) and np.array_equal(buf.numpy(), mem.gather("t", one))
         with pytest.raises(InvalidArgument, match="out= must be"):
             mem.gather("t", one, out=np.empty((500, 8), np.float32))
+        # A few repeats (3 in 503): every id is asked for in order, rows land straight in, and each
+        # repeat's row is copied from its first occurrence (counted).
+        rep = np.concatenate([one, one[[7, 7, 300]]])
+        c0 = mem.transport_counts()
+        got = mem.gather("t", rep)
+        c1 = mem.transport_counts()
+        assert c1["tcp"]["direct_bytes"] - c0["tcp"]["direct_bytes"] == rep.size * 16 * 4
+        assert c1["tcp"]["staged_bytes"] == c0["tcp"]["staged_bytes"]
+        assert c1["client"]["repeat_bytes"] - c0["client"]["repeat_bytes"] == 3 * 16 * 4
+        assert np.array_equal(got, mem.gather("t", one)[np.r_[np.arange(500), [7, 7, 300]]])
         # The model's fetcher: remote rows land in its own array, with no copy between.
         from engram_mem.worker.fetcher import RowFetcher
 
