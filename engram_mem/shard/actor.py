@@ -32,6 +32,7 @@ from engram_mem.config import NAMESPACE, ClusterConfig, member_name
 from engram_mem.optim import OptimizerSpec
 from engram_mem.shard.membership import Membership
 from engram_mem.shard.restore import Restore
+from engram_mem.storage.frames import huge_pages
 from engram_mem.storage.store import ShardStore
 from engram_mem.table import TableSpec
 
@@ -139,6 +140,7 @@ class ShardActor(Restore, Membership):
         return {"shard_id": self.shard_id, "member": self.member, "address": self.address, "node_id": self.node_id,
                 "node_ip": self.node_ip, "pid": os.getpid(), "restarts": self.restarts, "ready": self.store.ready, "error": self.error,
                 "epoch": self.store.epoch, "shm_dir": self.store.shm_dir or "", "lsn": self.store.lsn,
+                "huge_pages": huge_pages(self.store.shm_dir),
                 "restore": self.restore_stats, "snapshots": self.snapshots,
                 "log_bytes": self.wal.size_bytes() if self.wal else 0,
                 "metrics_address": self.server.metrics_address, "data_address": self.server.data_address,

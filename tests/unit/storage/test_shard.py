@@ -150,3 +150,17 @@ s.close()
     grew, nbytes = map(int, out.stdout.split())
     overhead = 200 << 20  # gather outputs, torch/numpy arenas, one partly used slot
     assert grew <= 1.1 * nbytes + overhead, f"resident memory grew {grew / 2**20:.0f} MiB for a {nbytes / 2**20:.0f} MiB table"
+
+
+def test_huge_pages_names_the_tmpfs_option_of_the_mount_holding_the_rows():
+    from engram_mem.storage.frames import huge_pages
+
+    mounts = ("tmpfs /dev/shm tmpfs rw,relatime,size=24683784k 0 0\n"
+              "tmpfs /dev/shm/big tmpfs rw,relatime,huge=within_size 0 0\n"
+              "/dev/vda / ext4 rw,relatime 0 0\n"
+              "tmpfs /dev/shmx tmpfs rw,huge=always 0 0\n")
+    assert huge_pages("/dev/shm/engram-mem/c", mounts) == "never"  # no huge= option: the kernel's default
+    assert huge_pages("/dev/shm/big/engram-mem/c", mounts) == "within_size"  # the deepest mount wins
+    assert huge_pages("/dev/shmfoo/x", mounts) == ""  # a prefix of a name is not a parent: the root (ext4)
+    assert huge_pages("/data/x", mounts) == ""  # on disk
+    assert huge_pages(None, mounts) == ""

@@ -36,3 +36,10 @@ def test_replica_lines_say_whether_the_replica_is_in_sync(ack, in_sync, says):
                                       "node_ip": "127.0.0.3", "ready": True}]}}}
     line = [x for x in render(d, [_row(0)]).splitlines() if "replica 1 at" in x][0]
     assert says in line and ": ready;" in line
+
+
+@pytest.mark.parametrize("huge, hint", [("never", True), ("within_size", False), ("", False)])
+def test_a_shard_whose_tables_sit_on_small_pages_says_how_to_fix_it(huge, hint):
+    d = {"name": "c", "cluster_id": "x", "epoch": 1, "tables": {},
+         "shards": {0: {"node_ip": "127.0.0.2", "restore": {}, "replicas": [], "huge_pages": huge}}}
+    assert ("huge=within_size" in render(d, [_row(0)])) == hint
