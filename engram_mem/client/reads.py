@@ -9,7 +9,6 @@ client's earlier writes and pushes to the table first (read-your-writes).
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from engram_mem.client.gather_future import GatherFuture, Reshaped
 from engram_mem.client.routing import ClusterView, dest_rows, repeat_plan, split_by_shard
+from engram_mem.transport.connector import all_or_none
 from engram_mem.errors import EngramMemError, InvalidArgument, NotReady, ShardUnavailable
 
 log = logging.getLogger("engram_mem.client.reads")
@@ -56,9 +56,9 @@ class Reads:
             t = view.table(name)
             grouped, parts, order = split_by_shard(t, send, len(view.shard_ids))
             out = np.empty((n_out, t.spec.storage_dim), dtype=t.spec.storage_dtype) if given is None else given
-            await asyncio.gather(*(self._gather_part(view, name, rank, grouped[a:b], out, a,
-                                                     dest_rows(dest, order, a, b), spread)
-                                   for rank, a, b in parts if b > a))
+            await all_or_none([self._gather_part(view, name, rank, grouped[a:b], out, a,
+                                                 dest_rows(dest, order, a, b), spread)
+                               for rank, a, b in parts if b > a])  # a failed part stops the others
             if dups is not None and dups[0].size:
                 out[dups[0]] = out[dups[1]]
                 self._copied["repeat_bytes"] += dups[0].size * out.shape[1] * out.itemsize

@@ -22,10 +22,24 @@ own ("staged_bytes"), so a test can count a row's copies.
 from __future__ import annotations
 
 import abc
+import asyncio
 
 import numpy as np
 
 from engram_mem.wire import max_reply_bytes
+
+
+async def all_or_none(coros) -> list:
+    """Run the coroutines together; if one fails, the others are cancelled and awaited before the
+    error goes on, so none of them writes into the caller's array after this returns."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class RowConnector(abc.ABC):

@@ -29,13 +29,15 @@ import numpy as np
 from engram_mem.errors import EngramMemError, ShardUnavailable
 from engram_mem.pb.v1 import memory_pb2 as pb
 from engram_mem.transport import protocol as P
-from engram_mem.transport.connector import RowConnector
+from engram_mem.transport.connector import RowConnector, all_or_none
 from engram_mem.transport.grpc_connector import push_request
 from engram_mem.wire import ids_bytes
 
 IDLE_PER_MEMBER = 8   # connections kept open per member between requests
 CONNECT_TIMEOUT_S = 10.0
 RECV_THREADS = 32     # bulk receives at once on pool threads (protocol.on_thread): one per connection in use
+STREAMS = 4           # connections one large gather part of one member uses at once
+STREAM_BYTES = 8 << 20  # ... each carrying at least this much (a part under 2x this uses one)
 
 
 class _Lost(Exception):
@@ -174,13 +176,17 @@ class TcpConnector(RowConnector):
 
     # ---- requests ------------------------------------------------------------------------
     async def gather(self, member, epoch, table, ids, out, start, dest):
+        """Rows of a large part come over up to STREAMS connections at once (as NCCL's socket
+        transport opens several sockets per peer): each stream's rows land in their own range of
+        the output, and the shard gathers and sends the streams on threads of their own."""
         dim, dtype = out.shape[1], out.dtype
         row_bytes = dim * dtype.itemsize
         address = member["address"]
-        for first, end in self.gather_batches(ids.size, row_bytes):
+
+        async def one(first: int, end: int) -> None:
             n = end - first
 
-            async def receive(c: _Connection, bulk_len: int, first=first, n=n):
+            async def receive(c: _Connection, bulk_len: int):
                 if bulk_len != n * row_bytes:
                     raise _Lost(f"shard {address} announced {bulk_len} bytes of rows for {n} ids x {row_bytes}")
                 if dest is None:  # straight into the caller's array
@@ -201,6 +207,27 @@ class TcpConnector(RowConnector):
 
             meta = pb.GatherRequest(table=table, ids=ids_bytes(ids[first:end]), epoch=epoch).SerializeToString()
             await self._call(member, P.GATHER, meta, receive=receive)
+
+        ranges = list(self.stream_ranges(ids.size, row_bytes))
+        if len(ranges) == 1:
+            await one(*ranges[0])
+            return
+        streams = asyncio.Semaphore(STREAMS)
+
+        async def limited(first: int, end: int) -> None:
+            async with streams:
+                await one(first, end)
+
+        await all_or_none([limited(a, b) for a, b in ranges])
+
+    def stream_ranges(self, n: int, row_bytes: int):
+        """(first, stop) ranges of a gather's ids: within the request and reply limits, and a part
+        of at least 2 x STREAM_BYTES cut into up to STREAMS equal ranges of at least STREAM_BYTES."""
+        for first, end in self.gather_batches(n, row_bytes):
+            k = max(1, min(STREAMS, (end - first) * row_bytes // STREAM_BYTES))
+            size = -(-(end - first) // k)
+            for a in range(first, end, size):
+                yield a, min(end, a + size)
 
     async def write(self, member, epoch, table, ids, rows, dtype, key):
         meta = pb.WriteRequest(table=table, ids=ids_bytes(ids), dtype=dtype, epoch=epoch, client=key[0],
