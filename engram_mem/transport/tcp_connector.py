@@ -103,6 +103,7 @@ class TcpConnector(RowConnector):
         self._idle: dict[str, list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._pool = concurrent.futures.ThreadPoolExecutor(RECV_THREADS, thread_name_prefix="engram-recv")
+        self._busy: dict[str, int] = {}  # member address -> requests in flight (loop thread only)
         self.connects = 0
 
     # ---- connections ---------------------------------------------------------------------
@@ -151,6 +152,14 @@ class TcpConnector(RowConnector):
         """One request on a pooled connection: (reply meta, what `receive(conn, bulk_len)` returned)."""
         address = member["address"]
         self.counts[P.REQUEST_OPS[op].lower()] += 1
+        self._busy[address] = self._busy.get(address, 0) + 1
+        try:
+            return await self._call_on(member, op, meta, bulk, receive)
+        finally:
+            self._busy[address] -= 1
+
+    async def _call_on(self, member: dict, op: int, meta: bytes, bulk, receive):
+        address = member["address"]
         c = await self._acquire(member)
         ok = False
         try:
@@ -177,8 +186,9 @@ class TcpConnector(RowConnector):
     # ---- requests ------------------------------------------------------------------------
     async def gather(self, member, epoch, table, ids, out, start, dest):
         """Rows of a large part come over up to STREAMS connections at once (as NCCL's socket
-        transport opens several sockets per peer): each stream's rows land in their own range of
-        the output, and the shard gathers and sends the streams on threads of their own."""
+        transport opens several sockets per peer) when nothing else is in flight to the member:
+        each stream's rows land in their own range of the output, and the shard gathers and sends
+        the streams on threads of their own."""
         dim, dtype = out.shape[1], out.dtype
         row_bytes = dim * dtype.itemsize
         address = member["address"]
@@ -208,11 +218,14 @@ class TcpConnector(RowConnector):
             meta = pb.GatherRequest(table=table, ids=ids_bytes(ids[first:end]), epoch=epoch).SerializeToString()
             await self._call(member, P.GATHER, meta, receive=receive)
 
-        ranges = list(self.stream_ranges(ids.size, row_bytes))
+        # Streams only where nothing else is in flight to the member: concurrent callers (several
+        # threads, several layers' fetches) already keep its connections busy.
+        k = STREAMS if not self._busy.get(address) else 1
+        ranges = list(self.stream_ranges(ids.size, row_bytes, k))
         if len(ranges) == 1:
             await one(*ranges[0])
             return
-        streams = asyncio.Semaphore(STREAMS)
+        streams = asyncio.Semaphore(k)
 
         async def limited(first: int, end: int) -> None:
             async with streams:
@@ -220,11 +233,11 @@ class TcpConnector(RowConnector):
 
         await all_or_none([limited(a, b) for a, b in ranges])
 
-    def stream_ranges(self, n: int, row_bytes: int):
+    def stream_ranges(self, n: int, row_bytes: int, streams: int = STREAMS):
         """(first, stop) ranges of a gather's ids: within the request and reply limits, and a part
-        of at least 2 x STREAM_BYTES cut into up to STREAMS equal ranges of at least STREAM_BYTES."""
+        of at least 2 x STREAM_BYTES cut into up to `streams` equal ranges of at least STREAM_BYTES."""
         for first, end in self.gather_batches(n, row_bytes):
-            k = max(1, min(STREAMS, (end - first) * row_bytes // STREAM_BYTES))
+            k = max(1, min(streams, (end - first) * row_bytes // STREAM_BYTES))
             size = -(-(end - first) // k)
             for a in range(first, end, size):
                 yield a, min(end, a + size)
