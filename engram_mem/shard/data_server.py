@@ -44,7 +44,7 @@ MAX_CONNECTIONS = 512
 HELLO_TIMEOUT_S = 10.0
 GATHER_THREADS = 2  # threads gathering reply blocks (numpy lets go of the GIL)
 SEND_THREADS = 32   # large replies sent at once, each from a thread over its blocking socket
-INLINE_REPLY_BYTES = 256 << 10  # Gather replies up to this size are gathered on the loop, not a worker thread
+INLINE_REPLY_BYTES = P.THREAD_BYTES  # Gather replies up to this size are gathered on the loop and sent in one sendmsg
 
 
 class _Closed(Exception):
