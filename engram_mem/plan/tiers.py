@@ -158,19 +158,20 @@ TIER_PRESETS: dict[str, Tier] = {t.name: t for t in [
        capacity_bytes=24 * GiB, cpu_s_per_row=2.5e-7, cpu_s_per_fetch=1e-3, measured=True,
        source="measured here: same-node tier via RowFetcher 1.87 GB/s, raw shared-memory read 3.23 GB/s"),
     # The row paths to a shard on another local Ray node, RowFetcher, `engram-mem plan --calibrate`
-    # (2026-12-07, bench/results/tiers-here.json, median of 3 runs, load average 0.5 -> 1.0, 256..16k
-    # rows of 256 B, after the data plane's small-reply path): framed TCP 0.68 ms + 1.08 GB/s, 0.50 ms
-    # CPU per fetch; gRPC beside it 1.45 ms + 0.66 GB/s, 1.33 ms. here-tcp is the software ceiling of
-    # the remote presets above (driven_by).
-    _t(name="here-grpc", kind="remote", latency_s=1.449e-3, link_gbps=0.662, aggregate_gbps=0.662,
-       capacity_bytes=24 * GiB, cpu_s_per_row=9.7e-8, cpu_s_per_fetch=1.327e-3, stretch=4.0, measured=True,
-       push_cpu_s_per_row=1.57e-7, push_cpu_s_per_call=1.203e-3,
-       source="measured here: RowFetcher over gRPC to another local Ray node, 1.45 ms + 0.66 GB/s (calibrate)"),
-    _t(name="here-tcp", kind="remote", latency_s=0.682e-3, link_gbps=1.078, aggregate_gbps=1.078,
-       capacity_bytes=24 * GiB, cpu_s_per_row=9.5e-8, cpu_s_per_fetch=0.500e-3, stretch=7.1, measured=True,
-       push_cpu_s_per_row=6.6e-8, push_cpu_s_per_call=0.721e-3,
+    # (2026-12-07 13:26, bench/results/tiers-here.json, median of 3 runs, load average 3.6 -> 1.0,
+    # 256..16k rows of 256 B, after bulk on threads and take(mode=clip)): framed TCP 0.71 ms +
+    # 1.28 GB/s, 0.67 ms CPU per fetch; gRPC beside it 1.43 ms + 0.57 GB/s, 1.30 ms. (The run
+    # before, 08:40, load 0.5 -> 1.0: TCP 0.68 ms + 1.08 GB/s, 0.50 ms; gRPC 1.45 ms + 0.66 GB/s.)
+    # here-tcp is the software ceiling of the remote presets above (driven_by).
+    _t(name="here-grpc", kind="remote", latency_s=1.429e-3, link_gbps=0.568, aggregate_gbps=0.568,
+       capacity_bytes=24 * GiB, cpu_s_per_row=1.38e-7, cpu_s_per_fetch=1.298e-3, stretch=3.7, measured=True,
+       push_cpu_s_per_row=1.74e-7, push_cpu_s_per_call=0.953e-3,
+       source="measured here: RowFetcher over gRPC to another local Ray node, 1.43 ms + 0.57 GB/s (calibrate)"),
+    _t(name="here-tcp", kind="remote", latency_s=0.706e-3, link_gbps=1.280, aggregate_gbps=1.280,
+       capacity_bytes=24 * GiB, cpu_s_per_row=7.4e-8, cpu_s_per_fetch=0.671e-3, stretch=9.6, measured=True,
+       push_cpu_s_per_row=8.8e-8, push_cpu_s_per_call=0.764e-3,
        source="measured here: RowFetcher over the framed-TCP data plane to another local Ray node, "
-              "0.68 ms + 1.08 GB/s (calibrate)"),
+              "0.71 ms + 1.28 GB/s (calibrate)"),
     _t(name="here-cache", kind="cache", latency_s=0.0, link_gbps=2.9, aggregate_gbps=2.9, capacity_bytes=1 * GiB,
        measured=True, source="measured here: RowCache lookup, all hits, 2.9 GB/s"),
     # `engram-mem plan --calibrate` (2026-11-24, bench/results/tiers-here.json, median of 3 runs, load
