@@ -95,6 +95,7 @@ class _Buffer:
         self.frames = 0
         self.array = np.empty((0, dim), dtype=dtype)
         self._mm: mmap.mmap | None = None
+        self._tmpfs = bool(huge_pages(path))
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _unlink(path)  # a new inode: a reader still mapping an old file must never see it shrink
@@ -108,10 +109,11 @@ class _Buffer:
         if self.path:
             os.ftruncate(self._fd, nbytes)
             mm = mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            try:  # 2 MiB pages where the tmpfs allows them (huge=advise; huge_pages())
-                mm.madvise(mmap.MADV_HUGEPAGE)
-            except (AttributeError, OSError):
-                pass
+            if self._tmpfs:  # 2 MiB pages where the tmpfs allows them (huge=advise; huge_pages()); never on
+                try:         # disk, whose page budget counts 4 KiB pages (large folios would overrun it)
+                    mm.madvise(mmap.MADV_HUGEPAGE)
+                except (AttributeError, OSError):
+                    pass
             arr = np.frombuffer(mm, dtype=self.dtype).reshape(-1, self.dim)
         else:
             arr = np.empty((frames * self.frame_rows, self.dim), dtype=self.dtype)
