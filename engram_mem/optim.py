@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from engram_mem.errors import InvalidArgument, NonFiniteUpdate
+from engram_mem.validate import all_finite
 
 CHUNK_ELEMS = 1 << 18  # values per block of rows in a CPU update (1 MiB of fp32 per temporary)
 # A gradient value above this is refused: its square (Adam's and Adagrad's second moment) would come
@@ -98,11 +99,13 @@ class RowOptimizer:
         rows = idx.numel() if weight.is_cuda else max(1, CHUNK_ELEMS // max(1, grad.shape[1]))
         staged = [self._compute(weight, state, idx[a:a + rows], grad[a:a + rows], lr)
                   for a in range(0, idx.numel(), rows)]
-        for i, (blk, w, st) in enumerate(staged):
-            bad = ~torch.isfinite(w).all(dim=1)
-            for v in st.values():
-                if v.is_floating_point():
-                    bad |= ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
+        for blk, w, st in staged:
+            floats = [w, *(v for v in st.values() if v.is_floating_point())]
+            if all(all_finite(v) for v in floats):
+                continue
+            bad = torch.zeros(blk.numel(), dtype=torch.bool, device=blk.device)
+            for v in floats:  # which row: only on the way to refusing the push
+                bad |= ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
             if bool(bad.any()):
                 row = int(blk[int(torch.nonzero(bad)[0, 0])])
                 raise NonFiniteUpdate(f"the update of row {row} (local index) would make it or its optimizer "
@@ -132,9 +135,9 @@ class RowAdagrad(RowOptimizer):
 
     def _compute(self, weight, state, idx, grad, lr):
         s = state["sum"].index_select(0, idx).add_(grad * grad)
-        new = {"sum": s.clone()}
+        new = {"sum": s}
         w = self._decayed(weight.index_select(0, idx).float(), lr)
-        return idx, w.sub_(grad * lr / s.sqrt_().add_(self.spec.eps)).to(weight.dtype), new
+        return idx, w.sub_(grad * lr / s.sqrt().add_(self.spec.eps)).to(weight.dtype), new
 
 
 class RowAdam(RowOptimizer):
@@ -169,11 +172,11 @@ class RowAdam(RowOptimizer):
         step = state["step"].index_select(0, idx).add_(1)              # [n] per-row step count
         m = state["exp_avg"].index_select(0, idx).mul_(b1).add_(grad * (1 - b1))
         v = state["exp_avg_sq"].index_select(0, idx).mul_(b2).add_(grad * grad * (1 - b2))
-        new = {"step": step, "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+        new = {"step": step, "exp_avg": m, "exp_avg_sq": v}          # m and v are read below, never changed
         bc1, bc2 = self._bias_corrections(step)                        # [n, 1] each
-        denom = v.div_(bc2).sqrt_().add_(self.spec.eps)                # v is a copy: its state is kept in new
+        denom = v.div(bc2).sqrt_().add_(self.spec.eps)
         w = self._decayed(weight.index_select(0, idx).float(), lr)
-        return idx, w.sub_(m.div_(bc1).div_(denom).mul_(lr)).to(weight.dtype), new
+        return idx, w.sub_(m.div(bc1).div_(denom).mul_(lr)).to(weight.dtype), new
 
 
 OPTIMIZERS = {"sgd": RowOptimizer, "adagrad": RowAdagrad, "adam": RowAdam}

@@ -11,6 +11,7 @@ what it receives with the same functions and the same sentences.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from engram_mem.errors import InvalidArgument, NonFiniteGradient, NonFiniteUpdate, RowOutOfRange
 from engram_mem.table import TableSpec, to_float32
@@ -30,6 +31,21 @@ def check_ids(spec: TableSpec, ids, field: str = "ids") -> np.ndarray:
             raise RowOutOfRange(f"table {spec.name!r}: field {field!r} holds row id {lo if lo < 0 else hi}, "
                                 f"outside [0, {spec.rows})")
     return flat
+
+
+def all_finite(x) -> bool:
+    """Every value of a float array or tensor is finite. On CPU through numpy's isfinite: torch's CPU
+    isfinite(x).all() took ~30x as long (380 us against 14 us on a [3735, 24] fp32 block, one thread),
+    which made the check of a push cost more than the optimizer's arithmetic. bfloat16 (no numpy dtype)
+    is checked on its bits: finite unless all 8 exponent bits are set. On a device: the tensor's own."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.device.type != "cpu":
+            return bool(torch.isfinite(x).all())
+        if x.dtype == torch.bfloat16:
+            return not bool(np.any((x.view(torch.int16).numpy() & 0x7F80) == 0x7F80))
+        x = x.numpy()
+    return bool(np.isfinite(x).all())
 
 
 def check_rows_finite(spec: TableSpec, ids: np.ndarray, stored: np.ndarray) -> None:
@@ -52,6 +68,8 @@ def check_rows_finite(spec: TableSpec, ids: np.ndarray, stored: np.ndarray) -> N
 def check_grads(spec: TableSpec, ids: np.ndarray, g: np.ndarray, max_abs: float) -> None:
     """A float32 gradient [n, dim]: finite, and no value whose square could overflow optimizer state."""
     if not g.size:
+        return
+    if -max_abs <= float(g.min()) and float(g.max()) <= max_abs:  # NaN fails both comparisons
         return
     a = np.abs(g)
     if not bool(np.isfinite(a).all()):

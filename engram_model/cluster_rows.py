@@ -36,6 +36,7 @@ from engram_mem.errors import NonFiniteGradient
 from engram_mem.worker.fetcher import RowFetcher
 from engram_mem.table import rows_to_float
 from engram_mem.table import TableSpec, as_torch
+from engram_mem.validate import all_finite
 from engram_model.rows import TABLE_OPTIMIZER, RowSource, table_name, table_specs
 
 
@@ -158,7 +159,7 @@ class ClusterRows(RowSource):
             grads = torch.cat([p[1] for p in parts]).cpu()
             if self.grad_scale != 1.0:
                 grads = grads * self.grad_scale
-            if not torch.isfinite(grads).all():
+            if not all_finite(grads):
                 raise NonFiniteGradient(f"table {table_name(layer)}: gradient holds NaN or Inf; nothing pushed")
             # Duplicates across micro-batches are summed by the client before sending.
             self._pushes.append(self.fetcher.push_async(self.specs[layer].name, ids, grads, lr=lr, step=step))

@@ -30,6 +30,7 @@ from engram_mem.errors import NonFiniteGradient, ReadOnlyTable
 from engram_mem.table import rows_to_float
 from engram_mem.optim import make_optimizer
 from engram_mem.table import TableSpec, as_torch
+from engram_mem.validate import all_finite
 from engram_model.config import ModelConfig
 from engram_model.hashing import NgramHasher
 
@@ -147,7 +148,7 @@ class LocalRows(RowSource):
             if len(parts) > 1:   # several micro-batches: merge rows seen more than once
                 ids, inv = torch.unique(ids, return_inverse=True)
                 grads = torch.zeros(ids.numel(), grads.shape[1], device=grads.device).index_add_(0, inv, grads)
-            if not torch.isfinite(grads).all():
+            if not all_finite(grads):
                 raise NonFiniteGradient(f"table {table_name(layer)}: gradient holds NaN or Inf; nothing applied")
             if self.specs[layer].is_bytes:
                 raise ReadOnlyTable(f"table {table_name(layer)} holds {self.specs[layer].dtype} rows, which take no "

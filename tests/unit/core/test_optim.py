@@ -90,3 +90,42 @@ def test_update_is_bitwise_independent_of_blocking_and_of_other_rows(name, monke
         assert torch.equal(w, w_ref), (chunk, split)
         assert all(torch.equal(s[k], s_ref[k]) for k in s_ref)
     assert not torch.equal(w_ref, w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_finds_every_kind_of_non_finite_value(dtype):
+    from engram_mem.validate import all_finite
+
+    big = torch.finfo(dtype).max
+    x = torch.full((37, 5), big, dtype=dtype)
+    assert all_finite(x) and all_finite(-x) and all_finite(x[:, ::2]) and all_finite(x[:0])
+    if dtype != torch.bfloat16:
+        assert all_finite(x.numpy())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in ((0, 0), (36, 4), (17, 2)):
+            y = x.clone()
+            y[at] = bad
+            assert not all_finite(y), (bad, at)
+            assert not all_finite(y[:, at[1]:at[1] + 1]), (bad, at)  # a strided view
+            if dtype != torch.bfloat16:
+                assert not all_finite(y.numpy())
+
+
+def test_a_non_finite_update_names_its_row_and_applies_nothing(monkeypatch):
+    """fp16 rows, the overflow in the last of several blocks: refused, the row named, nothing written."""
+    from engram_mem import optim
+    from engram_mem.errors import NonFiniteUpdate
+
+    monkeypatch.setattr(optim, "CHUNK_ELEMS", 4 * 3)  # 3 rows a block
+    opt = make_optimizer({"name": "adam"})
+    w = torch.zeros(10, 4, dtype=torch.float16)
+    w[9] = -60000.0
+    state = opt.init_state(10, 4)
+    before = w.clone(), {k: v.clone() for k, v in state.items()}
+    idx = torch.tensor([0, 2, 3, 5, 7, 9])
+    grad = torch.ones(6, 4)
+    with pytest.raises(NonFiniteUpdate, match="row 9 .*float16"):
+        opt.apply(w, state, idx, grad, lr=1e4)   # Adam's first step is lr: row 9 to -70000, past fp16's -65504
+    assert torch.equal(w, before[0]) and all(torch.equal(state[k], before[1][k]) for k in state)
+    opt.apply(w, state, idx, grad, lr=1e3)      # in range: applied to every row
+    assert bool((w[idx] != 0).all()) and int(state["step"][idx].min()) == 1
