@@ -231,9 +231,12 @@ def test_down_up_and_checkpoint_restore_across_shard_counts_are_bit_exact(ray_lo
         assert np.array_equal(mem.gather("a", ids), want7)
 
 
-def _damaged_cluster(tmp_path, name):
-    data = tmp_path / "data"
-    with engram_mem.connect(shards=2, name=name, data_dir=str(data), snapshot_interval_s=0) as mem:
+@pytest.fixture(scope="module")
+def checkpointed(ray_local, tmp_path_factory):
+    """A stopped cluster's data directory (a row written, pushes, a checkpoint) and the shard owning
+    row 77,777: made once, copied for each kind of damage."""
+    data = tmp_path_factory.mktemp("checkpointed") / "data"
+    with engram_mem.connect(shards=2, name="dmg-template", data_dir=str(data), snapshot_interval_s=0) as mem:
         mem.create_table("d", rows=100_000, dim=DIM, optimizer={"name": "sgd"})
         mem.write("d", [77_777], np.full((1, DIM), 77777.0, np.float32))
         mem.push("d", SPREAD, -np.ones((SPREAD.size, DIM), np.float32), lr=1.0)
@@ -271,8 +274,9 @@ def _flip_row_bit(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(DAMAGE))
-def test_damaged_snapshot_or_cluster_file_refuses_to_start_naming_the_file(ray_local, tmp_path, kind):
-    data, owner = _damaged_cluster(tmp_path, "dmg-" + kind.replace(" ", "-").replace(".", ""))
+def test_damaged_snapshot_or_cluster_file_refuses_to_start_naming_the_file(ray_local, checkpointed, tmp_path, kind):
+    data, owner = tmp_path / "data", checkpointed[1]
+    shutil.copytree(checkpointed[0], data)
     damage, names = DAMAGE[kind]
     damage(data, owner)
     with pytest.raises(CorruptData, match=names.replace(".", r"\.")):
