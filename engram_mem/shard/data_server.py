@@ -8,7 +8,7 @@
 It serves the same requests as the gRPC servicer, through the same servicer methods (one
 meaning, two transports): rows of a Gather are gathered into a per-connection block of about
 protocol.BLOCK_BYTES and sent from it (one copy in user space: the gather itself, on a gather
-thread while a send thread sends the block before; a reply of at most INLINE_REPLY_BYTES, as decode's
+thread while a send thread sends the block before; a reply under INLINE_REPLY_BYTES, as decode's
 are, is gathered on the loop and sent with its header in one system call); the rows of a
 Write and the gradients of a Push are received into one buffer of exactly their size, which the
 store reads in place.
@@ -44,7 +44,7 @@ MAX_CONNECTIONS = 512
 HELLO_TIMEOUT_S = 10.0
 GATHER_THREADS = 2  # threads gathering reply blocks (numpy lets go of the GIL)
 SEND_THREADS = 32   # large replies sent at once, each from a thread over its blocking socket
-INLINE_REPLY_BYTES = P.THREAD_BYTES  # Gather replies up to this size are gathered on the loop and sent in one sendmsg
+INLINE_REPLY_BYTES = P.THREAD_BYTES  # Gather replies under this size (the client receives them on its loop too) are gathered on the loop and sent in one sendmsg
 
 
 class _Closed(Exception):
@@ -226,7 +226,7 @@ class DataServer:
         row_bytes = ts.spec.row_bytes
         header = P.frame(P.OK, b"", local.size * row_bytes)
         rows = ts.rows  # one buffer for the whole reply, even if the table grows meanwhile
-        if local.size * row_bytes <= INLINE_REPLY_BYTES and not self.store.budgets:
+        if local.size * row_bytes < INLINE_REPLY_BYTES and not self.store.budgets:
             # A small reply (decode's): gathered here on the loop and sent with its header at once;
             # a thread hand-off and a second send would cost more than the gather itself.
             parts = [header]
