@@ -106,11 +106,10 @@ class RowOptimizer:
             bad = torch.zeros(blk.numel(), dtype=torch.bool, device=blk.device)
             for v in floats:  # which row: only on the way to refusing the push
                 bad |= ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
-            if bool(bad.any()):
-                row = int(blk[int(torch.nonzero(bad)[0, 0])])
-                raise NonFiniteUpdate(f"the update of row {row} (local index) would make it or its optimizer "
-                                      f"state non-finite in {weight.dtype} (lr {lr}); nothing from this push "
-                                      f"was applied")
+            row = int(blk[int(torch.nonzero(bad)[0, 0])])
+            raise NonFiniteUpdate(f"the update of row {row} (local index) would make it or its optimizer "
+                                  f"state non-finite in {weight.dtype} (lr {lr}); nothing from this push "
+                                  f"was applied")
         for blk, w, st in staged:
             for k, v in st.items():
                 state[k].index_copy_(0, blk, v)

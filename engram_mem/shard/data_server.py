@@ -44,7 +44,9 @@ MAX_CONNECTIONS = 512
 HELLO_TIMEOUT_S = 10.0
 GATHER_THREADS = 2  # threads gathering reply blocks (numpy lets go of the GIL)
 SEND_THREADS = 32   # large replies sent at once, each from a thread over its blocking socket
-INLINE_REPLY_BYTES = P.THREAD_BYTES  # Gather replies under this size (the client receives them on its loop too) are gathered on the loop and sent in one sendmsg
+# Gather replies under this size are gathered on the loop and sent in one sendmsg (the client, too,
+# receives them on its loop); from it on, both sides move the rows on threads.
+INLINE_REPLY_BYTES = P.THREAD_BYTES
 
 
 class _Closed(Exception):
