@@ -94,6 +94,7 @@ class RowCache:
         # with admit(..., generation=noted): if a push invalidated rows in between, the fetched copy
         # may predate that push, so none of it is admitted.
         self.generation = 0
+        self.admissions = 0  # admit() calls that cached rows: a fetch that saw none since its lookup skips a re-check
         self._lock = threading.RLock()
         self._rng = np.random.default_rng(0)
 
@@ -186,6 +187,24 @@ class RowCache:
             self.record(ids, counts)
             return (*self.lookup(ids), self.generation)
 
+    def peek(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """lookup() without counting the access: (hit mask, rows of the hits, noted). A fetch that
+        answers before it books (the fetch agent) counts the access afterwards with
+        record_and_admit(..., noted), off the path of the rows."""
+        with self._lock:
+            return (*self.lookup(ids), (self.generation, self.admissions))
+
+    def record_and_admit(self, asked: np.ndarray, ids: np.ndarray, rows: np.ndarray, noted: tuple[int, int]) -> None:
+        """record(asked), then admit(ids, rows) as of the peek() that gave `noted`: nothing enters if an
+        invalidate came since; and if no other fetch admitted rows since, the misses are known uncached."""
+        with self._lock:
+            self.record(asked)
+            generation, admissions = noted
+            if generation != self.generation:
+                self.stats["stale_skipped"] += int(ids.size)
+                return
+            self._admit(np.asarray(ids, dtype=np.int64), rows, known_new=admissions == self.admissions)
+
     def record(self, ids: np.ndarray, counts: np.ndarray | None = None) -> None:
         """Count accesses (distinct ids, optionally with a count each)."""
         with self._lock:
@@ -213,10 +232,10 @@ class RowCache:
                 return
             self._admit(np.asarray(ids, dtype=np.int64), rows)
 
-    def _admit(self, ids: np.ndarray, rows: np.ndarray) -> None:
+    def _admit(self, ids: np.ndarray, rows: np.ndarray, known_new: bool = False) -> None:
         if self.capacity == 0 or ids.size == 0:
             return
-        if len(self):  # another fetch may have admitted some of them since this one looked
+        if len(self) and not known_new:  # another fetch may have admitted some of them since this one looked
             new = self._find(ids) < 0
             ids, rows = ids[new], rows[new]
         freq = self.sketch.estimate(ids)
@@ -253,6 +272,7 @@ class RowCache:
         self.n_free -= new_ids.size
         self.rows[slots] = np.concatenate(take_rows)
         self._insert(new_ids, slots)
+        self.admissions += 1
         self.stats["admitted"] += int(new_ids.size)
 
     def invalidate(self, ids: np.ndarray) -> int:

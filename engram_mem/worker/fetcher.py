@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engram_mem.worker.cache import RowCache
+
+log = logging.getLogger("engram_mem.worker.fetcher")
 
 INLINE_FINISH_ROWS = 4096  # fetches of at most this many distinct rows finish on the client's loop thread
 
@@ -42,9 +45,10 @@ class _Fetch:
     out: np.ndarray         # rows [U, D], filled in as the tiers answer
     remote_pos: np.ndarray  # positions in uniq left for the remote shards (and offered to the cache)
     cache: RowCache | None
-    generation: int | None  # the cache's, noted before any row was read
+    noted: tuple | None     # the cache's (generation, admissions), noted before any row was read (RowCache.peek)
     counts: dict | None = None  # the caller's own tally of this fetch (the agent's per worker)
     spread: bool | None = None  # remote rows from every member of a replicated shard in turn (None: the client's way)
+    asked: np.ndarray | None = None  # the ids looked up in the cache (their access is counted after the answer)
 
 
 class RowFetcher:
@@ -94,12 +98,21 @@ class RowFetcher:
                 part = self._begin(name, ids, out=rows_out, node_local=node_local, use_cache=cache, tally=tally)
                 part.spread = spread
                 if part.remote_pos.size == 0:
-                    out.set_result(self._finish(part, None))
+                    answer(part, None)
                     return
                 remote = self._gather_into(name, part)
                 remote.add_done_callback(lambda r: hand_back(part, r))
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 out.set_exception(e)
+
+        def answer(part, remote_rows):
+            # The caller has its rows first; the cache's bookkeeping (the access counts, admitting
+            # the misses) comes after, off the path of the rows, from a copy of the misses taken
+            # before the answer (the caller may reuse its buffer at once: the agent's slot).
+            result = self._finish(part, remote_rows)
+            booking = self._booking(part, remote_rows)
+            out.set_result(result)
+            self._book(booking)
 
         def hand_back(part, remote):  # on the client's loop thread: finish on the fetcher's
             if part.uniq.size <= INLINE_FINISH_ROWS:  # a small fetch (decode): no second hand-off
@@ -112,9 +125,11 @@ class RowFetcher:
 
         def finish(part, remote):
             try:
-                out.set_result(self._finish(part, remote.result()))
+                rows = remote.result()
             except BaseException as e:  # noqa: BLE001
                 out.set_exception(e)
+                return
+            answer(part, rows)
 
         if inline:
             begin()
@@ -128,7 +143,9 @@ class RowFetcher:
         remote = None
         if part.remote_pos.size:
             remote = self._gather_into(name, part).result()
-        return self._finish(part, remote)
+        result = self._finish(part, remote)
+        self._book(self._booking(part, remote))
+        return result
 
     def _gather_into(self, name: str, f: "_Fetch") -> concurrent.futures.Future:
         """The remote rows straight into the fetch's own array (no copy of the client's between):
@@ -163,12 +180,13 @@ class RowFetcher:
             with self._lock:
                 self.stats["node_local_rows"] += int(uniq.size - rest.size)
         # The cache fronts remote shards only: this node's rows are already in this node's memory.
-        cache, generation, remote_pos = self._cache(name) if use_cache else None, None, rest
+        cache, noted, remote_pos = self._cache(name) if use_cache else None, None, rest
         if cache is not None and rest.size:
-            hit, rows, generation = cache.record_and_lookup(uniq[rest])  # frequency: fetches asking for an id
+            hit, rows, noted = cache.peek(uniq[rest])  # the access is counted after the answer (_book)
             out[rest[hit]] = rows
             remote_pos = rest[~hit]
-        f = _Fetch(t0, ids.size, uniq, inverse, out, remote_pos, cache, generation)
+        f = _Fetch(t0, ids.size, uniq, inverse, out, remote_pos, cache, noted,
+                   asked=uniq[rest] if noted is not None else None)
         if tally is not None:
             f.counts = {"node_local_rows": int(uniq.size - rest.size), "unique_ids": int(uniq.size), "ids": int(ids.size),
                         "cache_lookups": int(rest.size) if cache is not None else 0,
@@ -180,8 +198,6 @@ class RowFetcher:
         if remote_rows is not None:
             if remote_rows is not f.out:  # (rows gathered elsewhere) else they landed in place
                 f.out[f.remote_pos] = remote_rows
-            if f.cache is not None:
-                f.cache.admit(f.uniq[f.remote_pos], f.out[f.remote_pos], generation=f.generation)
         with self._lock:
             self.stats["fetches"] += 1
             self.stats["remote_rows"] += int(f.remote_pos.size) if remote_rows is not None else 0
@@ -192,6 +208,25 @@ class RowFetcher:
                 tally = f.counts.pop("tally")
                 tally.update(f.counts, fetches=1, remote_rows=int(f.remote_pos.size) if remote_rows is not None else 0)
         return f.uniq, f.out, f.inverse
+
+    @staticmethod
+    def _booking(f: "_Fetch", remote_rows) -> tuple | None:
+        """What the cache is told once the caller has the rows: the ids asked of it, and the misses
+        fetched (their rows copied now: fancy indexing copies)."""
+        if f.cache is None or f.noted is None:
+            return None
+        if remote_rows is None or not f.remote_pos.size:
+            return f.cache, f.asked, f.uniq[:0], f.out[:0], f.noted
+        return f.cache, f.asked, f.uniq[f.remote_pos], f.out[f.remote_pos], f.noted
+
+    @staticmethod
+    def _book(booking: tuple | None) -> None:
+        if booking is not None:
+            cache, asked, ids, rows, noted = booking
+            try:
+                cache.record_and_admit(asked, ids, rows, noted)
+            except Exception:  # noqa: BLE001 - the fetch was answered; a cache that cannot book it only misses
+                log.exception("hot-row cache: booking a fetch failed; its rows were not admitted")
 
     # ---- writes ----------------------------------------------------------------------------
     def push_async(self, name: str, ids: np.ndarray, grads, lr: float | None = None, step: int = 0,

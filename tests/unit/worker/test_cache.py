@@ -101,3 +101,36 @@ def test_invalidate_drops_rows_and_a_fetch_that_overlapped_it_admits_nothing():
     cache.admit(np.array([3, 4]), _rows(np.array([3, 4])), generation=gen)
     assert 3 not in cache.keys and 4 not in cache.keys
     assert cache.stats["stale_skipped"] == 2
+
+
+def test_a_fetch_booked_after_its_answer_counts_its_access_and_keeps_the_staleness_rule():
+    """The agent's order: peek (no count), answer, then record_and_admit from the noted state."""
+    cache = RowCache(capacity_bytes=1 << 16, dim=D, dtype=np.float32, min_frequency=2)
+    ids = np.arange(8)
+    hit, _, noted = cache.peek(ids)
+    assert not hit.any() and cache.sketch.estimate(ids).max() == 0    # peek counts nothing
+    cache.record_and_admit(ids, ids, _rows(ids), noted)              # counted once: under min_frequency
+    assert len(cache) == 0 and np.all(cache.sketch.estimate(ids) >= 1)
+    hit, _, noted = cache.peek(ids)
+    cache.record_and_admit(ids, ids, _rows(ids), noted)              # second access: admitted
+    assert set(cache.keys.tolist()) == set(range(8))
+    # Two fetches of the same misses overlap: the second books after the first admitted them, so
+    # it must look again and not index the ids twice.
+    more = np.arange(100, 104)
+    for _ in range(2):
+        cache.record(more)
+    _, _, n1 = cache.peek(more)
+    _, _, n2 = cache.peek(more)
+    cache.record_and_admit(more, more, _rows(more), n1)
+    cache.record_and_admit(more, more, _rows(more), n2)
+    assert len(cache) == 12 and np.array_equal(cache.keys, np.concatenate([ids, more]))
+    hit, rows = cache.lookup(more)
+    assert hit.all() and np.array_equal(rows, _rows(more))
+    # A push between the peek and the booking: nothing of that fetch enters.
+    late = np.arange(200, 203)
+    for _ in range(2):
+        cache.record(late)
+    _, _, noted = cache.peek(late)
+    cache.invalidate(np.array([201]))
+    cache.record_and_admit(late, late, _rows(late), noted)
+    assert not set(late.tolist()) & set(cache.keys.tolist())
