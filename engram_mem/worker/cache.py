@@ -90,9 +90,9 @@ class RowCache:
         self.min_frequency = min_frequency
         self.stats = {"lookups": 0, "hits": 0, "admitted": 0, "rejected": 0, "evicted": 0, "invalidated": 0,
                       "stale_skipped": 0}
-        # Each invalidate() bumps the generation. A fetch notes it before it reads and offers its rows
-        # with admit(..., generation=noted): if a push invalidated rows in between, the fetched copy
-        # may predate that push, so none of it is admitted.
+        # Each invalidate() bumps the generation. A fetch notes it before it reads (peek) and offers its
+        # rows with record_and_admit(..., noted): if a push invalidated rows in between, the fetched
+        # copy may predate that push, so none of it is admitted.
         self.generation = 0
         self.admissions = 0  # admit() calls that cached rows: a fetch that saw none since its lookup skips a re-check
         self._lock = threading.RLock()
@@ -180,13 +180,6 @@ class RowCache:
             self._insert(self._slot_key[live], live)
 
     # ---- API ---------------------------------------------------------------------------------
-    def record_and_lookup(self, ids: np.ndarray, counts: np.ndarray | None = None
-                          ) -> tuple[np.ndarray, np.ndarray, int]:
-        """record() then lookup(), atomically: (hit mask, rows of the hits, generation for admit)."""
-        with self._lock:
-            self.record(ids, counts)
-            return (*self.lookup(ids), self.generation)
-
     def peek(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """lookup() without counting the access: (hit mask, rows of the hits, noted). A fetch that
         answers before it books (the fetch agent) counts the access afterwards with
@@ -223,13 +216,10 @@ class RowCache:
             self.stats["hits"] += int(hit.sum())
             return hit, self.rows[self._hslot[cell[hit]]]
 
-    def admit(self, ids: np.ndarray, rows: np.ndarray, generation: int | None = None) -> None:
+    def admit(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Offer fetched rows (ids distinct, not cached). Frequent ones enter, evicting colder ones.
-        generation: the one noted before the rows were read; if an invalidate came since, nothing enters."""
+        A fetch that may overlap pushes offers its misses with record_and_admit() instead."""
         with self._lock:
-            if generation is not None and generation != self.generation:
-                self.stats["stale_skipped"] += int(ids.size)
-                return
             self._admit(np.asarray(ids, dtype=np.int64), rows)
 
     def _admit(self, ids: np.ndarray, rows: np.ndarray, known_new: bool = False) -> None:

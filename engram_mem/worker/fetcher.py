@@ -110,7 +110,7 @@ class RowFetcher:
             # the misses) comes after, off the path of the rows, from a copy of the misses taken
             # before the answer (the caller may reuse its buffer at once: the agent's slot).
             result = self._finish(part, remote_rows)
-            booking = self._booking(part, remote_rows)
+            booking = self._booking(part)
             out.set_result(result)
             self._book(booking)
 
@@ -144,7 +144,7 @@ class RowFetcher:
         if part.remote_pos.size:
             remote = self._gather_into(name, part).result()
         result = self._finish(part, remote)
-        self._book(self._booking(part, remote))
+        self._book(self._booking(part))
         return result
 
     def _gather_into(self, name: str, f: "_Fetch") -> concurrent.futures.Future:
@@ -210,13 +210,11 @@ class RowFetcher:
         return f.uniq, f.out, f.inverse
 
     @staticmethod
-    def _booking(f: "_Fetch", remote_rows) -> tuple | None:
+    def _booking(f: "_Fetch") -> tuple | None:
         """What the cache is told once the caller has the rows: the ids asked of it, and the misses
         fetched (their rows copied now: fancy indexing copies)."""
-        if f.cache is None or f.noted is None:
+        if f.noted is None:  # no cache, or nothing asked of it
             return None
-        if remote_rows is None or not f.remote_pos.size:
-            return f.cache, f.asked, f.uniq[:0], f.out[:0], f.noted
         return f.cache, f.asked, f.uniq[f.remote_pos], f.out[f.remote_pos], f.noted
 
     @staticmethod

@@ -10,11 +10,11 @@ def _rows(ids):
 
 
 def _fetch(cache, ids):
-    """What the fetcher does: record + lookup, then offer the misses (their rows = their ids)."""
+    """What the fetcher does: look up, then count the access and offer the misses (their rows = their ids)."""
     ids = np.unique(ids)
-    hit, rows, gen = cache.record_and_lookup(ids)
+    hit, rows, noted = cache.peek(ids)
     assert np.array_equal(rows, _rows(ids[hit]))  # a hit always serves that id's own row
-    cache.admit(ids[~hit], _rows(ids[~hit]), generation=gen)
+    cache.record_and_admit(ids, ids[~hit], _rows(ids[~hit]), noted)
     return hit
 
 
@@ -96,9 +96,9 @@ def test_invalidate_drops_rows_and_a_fetch_that_overlapped_it_admits_nothing():
     assert len(cache) == 10
     assert cache.invalidate(np.array([3, 4, 99])) == 2
     assert set(cache.keys.tolist()) == set(range(10)) - {3, 4}
-    hit, _, gen = cache.record_and_lookup(np.array([3, 4]))
+    hit, _, noted = cache.peek(np.array([3, 4]))
     cache.invalidate(np.array([3]))               # a push lands while the fetch is reading
-    cache.admit(np.array([3, 4]), _rows(np.array([3, 4])), generation=gen)
+    cache.record_and_admit(np.array([3, 4]), np.array([3, 4]), _rows(np.array([3, 4])), noted)
     assert 3 not in cache.keys and 4 not in cache.keys
     assert cache.stats["stale_skipped"] == 2
 
