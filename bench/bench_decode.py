@@ -10,7 +10,12 @@ once (prefetch), before running the blocks ahead of the first Engram layer. For 
   - cluster on this node (shared-memory tier)
   - cluster on another node (data plane), no cache / with a hot-row cache (it fronts remote shards)
 each cluster source with its read path in the node's fetch agent (the default: de-duplication,
-cache, the client and its event loop in the agent's process) or in the model's own process.
+cache, the client and its event loop in the agent's process) or in the model's own process;
+and, with --pin (the default where the machine has 2 cores or more), the agent sources from the
+other node once more with the data path on cores of its own: the cluster's agent_cpus and
+shard_cpus on the last core, the model's process on the others while it decodes (affinity.py;
+as an operator keeps a node's model and data path apart; on this 2-core machine the "other
+node"'s shards share that last core with the agent).
 it reports decode tokens/s, the exposed wait for rows as a share of step time, and the cache hit
 rate (share of the step's distinct remote rows found in the cache), and the CPU each kind of
 process spent per step (the model's own, the fetch agents', the shards', the rest of Ray's: on
@@ -44,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: torch's default). 1 leaves this 2-core machine's other core to the "
                         "data path; batch-8 decode runs no faster on two")
+    p.add_argument("--pin", type=int, default=int((os.cpu_count() or 1) > 1),
+                   help="1: also run the other node's agent sources with the data path on its own core")
     args = p.parse_args(argv)
 
     import torch
@@ -65,7 +72,14 @@ def main(argv=None) -> int:
     local = LocalRows(specs, optimizer=None)
     model = EngramModel(cfg, rows=local, compress_lookup=tok.lookup).eval()
 
+    from engram_mem.affinity import pin_process
+
+    every_core = sorted(os.sched_getaffinity(0))
+    data_core = every_core[-1:]                 # --pin: the data path's core; the model keeps the others
+    pinned: set[int] = set()                    # id() of the sources whose model runs off the data path's core
+
     def decode(rows, text=text) -> dict:
+        pin_process(every_core[:-1] if id(rows) in pinned else every_core, "the model's process")
         model.rows = rows
         w0 = getattr(rows, "wait_s", 0.0)
         cache = model.new_cache(args.batch, max_len=args.prompt + args.steps)
@@ -84,13 +98,16 @@ def main(argv=None) -> int:
     sources: dict[str, object] = {"in-process table": local}
     mems = []
     try:
-        for node in ("a", "b"):
-            mem = memory_on(node, f"decode-{node}")
+        for node in ("a", "b") + (("b pinned",) if args.pin else ()):
+            pin = node == "b pinned"
+            mem = memory_on(node[0], f"decode-{node.replace(' ', '-')}",
+                            **(dict(agent_cpus=data_core, shard_cpus=data_core) if pin else {}))
             mems.append(mem)
             where = "same node" if node == "a" else "other node"
             ClusterRows(mem, specs, train=False, agent=False).close()  # create the tables
-            for agent in (True, False):  # the node's fetch agent (the default) or the model's own process
+            for agent in (True, False) if not pin else (True,):  # the node's fetch agent (the default) or the model's own process
                 path = "agent" if agent else "in-process path"
+                path += ", data path on its own core" if pin else ""
                 if node == "a":  # the cache fronts remote shards only
                     sources[f"cluster ({where}), {path}"] = ClusterRows(mem, specs, train=False, create=False,
                                                                         agent=agent)
@@ -99,6 +116,8 @@ def main(argv=None) -> int:
                     label = f"cluster ({where}), {path}, " + (f"cache {cache_mb} MB/table" if cache_mb else "no cache")
                     sources[label] = ClusterRows(mem, specs, train=False, create=False, cache_bytes=cache_mb << 20,
                                                  agent=agent)
+                    if pin:
+                        pinned.add(id(sources[label]))
         decode(local)
         ref = decode(local)
         runs: dict[str, list[dict]] = {k: [] for k in sources}
@@ -123,6 +142,7 @@ def main(argv=None) -> int:
             med = sorted(rs, key=lambda x: x["seconds"])[len(rs) // 2]
             results.append({"name": label, **med})
     finally:
+        pin_process(every_core, "the model's process")
         for rows in sources.values():
             if rows is not local:
                 rows.close()

@@ -26,11 +26,12 @@ def start_two_nodes(cpus: int = 4, object_store_bytes: int = 1 << 30):
     return ray, cluster
 
 
-def memory_on(node: str, name: str, shards: int = 2):
-    """A memory cluster whose shards all sit on node "a" (the worker's) or "b" (another node)."""
+def memory_on(node: str, name: str, shards: int = 2, **cluster):
+    """A memory cluster whose shards all sit on node "a" (the worker's) or "b" (another node);
+    cluster: more of its ClusterConfig (agent_cpus, ...)."""
     import engram_mem
 
-    return engram_mem.connect(shards=shards, name=name, shard_resources={f"node_{node}": 1})
+    return engram_mem.connect(shards=shards, name=name, shard_resources={f"node_{node}": 1}, **cluster)
 
 
 def model_config(config: str = "serving", table_gb: float | None = None):

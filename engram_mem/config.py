@@ -42,6 +42,8 @@ class ClusterConfig:
     memory_budget: int = 0              # disk storage: bytes of page cache each shard keeps (0 = no bound)
     security: dict | None = None        # auth.Security as a dict: credentials, TLS; None = new random credentials
     data_plane: str = "tcp"             # bulk rows: "tcp" (framed TCP beside gRPC, transport/) or "grpc" (gRPC only)
+    agent_cpus: tuple | None = None     # cores each node's fetch agent runs on (affinity.py); None: the OS decides
+    shard_cpus: tuple | None = None     # cores each shard process runs on; None: the OS decides
 
     def __post_init__(self):
         if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", self.name):
@@ -72,6 +74,13 @@ class ClusterConfig:
             raise InvalidArgument("snapshot_interval_s must be >= 0")
         if self.data_plane not in DATA_PLANES:
             raise InvalidArgument(f"data_plane {self.data_plane!r} is not one of {', '.join(DATA_PLANES)}")
+        from engram_mem.affinity import parse_cpus
+
+        for field in ("agent_cpus", "shard_cpus"):
+            try:
+                object.__setattr__(self, field, parse_cpus(getattr(self, field), field))
+            except ValueError as e:
+                raise InvalidArgument(str(e)) from None
         if self.memory_budget < 0:
             raise InvalidArgument(f"memory_budget must be >= 0 bytes, got {self.memory_budget}")
         from engram_mem.storage.disk import parse_storage

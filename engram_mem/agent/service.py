@@ -50,6 +50,7 @@ class FetchAgent:
                  max_slot_bytes: int = 4 << 30, max_cache_bytes: int = 64 << 30):
         import ray
 
+        from engram_mem.affinity import pin_process
         from engram_mem.client.api import MemoryClient
         from engram_mem.control.controller import get_controller
         from engram_mem.security import Security
@@ -66,6 +67,8 @@ class FetchAgent:
         self._security = Security.from_dict(ray.get(ctl.shard_security.remote()))
         self._security_at = time.monotonic()
         self.client = MemoryClient(ctl, worker=f"fetch-agent-{node_id[:8]}")
+        # Off the model's cores where the cluster says so; the fetcher's threads, started next, inherit it.
+        self.cpus = pin_process(self.client.view.raw["config"].get("agent_cpus"), "fetch agent")
         self.fetcher = RowFetcher(self.client, node_local=True, threads=fetch_threads)
         self.started = time.time()
         self._counts: collections.Counter = collections.Counter()
@@ -95,6 +98,7 @@ class FetchAgent:
         with self._conns_lock:
             s["agent_workers"] = len(self._conns)
         s["agent_pid"] = os.getpid()
+        s["agent_cpus"] = sorted(self.cpus) if self.cpus else None
         return s
 
     # ---- for connections -----------------------------------------------------------------------

@@ -298,3 +298,28 @@ def test_a_reader_that_cannot_reach_its_agent_ends_requests_with_typed_errors(me
         assert other.fetch(counted, np.array([7]))[1][0, 0] == 1.0
     finally:
         other.close()
+
+
+def test_agent_and_shards_run_on_the_cores_the_cluster_names(ray_local):
+    """agent_cpus / shard_cpus pin every thread of the node's agent and of each shard (threads
+    started after the pin included), and the rows read through the pinned agent are the table's."""
+    from engram_mem.affinity import thread_affinities
+
+    core = max(os.sched_getaffinity(0))
+    with engram_mem.connect(shards=2, name="agent-pinned", agent_cpus=[core], shard_cpus=str(core)) as pinned:
+        pinned.create_table("p", rows=ROWS, dim=DIM, seed=6)
+        reader = AgentReader(pinned, node_local=False)
+        try:
+            ids = np.arange(0, ROWS, 97, dtype=np.int64)
+            uniq, rows, inverse = reader.fetch("p", ids)          # the agent's fetch threads exist from here on
+            np.testing.assert_array_equal(rows[inverse], pinned.gather("p", ids))
+            assert reader.summary()["agent_cpus"] == [core]
+            pids = {"agent": _agent_pid(reader)}
+            pids.update({f"shard {s}": pinned.view.shards[s]["pid"] for s in pinned.view.shard_ids})
+            for what, pid in pids.items():
+                threads = thread_affinities(pid)
+                assert len(threads) > 1, what
+                assert all(cpus == {core} for cpus in threads.values()), (what, threads)
+        finally:
+            reader.close()
+

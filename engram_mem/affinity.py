@@ -1,0 +1,85 @@
+"""CPU affinity of a memory-service process: the cores a node's fetch agent or a shard runs on.
+
+    ClusterConfig(agent_cpus=(15,), shard_cpus=(14, 15))   # on every node; None: the OS decides
+
+A node that runs a model on some cores and engram-mem's data path beside it keeps the two apart:
+a fetch agent woken for each fetch on the model's core waits for the model's thread to yield it,
+and the model's own compute slows while the agent's work shares its core. Serving engines bind
+their processes the same way (a core list per process). The cores are named as on each node; a
+node that lacks some of them uses those it has, and a node that has none of them leaves the
+process where the OS put it (logged), rather than refuse to serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("engram_mem.affinity")
+
+
+def parse_cpus(cpus, what: str) -> tuple[int, ...] | None:
+    """A core list as a sorted tuple of distinct ints >= 0 (None stays None), or ValueError naming `what`."""
+    if cpus is None:
+        return None
+    if isinstance(cpus, str):
+        cpus = [c for c in cpus.replace(" ", "").split(",") if c]
+        try:
+            return parse_cpus(_ranges(cpus), what)
+        except ValueError:
+            raise ValueError(f"{what} {','.join(cpus)!r} must be core numbers like 0,2-3") from None
+    try:
+        out = tuple(sorted(set(cpus)))
+    except TypeError:
+        raise ValueError(f"{what} must be a list of core numbers, got {type(cpus).__name__}") from None
+    if not out or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 65536 for c in out):
+        raise ValueError(f"{what} must be a non-empty list of core numbers in 0..65535, got {list(cpus)}")
+    return out
+
+
+def _ranges(items: list[str]) -> list[int]:
+    out: list[int] = []
+    for item in items:
+        lo, sep, hi = item.partition("-")
+        out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    return out
+
+
+def pin_process(cpus, what: str) -> set[int] | None:
+    """Run every thread of this process (and those it starts later) on `cpus`, as far as this node
+    has them. Returns the cores applied, or None when nothing was changed (cpus None, or none of
+    them here)."""
+    if cpus is None:
+        return None
+    have = os.sched_getaffinity(0)
+    use = set(cpus) & have
+    if not use:
+        log.warning("%s: none of the cores %s is available to this process (it may use %s); left as it is",
+                    what, sorted(cpus), sorted(have))
+        return None
+    if use != set(cpus):
+        log.warning("%s: cores %s are not available here; running on %s", what, sorted(set(cpus) - use), sorted(use))
+    for tid in _threads():
+        try:
+            os.sched_setaffinity(tid, use)
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            pass
+    return use
+
+
+def thread_affinities(pid: int | str = "self") -> dict[int, set[int]]:
+    """{thread id: its cores} of a process (every thread, not just the main one)."""
+    out = {}
+    for tid in _threads(pid):
+        try:
+            out[tid] = os.sched_getaffinity(tid)
+        except ProcessLookupError:
+            pass
+    return out
+
+
+def _threads(pid: int | str = "self") -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:  # no /proc: this thread only
+        return [0]
