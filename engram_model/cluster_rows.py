@@ -8,8 +8,10 @@ The model does not change between a local table and a remote one; only its RowSo
 
 Per forward, the model hashes the batch for every Engram layer and calls prefetch(layer, ids) for
 each, in layer order, before any block runs: each fetch starts on the fetcher's thread at once and
-is in flight while the blocks before its Engram layer compute. get(layer, ids) then waits only for
-whatever is left (`wait_s` adds that exposed wait up). A fetch reads the worker's hot-row cache,
+is in flight while the blocks before its Engram layer compute; a small one (decode: at most
+stagger_ids ids) for a later layer starts when the layer before it has its rows instead, so it
+does not delay the first. get(layer, ids) then waits only for whatever is left (`wait_s` adds
+that exposed wait up). A fetch reads the worker's hot-row cache,
 then the shards on this node straight from shared memory, then remote shards over gRPC
 (engram_mem.worker.fetcher). It de-duplicates the batch's ids; only the distinct rows travel, and they are
 expanded on the model's device (pinned host memory and a non-blocking copy where CUDA exists).
@@ -40,18 +42,27 @@ from engram_mem.validate import all_finite
 from engram_model.rows import TABLE_OPTIMIZER, RowSource, table_name, table_specs
 
 
+# A decode step's fetches are small and their data path is shared: the first layer's rows come
+# sooner when the later layers' fetches do not go out with it (bench_decode: exposed wait through
+# the agent from another node about halved). A later layer then has one layer's window, which a
+# small fetch fits; larger fetches (prefill, training) all go out at the forward's start.
+STAGGER_IDS = 4096
+
+
 class ClusterRows(RowSource):
     def __init__(self, client, specs: dict[int, TableSpec], device: torch.device | str = "cpu", *,
                  train: bool = True, prefetch: bool = True, cache_bytes: int = 0, node_local: bool = True,
                  optimizer: dict | None = TABLE_OPTIMIZER, create: bool = True, grad_scale: float = 1.0,
-                 agent: bool = True):
+                 agent: bool = True, stagger_ids: int = STAGGER_IDS):
         """prefetch: fetch every Engram layer's rows ahead from prefetch(); False fetches each at
         get(). cache_bytes: hot-row cache per table for rows of remote shards (0 = none; through
         the agent, the node's shared cache is at least this big); grad_scale: multiplies pushed
         gradients (1/world_size under data parallelism, so the pushes add up to the global-batch
         gradient). agent: read and push through this node's fetch agent (engram_mem/agent/: the
         read path runs in its process, one cache for every worker of the node); False runs the
-        read path in this process (RowFetcher), as before the agent. Both give the same rows."""
+        read path in this process (RowFetcher), as before the agent. Both give the same rows.
+        stagger_ids: a later layer's prefetch of at most this many ids goes out once the layer
+        before it has its rows, not at the forward's start (0: every prefetch at the start)."""
         self.client = client
         self.specs = dict(specs)
         self.device = torch.device(device)
@@ -77,6 +88,8 @@ class ClusterRows(RowSource):
             self.fetcher = RowFetcher(client, cache_bytes=caches, node_local=node_local)
         self.agent = agent
         self._inflight: dict[int, tuple[torch.Tensor, object]] = {}
+        self.stagger_ids = stagger_ids
+        self._held: dict[int, torch.Tensor] = {}  # small prefetches waiting for the layer before theirs
         self._leaves: list[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = []  # layer, uniq, inv, leaf
         self._pushes: list = []
         self.wait_s = 0.0       # time get() spent waiting for or reading rows (the exposed fetch latency)
@@ -96,8 +109,16 @@ class ClusterRows(RowSource):
         if not self.prefetch_enabled:
             self._check_layer(layer)  # bad input is an error either way
             return
-        ids = self._ids(layer, row_ids)
+        self._check_layer(layer)
         self._drop(self._inflight.pop(layer, None))
+        self._held.pop(layer, None)
+        if row_ids.numel() <= self.stagger_ids and any(earlier < layer for earlier in self._inflight):
+            self._held[layer] = row_ids   # goes out when the layer before it has its rows (get)
+            return
+        self._post(layer, row_ids)
+
+    def _post(self, layer: int, row_ids: torch.Tensor) -> None:
+        ids = self._ids(layer, row_ids)
         self._inflight[layer] = (row_ids, self.fetcher.fetch_async(self.specs[layer].name, ids))
 
     def _drop(self, entry) -> None:
@@ -106,6 +127,8 @@ class ClusterRows(RowSource):
             entry[1].release()
 
     def get(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
+        if layer in self._held:  # asked for before the layer before it: it goes out now
+            self._post(layer, self._held.pop(layer))
         entry = self._inflight.pop(layer, None)
         t0 = time.perf_counter()
         lease = None
@@ -117,6 +140,9 @@ class ClusterRows(RowSource):
             ids = self._ids(layer, row_ids)
             uniq, rows_np, inverse = self.fetcher.fetch(self.specs[layer].name, ids)
         self.wait_s += time.perf_counter() - t0
+        if self._held:  # the next layer's fetch goes out now, this one's out of its way
+            nxt = min(self._held)
+            self._post(nxt, self._held.pop(nxt))
         try:
             return self._rows(layer, row_ids, uniq, rows_np, inverse, leased=lease is not None and self.agent)
         finally:

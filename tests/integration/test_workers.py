@@ -229,29 +229,50 @@ def test_a_fetch_overtaken_by_a_push_does_not_cache_its_older_rows(setup):
         fetcher.close()
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_prefetch_on_and_off_serve_the_same_rows_from_this_nodes_memory(setup, prefetch):
-    """prefetch=True starts every fetch at prefetch(); False reads at get(). Both serve the rows the
-    shards hold, all from this node's shared memory; the cache (for remote rows) stays idle."""
+@pytest.mark.parametrize("mode", ["at the start", "one layer ahead", "at get"])
+def test_prefetch_on_and_off_serve_the_same_rows_from_this_nodes_memory(setup, mode):
+    """Every fetch starting at prefetch() (stagger_ids=0), a small later layer's starting once the
+    layer before it has its rows (the default), or each at get() (prefetch=False): all serve the
+    rows the shards hold, from this node's shared memory; the cache (for remote rows) stays idle."""
     mem, tok, _ = setup
     m, _ = _tiny()
     cfg = m.for_tokenizer(tok)
     specs = table_specs(cfg)
-    rows = ClusterRows(mem, specs, train=False, prefetch=prefetch, cache_bytes=1 << 20)
+    assert len(specs) >= 2
+    rows = ClusterRows(mem, specs, train=False, prefetch=mode != "at get", cache_bytes=1 << 20,
+                       **({"stagger_ids": 0} if mode == "at the start" else {}))
     try:
         ids = {layer: torch.randint(0, spec.rows, (2, 5, 3)) for layer, spec in specs.items()}
         for layer in specs:
             rows.prefetch(layer, ids[layer])
-        assert sorted(rows._inflight) == (sorted(specs) if prefetch else [])
-        for layer, spec in specs.items():
+        layers = sorted(specs)
+        in_flight = {"at the start": layers, "one layer ahead": layers[:1], "at get": []}[mode]
+        assert sorted(rows._inflight) == in_flight
+        for i, (layer, spec) in enumerate(sorted(specs.items())):
             got = rows.get(layer, ids[layer])
             want = torch.from_numpy(mem.gather(spec.name, ids[layer].numpy()))
             assert got.shape == (2, 5, 3, spec.dim) and torch.equal(got, want)
+            if mode == "one layer ahead":  # the next layer's fetch went out with this one's rows
+                assert sorted(rows._inflight) == layers[i + 1:i + 2]
         stats = rows.stats()
         assert stats["node_local_rows"] > 0 and stats.get("cache_lookups", 0) == 0 and stats.get("remote_rows", 0) == 0
+        assert stats["row_fetches"] == len(specs)
         for call in (rows.prefetch, rows.get):
             with pytest.raises(ValueError, match="no Engram table for layer 7"):
                 call(7, ids[cfg.engram.layer_ids[0]])
+        # A later layer asked for first goes out then; a big prefetch goes out at once.
+        big = {layer: torch.randint(0, spec.rows, (2, 1000, 3)) for layer, spec in specs.items()}
+        for layer in specs:
+            rows.prefetch(layer, ids[layer])
+        last = layers[-1]
+        assert torch.equal(rows.get(last, ids[last]), torch.from_numpy(mem.gather(specs[last].name, ids[last].numpy())))
+        for layer in layers[:-1]:
+            rows.get(layer, ids[layer])
+        for layer in specs:
+            rows.prefetch(layer, big[layer])
+        assert sorted(rows._inflight) == ([] if mode == "at get" else layers)
+        for layer in layers:
+            rows.get(layer, big[layer])
     finally:
         rows.close()
 
