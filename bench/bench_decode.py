@@ -11,6 +11,9 @@ once (prefetch), before running the blocks ahead of the first Engram layer. For 
   - cluster on another node (data plane), no cache / with a hot-row cache (it fronts remote shards)
 each cluster source with its read path in the node's fetch agent (the default: de-duplication,
 cache, the client and its event loop in the agent's process) or in the model's own process;
+with --stagger-ab (the default), the other node's agent source once more with every prefetch
+at the forward's start (ClusterRows stagger_ids=0), as before a later layer's small fetch waited
+for the layer before it;
 and, with --pin (the default where the machine has 2 cores or more), the agent sources from the
 other node once more with the data path on cores of its own: the cluster's agent_cpus and
 shard_cpus on the last core, the model's process on the others while it decodes (affinity.py;
@@ -51,6 +54,9 @@ def main(argv=None) -> int:
                         "data path; batch-8 decode runs no faster on two")
     p.add_argument("--pin", type=int, default=int((os.cpu_count() or 1) > 1),
                    help="1: also run the other node's agent sources with the data path on its own core")
+    p.add_argument("--stagger-ab", type=int, default=1,
+                   help="1: also run the other node's agent source with every prefetch at the forward's start "
+                        "(stagger_ids=0), beside the default (a later layer's small fetch after the layer before)")
     args = p.parse_args(argv)
 
     import torch
@@ -118,6 +124,9 @@ def main(argv=None) -> int:
                                                  agent=agent)
                     if pin:
                         pinned.add(id(sources[label]))
+                if node == "b" and agent and args.stagger_ab:  # what holding back the later layer's fetch buys
+                    sources[f"cluster ({where}), {path}, no cache, every prefetch at the start"] = ClusterRows(
+                        mem, specs, train=False, create=False, agent=agent, stagger_ids=0)
         decode(local)
         ref = decode(local)
         runs: dict[str, list[dict]] = {k: [] for k in sources}
