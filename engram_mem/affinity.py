@@ -2,10 +2,11 @@
 
     ClusterConfig(agent_cpus=(15,), shard_cpus=(14, 15))   # on every node; None: the OS decides
 
-A node that runs a model on some cores and engram-mem's data path beside it keeps the two apart:
-a fetch agent woken for each fetch on the model's core waits for the model's thread to yield it,
-and the model's own compute slows while the agent's work shares its core. Serving engines bind
-their processes the same way (a core list per process). The cores are named as on each node; a
+A node that runs a model on some cores and engram-mem's data path beside it can keep the two
+apart, so that a fetch agent woken for each fetch never waits for a core the model holds and the
+model's threads never share theirs with it; serving engines bind their processes the same way (a
+core list per process). On a 2-core machine with a one-thread model it made no measurable
+difference (docs/benchmarks.md, Decode). The cores are named as on each node; a
 node that lacks some of them uses those it has, and a node that has none of them leaves the
 process where the OS put it (logged), rather than refuse to serve.
 """

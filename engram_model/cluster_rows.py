@@ -43,9 +43,10 @@ from engram_model.rows import TABLE_OPTIMIZER, RowSource, table_name, table_spec
 
 
 # A decode step's fetches are small and their data path is shared: the first layer's rows come
-# sooner when the later layers' fetches do not go out with it (bench_decode: exposed wait through
-# the agent from another node about halved). A later layer then has one layer's window, which a
-# small fetch fits; larger fetches (prefill, training) all go out at the forward's start.
+# sooner when the later layers' fetches do not go out with it (bench_decode, through the agent
+# from another node: a lower exposed wait in each paired round, not a shorter step; see
+# docs/benchmarks.md). A later layer then has one layer's window, which a small fetch fits;
+# larger fetches (prefill, training) all go out at the forward's start.
 STAGGER_IDS = 4096
 
 
