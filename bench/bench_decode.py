@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_jsonl, bar_plot, cpu_by_role, markdown_table, print_table  # noqa: E402
+from common import append_jsonl, bar_plot, cpu_by_role, markdown_table, print_table, set_threads, threads_arg  # noqa: E402
 from model_setup import memory_on, model_config, start_two_nodes, text_windows  # noqa: E402
 
 
@@ -49,9 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--table-gb", type=float, default=2.2)
     p.add_argument("--cache-mb", type=int, default=32, help="hot-row cache per table")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each source's median round is reported")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (0: torch's default). 1 leaves this 2-core machine's other core to the "
-                        "data path; batch-8 decode runs no faster on two")
+    threads_arg(p, 1, "batch-8 decode runs no faster on two")
     p.add_argument("--pin", type=int, default=int((os.cpu_count() or 1) > 1),
                    help="1: also run the other node's agent sources with the data path on its own core")
     p.add_argument("--stagger-ab", type=int, default=1,
@@ -61,8 +59,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     from engram_model.cluster_rows import ClusterRows
     from engram_model.model import EngramModel

@@ -1,6 +1,6 @@
 """Prefill tokens/s with the Engram tables in the memory cluster vs in-process (a benchmark, not a test).
 
-    .venv/bin/python bench/bench_prefill.py [--seqs 24] [--table-gb 2.2] [--repeats 3]
+    .venv/bin/python bench/bench_prefill.py [--seqs 24] [--table-gb 2.2] [--repeats 3] [--threads 0]
 
 A small dense backbone with ~2.2 GB of Engram tables (engram_model/configs/serving.json) prefills real
 text (the stdlib's validation files) in sequences with lengths uniform in [100, 1024], the paper's
@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_jsonl, bar_plot, markdown_table, print_table  # noqa: E402
+from common import append_jsonl, bar_plot, markdown_table, print_table, set_threads, threads_arg  # noqa: E402
 from model_setup import memory_on, model_config, start_two_nodes, text_windows  # noqa: E402
 
 
@@ -37,9 +37,12 @@ def main(argv=None) -> int:
     p.add_argument("--table-gb", type=float, default=2.2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-remote-node", action="store_true")
+    threads_arg(p, 0, "the default uses both, so the data path takes turns with the model's threads")
     args = p.parse_args(argv)
 
     import torch
+
+    set_threads(args.threads)
 
     from engram_model.cluster_rows import ClusterRows
     from engram_model.model import EngramModel
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
                          "node_local_rows": stats.get(name, {}).get("node_local_rows", 0),
                          "remote_rows": stats.get(name, {}).get("remote_rows", 0)})
     cols = ["name", "tokens_per_s", "vs_in_process_pct", "exposed_wait_pct", "median_s", "node_local_rows", "remote_rows"]
-    print_table(rows_out, cols, title=f"\nprefill, {n_tokens:,} tokens in {args.seqs} sequences, tables {table_bytes / 2**30:.2f} GiB")
+    print_table(rows_out, cols, title=f"\nprefill, {n_tokens:,} tokens in {args.seqs} sequences, tables {table_bytes / 2**30:.2f} GiB, "
+                                  f"torch threads {torch.get_num_threads()}")
     path = append_jsonl("prefill", {"bench": "prefill", "args": vars(args), "table_bytes": table_bytes,
                                     "tokens": n_tokens, "results": rows_out,
                                     "times": {k: v for k, v in times.items()}})

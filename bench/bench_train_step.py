@@ -1,6 +1,6 @@
 """Training step time with the Engram tables in the memory cluster vs in-process (a benchmark, not a test).
 
-    .venv/bin/python bench/bench_train_step.py [--config small] [--steps 40] [--repeats 2]
+    .venv/bin/python bench/bench_train_step.py [--config small] [--steps 40] [--repeats 2] [--threads 0]
 
 The demo model (engram_model/configs/small.json) trained with engram_model.train.train on the
 stdlib corpus, the same seed and batches for every row source:
@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_jsonl, bar_plot, cpu_by_role, markdown_table, print_table  # noqa: E402
+from common import append_jsonl, bar_plot, cpu_by_role, markdown_table, print_table, set_threads, threads_arg  # noqa: E402
 from model_setup import memory_on, start_two_nodes  # noqa: E402
 
 
@@ -38,9 +38,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtype", default=None, choices=[None, "fp32", "bf16"])
+    threads_arg(p, 0, "the default uses both, so the data path takes turns with the model's threads")
     args = p.parse_args(argv)
 
     import torch
+
+    set_threads(args.threads)
 
     from engram_model.cluster_rows import ClusterRows
     from engram_model.config import load_config
@@ -117,7 +120,8 @@ def main(argv=None) -> int:
                          for k in ("model", "agent", "shards", "ray")}})
     cols = ["name", "median_step_ms", "vs_in_process_pct", "p90_step_ms", "tokens_per_s", "max_loss_diff", "exposed_wait_s",
             "cpu model ms/step", "cpu agent ms/step", "cpu shards ms/step", "cpu ray ms/step"]
-    print_table(table, cols, title=f"\ntraining step time, {args.config}, {len(runs['in-process tables'])} timed steps per source")
+    print_table(table, cols, title=f"\ntraining step time, {args.config}, {len(runs['in-process tables'])} timed steps per source, "
+                                   f"torch threads {torch.get_num_threads()}")
     path = append_jsonl("train_step", {"bench": "train_step", "args": vars(args), "results": table})
     png = bar_plot("train_step", [r["name"] for r in table], [r["median_step_ms"] for r in table], "median step (ms)",
                    f"training step time, {args.config}")

@@ -54,6 +54,22 @@ def time_calls(name: str, fn, inputs: list, warmup: int = 3, nbytes: int = 0, ex
     return Timing(name, secs, nbytes, extra)
 
 
+def threads_arg(p, default: int, why: str) -> None:
+    """--threads: torch's intra-op threads for a model benchmark (0: torch's default)."""
+    p.add_argument("--threads", type=int, default=default,
+                   help=f"torch threads (0: torch's default, one per core). 1 leaves this 2-core machine's other "
+                        f"core to the data path, as a node with cores of its own for the agent and shards would; {why}")
+
+
+def set_threads(n: int) -> int:
+    """Apply --threads; returns the threads torch uses."""
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def cpu_by_role() -> dict[str, float]:
     """CPU seconds (user + system) used so far by this machine's processes of a run, by role: "model"
     (this process), "agent" (fetch agents), "shards" (shard actors, primaries and replicas), "ray"
