@@ -12,8 +12,13 @@ de-duplication included) and, the in-process np.take of the same ids beside them
 of 8,192 distinct ids (SGD) on each. Reported per configuration: GB/s at the median call (and the
 spread of the rounds' medians), x in-process, x gRPC, p50/p99 ms, CPU seconds per GB moved (the
 client process and every shard process: it carries over to real machines, while wall time here
-does not, as the "other node" shares the client's 2 cores), and the client's copies per row.
-Beside them, the wire's own ceiling here: a plain process on the other node's address sending
+does not, as the "other node" shares the client's 2 cores), the GB/s those CPU seconds allow on
+this machine's cores (a path that reaches it is bound by CPU, not by waiting), and the client's
+copies per row.
+Each of in-process and TCP runs twice: returning a new array (np.take's own; the client's from
+its ReplyBuffers, memory of the arrays the benchmark dropped) and into one buffer of the caller's,
+reused (out=), which is how the model's row sources read; "x in-process out=" compares with the
+latter. Beside them, the wire's own ceiling here: a plain process on the other node's address sending
 the same number of bytes from one buffer per request (kernel TCP, no gather, no framing).
 Then 8 threads of one client gathering at once (tail latency), and the same-node tier (the
 shard's shared memory read in place) on a shard on the client's node.
@@ -35,6 +40,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, append_jsonl, bar_plot, markdown_table, print_table  # noqa: E402
 from model_setup import NODE_B, start_two_nodes  # noqa: E402
+
+
+REMOTE = ("tcp", "grpc", "tcp-out")  # configurations whose rows come from the shards (their CPU counts)
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -159,9 +167,12 @@ def main(argv=None) -> int:
                 for c in (tcp, grpc_):
                     assert np.array_equal(c.gather("t", check), table[check]), "rows differ from the table"
                 wire = Loopback(NODE_B, nbytes)
+                own = np.empty((args.batch, args.dim), np.float32)  # the caller's buffer, reused call after call
                 confs = {"in-process": lambda ids: np.take(table, ids, axis=0),
                          "tcp": lambda ids: tcp.gather("t", ids), "grpc": lambda ids: grpc_.gather("t", ids),
-                         "loopback": wire.read}
+                         "loopback": wire.read,
+                         "in-process-out": lambda ids: np.take(table, ids, axis=0, out=own, mode="clip"),
+                         "tcp-out": lambda ids: tcp.gather("t", ids, out=own)}
                 res = {k: {"secs": [], "rounds": [], "cpu": 0.0} for k in confs}
                 for fn in confs.values():  # warm-up: connections, pages
                     for _ in range(2):
@@ -174,7 +185,7 @@ def main(argv=None) -> int:
                     for k in order:
                         batches = [rng.integers(0, args.rows, args.batch) for _ in range(args.calls)]
                         c0 = me.cpu_times()
-                        others = pids if k in ("tcp", "grpc") else [wire.proc.pid] if k == "loopback" else []
+                        others = pids if k in REMOTE else [wire.proc.pid] if k == "loopback" else []
                         s0 = cpu_of(others)
                         secs = timed(confs[k], batches)
                         c1 = me.cpu_times()
@@ -195,18 +206,23 @@ def main(argv=None) -> int:
                     c.push("t", ids[0], g, lr=0.0)
                     push[k] = timed(lambda i: c.push("t", i, g, lr=0.0), ids)
                 base = float(np.median(res["in-process"]["rounds"]))
+                base_out = float(np.median(res["in-process-out"]["rounds"]))
                 g_gbps = float(np.median(res["grpc"]["rounds"]))
                 for k, v in res.items():
                     gbps = float(np.median(v["rounds"]))
-                    label = {"loopback": f"kernel TCP to the other node, no gather (the wire's ceiling), {shards}"}.get(
-                        k, f"{k}, {shards}")
-                    row = {"config": f"{label} shard{'s' * (shards > 1)}" + (", other node" if k in ("tcp", "grpc") else ""),
+                    label = {"loopback": f"kernel TCP to the other node, no gather (the wire's ceiling), {shards}",
+                             "in-process-out": f"in-process into the caller's buffer (out=), {shards}",
+                             "tcp-out": f"tcp into the caller's buffer (out=), {shards}"}.get(k, f"{k}, {shards}")
+                    row = {"config": f"{label} shard{'s' * (shards > 1)}" + (", other node" if k in REMOTE else ""),
                            "transport": k, "shards": shards, "GB/s": gbps,
                            "spread": f"{min(v['rounds']):.2f}-{max(v['rounds']):.2f}",
-                           "x in-process": gbps / base, "x grpc": gbps / g_gbps,
+                           "x in-process": gbps / base, "x in-process out=": gbps / base_out, "x grpc": gbps / g_gbps,
                            "p50 ms": float(np.percentile(v["secs"], 50)) * 1e3,
                            "p99 ms": float(np.percentile(v["secs"], 99)) * 1e3,
                            "CPU s/GB": v["cpu"] / gb(len(v["secs"]))}
+                    # What this machine's cores could move if every process's share ran at once: a
+                    # path near it is bound by its CPU, not by waiting (here the "other node" is these cores).
+                    row["CPU-bound GB/s"] = (os.cpu_count() or 1) / row["CPU s/GB"]
                     if k in push:
                         row["push p50 ms"] = float(np.percentile(push[k], 50)) * 1e3
                     if k == "tcp":
@@ -245,8 +261,8 @@ def main(argv=None) -> int:
         ray.shutdown()
         cluster.shutdown()
 
-    cols = ["config", "GB/s", "spread", "x in-process", "x grpc", "p50 ms", "p99 ms", "CPU s/GB", "push p50 ms",
-            "client copies/row"]
+    cols = ["config", "GB/s", "spread", "x in-process", "x in-process out=", "x grpc", "p50 ms", "p99 ms", "CPU s/GB",
+            "CPU-bound GB/s", "push p50 ms", "client copies/row"]
     title = (f"\ngathers of {args.batch:,} random ids (with repeats) x {args.dim} fp32 from a {args.rows:,}-row table, "
              f"shards on the other node, {args.rounds} rounds x {args.calls} calls; pushes of {args.push_ids:,} ids")
     print_table(results, cols, title=title)
@@ -255,7 +271,9 @@ def main(argv=None) -> int:
     ratios = {}
     by = {(r["transport"], r["shards"]): r for r in results}
     for s in {r["shards"] for r in results}:
-        t, g = by.get(("tcp", s)), by.get(("grpc", s))
+        t, g, o = by.get(("tcp", s)), by.get(("grpc", s)), by.get(("tcp-out", s))
+        if o:
+            ratios[f"tcp_out_{s}shard_x_in_process_out"] = o["x in-process out="]
         if t and g:
             ratios[f"tcp_{s}shard_x_in_process"] = t["x in-process"]
             ratios[f"tcp_{s}shard_x_grpc"] = t["x grpc"]

@@ -36,6 +36,7 @@ import grpc
 import numpy as np
 
 from engram_mem.transport.grpc_channels import ShardChannels, rpc_error
+from engram_mem.client.buffers import ReplyBuffers
 from engram_mem.client.members import Members
 from engram_mem.client.reads import Reads
 from engram_mem.client.retry import RETRYABLE, RetryPolicy
@@ -90,6 +91,7 @@ class MemoryClient(Reads, Writes, Members):
         self._tcp_rows = (TcpConnector(client_sec.credential, self.max_request_bytes)
                           if self.data_plane == "tcp" and not client_sec.tls_ca else None)
         self._copied = collections.Counter()  # repeat_bytes: repeated ids' rows copied by gathers (loop thread)
+        self.buffers = ReplyBuffers()  # the arrays of gathers given no out=, reused once the caller drops them
         self._pending: dict[str, set] = {}   # table -> in-flight writes/pushes (loop thread only)
         self._requests: set[WriteFuture] = set()  # writes/pushes not yet ended (loop thread only)
         self._unacked: dict[str, int] = {}   # table -> writes/pushes sent and not yet answered
@@ -217,8 +219,12 @@ class MemoryClient(Reads, Writes, Members):
         """Per transport ("grpc", "tcp"): requests sent (gather, write, push) and the bytes of
         gathered rows that arrived straight into the caller's array (direct_bytes) or were copied
         there from a transport buffer (staged_bytes). See transport/connector.py. "client": bytes of
-        repeated ids' rows copied from one occurrence (repeat_bytes; client/routing.repeat_plan)."""
-        out = {"grpc": dict(self._grpc_rows.counts), "client": dict(self._copied)}
+        repeated ids' rows copied from one occurrence (repeat_bytes; client/routing.repeat_plan), and
+        the arrays of gathers given no out= that reused a freed one's memory or needed new memory
+        (reply_arrays_reused / _fresh; client/buffers.py)."""
+        out = {"grpc": dict(self._grpc_rows.counts),
+               "client": dict(self._copied, reply_arrays_reused=self.buffers.reused,
+                              reply_arrays_fresh=self.buffers.fresh)}
         if self._tcp_rows is not None:
             out["tcp"] = dict(self._tcp_rows.counts)
         return out

@@ -3,8 +3,9 @@
 A gather asks for each distinct id once where its repeats are many (routing.repeat_plan),
 splits the ids by shard, sends the per-shard requests at once and receives each part's rows
 into the output in place (one shard's, in request order, straight in); the repeats' rows are
-copied from one occurrence each at the end. It waits for this
-client's earlier writes and pushes to the table first (read-your-writes).
+copied from one occurrence each at the end. Without out=, the output is an array of the client's
+(buffers.ReplyBuffers: memory of a gather's array the caller has dropped, its pages already there).
+It waits for this client's earlier writes and pushes to the table first (read-your-writes).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Reads:
         async def attempt(view: ClusterView):
             t = view.table(name)
             grouped, parts, order = split_by_shard(t, send, len(view.shard_ids))
-            out = np.empty((n_out, t.spec.storage_dim), dtype=t.spec.storage_dtype) if given is None else given
+            out = self.buffers.empty((n_out, t.spec.storage_dim), t.spec.storage_dtype) if given is None else given
             await all_or_none([self._gather_part(view, name, rank, grouped[a:b], out, a,
                                                  dest_rows(dest, order, a, b), spread)
                                for rank, a, b in parts if b > a])  # a failed part stops the others

@@ -161,7 +161,7 @@ class RowFetcher:
         t = self.client.view.table(name)
         uniq, inverse = np.unique(ids, return_inverse=True)
         if out is None:
-            out = np.empty((uniq.size, t.spec.storage_dim), dtype=t.spec.storage_dtype)
+            out = self.client.buffers.empty((uniq.size, t.spec.storage_dim), t.spec.storage_dtype)
         else:
             out = out[:uniq.size]
         self.client.flush(name)  # read-your-writes, also for the shared-memory path

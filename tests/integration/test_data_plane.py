@@ -6,6 +6,7 @@ gRPC, and a client through a real Ray cluster moving its rows over it.
     pytest -q tests/integration/test_data_plane.py
 """
 
+import gc
 import shutil
 import socket
 import struct
@@ -326,6 +327,21 @@ def test_a_client_moves_its_rows_over_the_data_plane_through_ray(ray_local):
         assert c1["tcp"]["staged_bytes"] == c0["tcp"]["staged_bytes"]
         assert c1["client"]["repeat_bytes"] - c0["client"]["repeat_bytes"] == 3 * 16 * 4
         assert np.array_equal(got, mem.gather("t", one)[np.r_[np.arange(500), [7, 7, 300]]])
+        # A gather of 1 MB or more returns an array of the client's: once the caller has dropped it,
+        # the next one writes into its memory (counted), never while anything still refers to it.
+        big = np.random.default_rng(2).integers(0, 20_000, 20_000)
+        c0 = mem.transport_counts()["client"]
+        first = mem.gather("t", big)
+        addr = first.ctypes.data
+        second = mem.gather("t", big[::-1].copy())
+        assert not np.shares_memory(first, second) and np.array_equal(second, first[::-1])
+        del first
+        gc.collect()
+        third = mem.gather("t", big)
+        c1 = mem.transport_counts()["client"]
+        assert third.ctypes.data == addr and np.array_equal(third, second[::-1])
+        assert c1["reply_arrays_reused"] - c0["reply_arrays_reused"] == 1
+        assert c1["reply_arrays_fresh"] - c0["reply_arrays_fresh"] == 2
         # The model's fetcher: remote rows land in its own array, with no copy between.
         from engram_mem.worker.fetcher import RowFetcher
 
