@@ -18,7 +18,7 @@ copies per row.
 Each of in-process and TCP runs twice: returning a new array (np.take's own; the client's from
 its ReplyBuffers, memory of the arrays the benchmark dropped) and into one buffer of the caller's,
 reused (out=), which is how the model's row sources read; "x in-process out=" compares with the
-latter. Beside them, the wire's own ceiling here: a plain process on the other node's address sending
+latter. A third TCP client has ReplyBuffers off (every array new memory, as before them). Beside them, the wire's own ceiling here: a plain process on the other node's address sending
 the same number of bytes from one buffer per request (kernel TCP, no gather, no framing).
 Then 8 threads of one client gathering at once (tail latency), and the same-node tier (the
 shard's shared memory read in place) on a shard on the client's node.
@@ -42,7 +42,7 @@ from common import RESULTS, append_jsonl, bar_plot, markdown_table, print_table 
 from model_setup import NODE_B, start_two_nodes  # noqa: E402
 
 
-REMOTE = ("tcp", "grpc", "tcp-out")  # configurations whose rows come from the shards (their CPU counts)
+REMOTE = ("tcp", "grpc", "tcp-out", "tcp-fresh")  # configurations whose rows come from the shards (their CPU counts)
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     import psutil
 
     import engram_mem
+    from engram_mem.client.buffers import ReplyBuffers
     from engram_mem.table import TableSpec
     from engram_mem.worker.nodelocal import NodeLocalTier
 
@@ -162,9 +163,11 @@ def main(argv=None) -> int:
             with engram_mem.connect(shards=shards, name=name, shard_resources={"node_b": 1}) as tcp:
                 tcp.create_table_spec(spec)
                 grpc_ = engram_mem.connect(name=name, data_plane="grpc")
+                fresh = engram_mem.connect(name=name)  # TCP, each gather's array new memory (the pool off)
+                fresh.buffers = ReplyBuffers(keep_bytes=0)
                 pids = shard_pids(tcp)
                 check = rng.integers(0, args.rows, 1000)
-                for c in (tcp, grpc_):
+                for c in (tcp, grpc_, fresh):
                     assert np.array_equal(c.gather("t", check), table[check]), "rows differ from the table"
                 wire = Loopback(NODE_B, nbytes)
                 own = np.empty((args.batch, args.dim), np.float32)  # the caller's buffer, reused call after call
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
                          "tcp": lambda ids: tcp.gather("t", ids), "grpc": lambda ids: grpc_.gather("t", ids),
                          "loopback": wire.read,
                          "in-process-out": lambda ids: np.take(table, ids, axis=0, out=own, mode="clip"),
-                         "tcp-out": lambda ids: tcp.gather("t", ids, out=own)}
+                         "tcp-out": lambda ids: tcp.gather("t", ids, out=own),
+                         "tcp-fresh": lambda ids: fresh.gather("t", ids)}
                 res = {k: {"secs": [], "rounds": [], "cpu": 0.0} for k in confs}
                 for fn in confs.values():  # warm-up: connections, pages
                     for _ in range(2):
@@ -212,7 +216,9 @@ def main(argv=None) -> int:
                     gbps = float(np.median(v["rounds"]))
                     label = {"loopback": f"kernel TCP to the other node, no gather (the wire's ceiling), {shards}",
                              "in-process-out": f"in-process into the caller's buffer (out=), {shards}",
-                             "tcp-out": f"tcp into the caller's buffer (out=), {shards}"}.get(k, f"{k}, {shards}")
+                             "tcp-out": f"tcp into the caller's buffer (out=), {shards}",
+                             "tcp-fresh": f"tcp, every array new memory (no ReplyBuffers), {shards}"}.get(
+                        k, f"{k}, {shards}")
                     row = {"config": f"{label} shard{'s' * (shards > 1)}" + (", other node" if k in REMOTE else ""),
                            "transport": k, "shards": shards, "GB/s": gbps,
                            "spread": f"{min(v['rounds']):.2f}-{max(v['rounds']):.2f}",
@@ -241,6 +247,7 @@ def main(argv=None) -> int:
                                            "p99 ms": float(np.percentile(secs, 99)) * 1e3})
                         print_table([extra_rows[-1]], list(extra_rows[-1]))
                 grpc_.close()
+                fresh.close()
                 wire.close()
         # the same-node tier (the product path for a worker on a shard's node)
         with engram_mem.connect(shards=1, name="bench-dp-local", shard_resources={"node_a": 1}) as mem:
