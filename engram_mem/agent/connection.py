@@ -162,7 +162,7 @@ class WorkerConnection:
                 uniq, _rows, inverse = f.result()
                 slot_array(mm, np.int64, uniq_at, uniq.size)[:] = uniq
                 slot_array(mm, np.int64, inv_at, n)[:] = inverse
-                self.reply(rid, {"u": int(uniq.size)})
+                self._send(P.pack(P.OK, rid, P.FETCH_REPLY.pack(int(uniq.size))))
             except BaseException as e:  # noqa: BLE001 - handed to the worker
                 self.reply_error(rid, e)
 

@@ -4,7 +4,8 @@ shared memory.
     message = header | meta
     header  = struct "<4sBBHQI": magic b"EMag", version, op, flags (u16, 0),
               request id (u64, the worker's), meta bytes (u32)
-    meta    = JSON (utf-8) for requests and OK replies; "<error class>\\n<message>" for ERROR
+    meta    = JSON (utf-8) for requests and OK replies, except a FETCH's OK: FETCH_REPLY, one u64;
+              "<error class>\\n<message>" for ERROR
 
 A socket of this kind keeps message boundaries, so a message is read whole or not at all and a
 malformed one loses nothing but itself: the agent answers it with ERROR and reads the next.
@@ -13,8 +14,8 @@ shared memory the worker hands the agent once per slot (SLOT, with the memfd att
 
     HELLO  {"credential", "worker", "pid", "caches": {table: bytes}, "node_local": bool}
     SLOT   {"slot": i, "bytes": n}                    + one file descriptor (SCM_RIGHTS)
-    FETCH  {"table", "slot", "n", "uid"}              ids in the slot; reply {"u": U}: U distinct ids,
-                                                      their rows and the inverse written in the slot
+    FETCH  {"table", "slot", "n", "uid"}              ids in the slot; reply U (FETCH_REPLY): U distinct
+                                                      ids, their rows and the inverse written in the slot
     PUSH   {"table", "slot", "n", "uid", "lr", "step", "key": [client, seq]}   ids, grads in the slot;
                                                       reply {"rows": k}
     STATS  {}                                         reply: the agent's counters
@@ -30,8 +31,11 @@ from engram_mem.errors import InvalidArgument, RequestTooLarge
 from engram_mem.transport.protocol import decode_error, encode_error  # noqa: F401 - one error format for both
 
 MAGIC = b"EMag"
-VERSION = 1
+VERSION = 2  # 2: a FETCH's OK carries its count as FETCH_REPLY, not JSON
 HEADER = struct.Struct("<4sBBHQI")
+# A fetch's answer, read on the model's thread inside get(): a fixed field, not JSON, whose
+# parse cost about 20 us there (its caches are cold after the layers' compute).
+FETCH_REPLY = struct.Struct("<Q")
 MAX_MESSAGE = 64 << 10   # a header and its meta; ids and rows travel in shared memory
 MAX_FDS = 1
 

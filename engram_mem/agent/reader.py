@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import select
 import socket
 import threading
 import time
@@ -111,6 +112,7 @@ class AgentReader:
         self._pending: "collections.OrderedDict[int, tuple[bytes, AgentFuture]]" = collections.OrderedDict()
         self._lock = threading.RLock()
         self._sock: socket.socket | None = None
+        self._rbuf = bytearray(P.MAX_MESSAGE)  # replies are read into it (_pump)
         self._closed = False
         self.agent_pid = 0
         self.stats: collections.Counter = collections.Counter()
@@ -122,16 +124,16 @@ class AgentReader:
         spec = self.client._table(name).spec
         ids = np.ascontiguousarray(np.asarray(ids).reshape(-1), dtype=np.int64)
         n = int(ids.size)
-        _, uniq_at, inv_at, rows_at, end = fetch_layout(n, spec.row_bytes)
+        end = fetch_layout(n, spec.row_bytes)[-1]
         with self._lock:
             slot = self._take_slot(end)
-            slot_array(slot.mm, np.int64, 0, n)[:] = ids
-            mm, dtype, dim = slot.mm, spec.storage_dtype, spec.storage_dim
+            ids_v, uniq_v, rows_v, inv_v = slot.fetch_views(n, spec.storage_dtype, spec.storage_dim, spec.row_bytes)
+            ids_v[:] = ids
 
-            def decode(meta):
-                u = int(meta["u"])
-                return (slot_array(mm, np.int64, uniq_at, u), slot_array(mm, dtype, rows_at, u, dim),
-                        slot_array(mm, np.int64, inv_at, n))
+            def decode(u: int):
+                if u > n:
+                    raise P.MessageError(f"fetch agent: a Fetch reply says {u} distinct ids of {n}")
+                return uniq_v[:u], rows_v[:u], inv_v
 
             fut = AgentFuture(self, self._next_rid(), "fetch", name, slot, decode)
             self._submit(fut, P.FETCH, {"table": name, "slot": slot.index, "n": n, "uid": self._uid(name)})
@@ -287,29 +289,40 @@ class AgentReader:
                 raise TimeoutError(f"fetch agent: no answer to {fut.kind} {fut.rid} within {timeout} s")
             with self._lock:
                 if not fut._done:
-                    self._pump(POLL_S, time.monotonic() + self.retry_timeout)
+                    self._pump(POLL_S, time.monotonic() + self.retry_timeout, until=fut)
 
-    def _pump(self, wait_s: float, deadline: float) -> None:
-        """Read the replies that have arrived (waiting up to wait_s for the first)."""
+    def _pump(self, wait_s: float, deadline: float, until: AgentFuture | None = None) -> None:
+        """Read the replies that have arrived, waiting up to wait_s for the first; with `until`, stop
+        once that request's reply is in (the others are read when they are asked for).
+
+        The socket stays blocking, so sends wait for room; reads pass MSG_DONTWAIT into one buffer
+        and wait in poll() only when nothing has arrived. A reply that is already there, as a
+        prefetch's is by the time its layer asks, costs one system call and no allocation (the
+        model's thread pays this inside get(), where it counts as exposed wait)."""
         if self._closed:
             raise Unavailable("fetch agent: the reader is closed")
         sock = self._sock
         if sock is None:  # the last reconnect failed: try again (what was pending has ended)
             self._reconnect(deadline)
             return
-        sock.settimeout(wait_s if wait_s > 0 else 0.0)
+        buf = self._rbuf
         while True:
             try:
-                raw = sock.recv(P.MAX_MESSAGE)
-            except (BlockingIOError, socket.timeout):
-                return
+                n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:  # nothing has arrived
+                if wait_s <= 0 or not _readable(sock, wait_s):
+                    return
+                wait_s = 0.0
+                continue
             except OSError:
-                raw = b""
-            if not raw:
+                n = 0
+            if not n:
                 self._reconnect(deadline)
                 return
-            self._reply(raw)
-            sock.settimeout(0.0)
+            self._reply(bytes(memoryview(buf)[:n]))
+            wait_s = 0.0
+            if until is not None and until._done:
+                return
 
     def _reply(self, raw: bytes) -> None:
         try:
@@ -329,9 +342,19 @@ class AgentReader:
                 err.table, err.kind, err.key = fut.table, fut.kind, fut.key
             fut._finish(error=err)
             return
+        if fut.kind == "fetch":  # its count, as a fixed field (protocol.FETCH_REPLY)
+            try:
+                if len(meta) != P.FETCH_REPLY.size:
+                    raise P.MessageError(f"fetch agent: a Fetch reply of {len(meta)} bytes, expected "
+                                         f"{P.FETCH_REPLY.size}")
+                value = fut._decode(P.FETCH_REPLY.unpack(meta)[0])
+            except P.MessageError as e:
+                fut._finish(error=e)
+                return
+            fut._finish(value=value)
+            return
         d = P.meta_dict(meta, op, {})
-        fut._finish(value=fut._decode(d) if fut._decode is not None else d.get("rows", d) if fut.kind == "push"
-                    else d)
+        fut._finish(value=d.get("rows", d) if fut.kind == "push" else d)
 
     def _connect(self, deadline: float) -> bool:
         """Connect, present the credential, hand over every slot, re-send what is unanswered.
@@ -387,6 +410,12 @@ class AgentReader:
                                   kind=fut.kind, key=fut.key)
             fut._finish(error=err)
         self._pending.clear()
+
+
+def _readable(sock: socket.socket, timeout_s: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(max(1, int(timeout_s * 1000))))
 
 
 def _pid() -> int:

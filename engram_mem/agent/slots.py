@@ -70,6 +70,19 @@ class Slot:
         except BaseException:
             os.close(self.fd)
             raise
+        self._fetch_views: tuple | None = None
+
+    def fetch_views(self, n: int, dtype, dim: int, row_bytes: int) -> tuple:
+        """(ids [n], distinct ids [n], rows [n, dim], inverse [n]) of a fetch of n ids in this slot,
+        kept while fetches of the same shape reuse it (each decode step posts the same n), so a
+        fetch and its answer slice them instead of making new arrays on the model's thread."""
+        key = (n, np.dtype(dtype), dim)
+        v = self._fetch_views
+        if v is None or v[0] != key:
+            ids_at, uniq_at, inv_at, rows_at, _ = fetch_layout(n, row_bytes)
+            v = self._fetch_views = (key, (array(self.mm, np.int64, ids_at, n), array(self.mm, np.int64, uniq_at, n),
+                                           array(self.mm, dtype, rows_at, n, dim), array(self.mm, np.int64, inv_at, n)))
+        return v[1]
 
     def close(self) -> None:
         """Close the file; the mapping lives as long as arrays viewing it do."""
