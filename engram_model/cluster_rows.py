@@ -107,10 +107,9 @@ class ClusterRows(RowSource):
         return row_ids.detach().reshape(-1).to("cpu", non_blocking=False).numpy()
 
     def prefetch(self, layer: int, row_ids: torch.Tensor) -> None:
+        self._check_layer(layer)  # bad input is an error, prefetching or not
         if not self.prefetch_enabled:
-            self._check_layer(layer)  # bad input is an error either way
             return
-        self._check_layer(layer)
         self._drop(self._inflight.pop(layer, None))
         self._held.pop(layer, None)
         if row_ids.numel() <= self.stagger_ids and any(earlier < layer for earlier in self._inflight):
