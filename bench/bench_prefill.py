@@ -10,7 +10,8 @@ interleaved per repeat:
   - table in the cluster, shards on the worker's node (same-node shared-memory tier) / on another
     Ray node (rows over the TCP data plane; also a gRPC client beside it), each read through the
     node's fetch agent (the default) or with the read path in the model's process (prefetch on,
-    and off)
+    and off); from the other node also "batch ahead": the next sequence's rows are fetched while
+    this one computes (EngramModel.prefetch, as the engine does for its next prefill chunk)
 Reports tokens/s (median over repeats) and the penalty against the in-process table.
 Prints a table, appends bench/results/prefill.jsonl, draws bench/results/prefill.png.
 """
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     ray, cluster = start_two_nodes()
     try:
         sources = {"in-process table": local}
+        ahead = set()   # sources whose next sequence's rows are fetched ahead
         clients = []
         for node in (("a", "b") if not args.skip_remote_node else ("a",)):
             t0 = time.time()
@@ -79,7 +81,12 @@ def main(argv=None) -> int:
                                                                          agent=False)
             sources[f"cluster ({where}), in-process path, prefetch off"] = ClusterRows(
                 mem, specs, train=False, prefetch=False, create=False, agent=False)
-            if node == "b":  # the gRPC path beside it: a second client of the same cluster
+            if node == "b":  # a batch ahead, through the agent and in process
+                sources[f"cluster ({where}), agent, batch ahead"] = ClusterRows(mem, specs, train=False, create=False)
+                sources[f"cluster ({where}), in-process path, batch ahead"] = ClusterRows(
+                    mem, specs, train=False, create=False, agent=False)
+                ahead.update(list(sources)[-2:])
+                # the gRPC path beside it: a second client of the same cluster
                 import engram_mem
 
                 g = engram_mem.connect(name=f"prefill-{node}", data_plane="grpc")
@@ -88,12 +95,16 @@ def main(argv=None) -> int:
                                                                                       agent=False)
             print(f"memory cluster on node {node}: tables created in {time.time() - t0:.0f}s", flush=True)
 
-        def prefill(rows) -> tuple[float, float]:
+        def prefill(rows, early: bool = False) -> tuple[float, float]:
             model.rows = rows
             w0 = getattr(rows, "wait_s", 0.0)
             t = time.perf_counter()
             with torch.inference_mode():
-                for x in seqs:
+                if early:
+                    model.prefetch(seqs[0])
+                for i, x in enumerate(seqs):
+                    if early and i + 1 < len(seqs):
+                        model.prefetch(seqs[i + 1])   # out while this one computes
                     model(x)
             return time.perf_counter() - t, getattr(rows, "wait_s", 0.0) - w0
 
@@ -110,7 +121,7 @@ def main(argv=None) -> int:
         prefill(sources["in-process table"])  # warm-up
         for r in range(args.repeats):
             for name, rows in sources.items():
-                dt, wait = prefill(rows)
+                dt, wait = prefill(rows, name in ahead)
                 times[name].append(dt)
                 waits[name].append(wait)
                 print(f"  repeat {r + 1}: {name:<36} {n_tokens / dt:8.1f} tok/s  (exposed row wait {wait:.3f}s)",
@@ -132,8 +143,10 @@ def main(argv=None) -> int:
                          "median_s": round(float(np.median(times[name])), 3),
                          "exposed_wait_pct": round(100 * float(np.median(waits[name])) / float(np.median(times[name])), 2),
                          "node_local_rows": stats.get(name, {}).get("node_local_rows", 0),
-                         "remote_rows": stats.get(name, {}).get("remote_rows", 0)})
-    cols = ["name", "tokens_per_s", "vs_in_process_pct", "exposed_wait_pct", "median_s", "node_local_rows", "remote_rows"]
+                         "remote_rows": stats.get(name, {}).get("remote_rows", 0),
+                         "prefetched_ahead": stats.get(name, {}).get("prefetched_ahead", 0)})
+    cols = ["name", "tokens_per_s", "vs_in_process_pct", "exposed_wait_pct", "median_s", "node_local_rows", "remote_rows",
+            "prefetched_ahead"]
     print_table(rows_out, cols, title=f"\nprefill, {n_tokens:,} tokens in {args.seqs} sequences, tables {table_bytes / 2**30:.2f} GiB, "
                                   f"torch threads {torch.get_num_threads()}")
     path = append_jsonl("prefill", {"bench": "prefill", "args": vars(args), "table_bytes": table_bytes,

@@ -11,7 +11,15 @@ each, in layer order, before any block runs: each fetch starts on the fetcher's 
 is in flight while the blocks before its Engram layer compute; a small one (decode: at most
 stagger_ids ids) for a later layer starts when the layer before it has its rows instead, so it
 does not delay the first. get(layer, ids) then waits only for whatever is left (`wait_s` adds
-that exposed wait up). A fetch reads the worker's hot-row cache,
+that exposed wait up).
+
+Batches ahead: row ids depend only on the tokens, so a caller that knows its next batch (the
+engine's next prefill chunk, a queue of prompts) calls EngramModel.prefetch(next_tokens) while
+the current batch computes; that batch's forward then finds its fetches in flight (a prefetch of
+ids equal to one already in flight posts nothing; `prefetched_ahead` counts these) and layer 1
+gets a whole step of window instead of one block. Up to `ahead` fetches a layer wait in flight
+beyond the current one, oldest dropped first. Training drops them at step(): rows fetched before
+a push may not hold it (staleness 0 holds). A fetch reads the worker's hot-row cache,
 then the shards on this node straight from shared memory, then remote shards over gRPC
 (engram_mem.worker.fetcher). It de-duplicates the batch's ids; only the distinct rows travel, and they are
 expanded on the model's device (pinned host memory and a non-blocking copy where CUDA exists).
@@ -54,7 +62,7 @@ class ClusterRows(RowSource):
     def __init__(self, client, specs: dict[int, TableSpec], device: torch.device | str = "cpu", *,
                  train: bool = True, prefetch: bool = True, cache_bytes: int = 0, node_local: bool = True,
                  optimizer: dict | None = TABLE_OPTIMIZER, create: bool = True, grad_scale: float = 1.0,
-                 agent: bool = True, stagger_ids: int = STAGGER_IDS):
+                 agent: bool = True, stagger_ids: int = STAGGER_IDS, ahead: int = 2):
         """prefetch: fetch every Engram layer's rows ahead from prefetch(); False fetches each at
         get(). cache_bytes: hot-row cache per table for rows of remote shards (0 = none; through
         the agent, the node's shared cache is at least this big); grad_scale: multiplies pushed
@@ -63,7 +71,11 @@ class ClusterRows(RowSource):
         read path runs in its process, one cache for every worker of the node); False runs the
         read path in this process (RowFetcher), as before the agent. Both give the same rows.
         stagger_ids: a later layer's prefetch of at most this many ids goes out once the layer
-        before it has its rows, not at the forward's start (0: every prefetch at the start)."""
+        before it has its rows, not at the forward's start (0: every prefetch at the start).
+        ahead: fetches a layer keeps in flight for later batches (EngramModel.prefetch) beside
+        the current one; a fetch nobody read goes once more than this many wait behind it."""
+        if ahead < 0:
+            raise ValueError(f"ahead counts fetches kept in flight for later batches and must be >= 0, got {ahead}")
         self.client = client
         self.specs = dict(specs)
         self.device = torch.device(device)
@@ -88,8 +100,9 @@ class ClusterRows(RowSource):
         else:
             self.fetcher = RowFetcher(client, cache_bytes=caches, node_local=node_local)
         self.agent = agent
-        self._inflight: dict[int, tuple[torch.Tensor, object]] = {}
-        self.stagger_ids = stagger_ids
+        self._inflight: dict[int, list[tuple[torch.Tensor, object]]] = {}  # layer -> fetches, oldest first
+        self.stagger_ids, self.ahead = stagger_ids, ahead
+        self.prefetched_ahead = 0   # prefetches that found the same ids already in flight (posted ahead)
         self._held: dict[int, torch.Tensor] = {}  # small prefetches waiting for the layer before theirs
         self._leaves: list[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = []  # layer, uniq, inv, leaf
         self._pushes: list = []
@@ -108,35 +121,67 @@ class ClusterRows(RowSource):
 
     def prefetch(self, layer: int, row_ids: torch.Tensor) -> None:
         self._check_layer(layer)  # bad input is an error, prefetching or not
-        if not self.prefetch_enabled:
+        if not self.prefetch_enabled or self._on_its_way(layer, row_ids):
             return
-        self._drop(self._inflight.pop(layer, None))
         self._held.pop(layer, None)
         if row_ids.numel() <= self.stagger_ids and any(earlier < layer for earlier in self._inflight):
             self._held[layer] = row_ids   # goes out when the layer before it has its rows (get)
             return
         self._post(layer, row_ids)
 
+    def prefetch_ahead(self, layer: int, row_ids: torch.Tensor) -> None:
+        """A later batch's rows: out at once (a step ahead, no layer's fetch is in its way)."""
+        self._check_layer(layer)
+        if self.prefetch_enabled and not any(_same(ids, row_ids) for ids, _ in self._inflight.get(layer, ())):
+            self._post(layer, row_ids)
+
+    def _on_its_way(self, layer: int, row_ids: torch.Tensor) -> bool:
+        """These ids are in flight or held already (posted ahead by EngramModel.prefetch)."""
+        held = self._held.get(layer)
+        if (held is not None and _same(held, row_ids)) or any(_same(ids, row_ids) for ids, _ in self._inflight.get(layer, ())):
+            self.prefetched_ahead += 1
+            return True
+        return False
+
     def _post(self, layer: int, row_ids: torch.Tensor) -> None:
         ids = self._ids(layer, row_ids)
-        self._inflight[layer] = (row_ids, self.fetcher.fetch_async(self.specs[layer].name, ids))
+        queue = self._inflight.setdefault(layer, [])
+        while len(queue) > self.ahead:
+            self._drop(queue.pop(0))
+        queue.append((row_ids, self.fetcher.fetch_async(self.specs[layer].name, ids)))
+
+    def _take(self, layer: int, row_ids: torch.Tensor):
+        """The in-flight fetch of these ids, if any; fetches posted before it are dropped (never read)."""
+        queue = self._inflight.get(layer, [])
+        for i, (ids, fut) in enumerate(queue):
+            if _same(ids, row_ids):
+                for older in queue[:i]:
+                    self._drop(older)
+                del queue[:i + 1]
+                if not queue:
+                    del self._inflight[layer]
+                return fut
+        return None
 
     def _drop(self, entry) -> None:
         """A prefetch nobody will read: its slot goes back to the agent's reader once it is answered."""
         if entry is not None and self.agent:
             entry[1].release()
 
+    def _drop_all(self) -> None:
+        for layer in list(self._inflight):
+            for entry in self._inflight.pop(layer):
+                self._drop(entry)
+        self._held.clear()
+
     def get(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
         if layer in self._held:  # asked for before the layer before it: it goes out now
             self._post(layer, self._held.pop(layer))
-        entry = self._inflight.pop(layer, None)
+        lease = self._take(layer, row_ids)
         t0 = time.perf_counter()
-        lease = None
-        if entry is not None and (entry[0] is row_ids or torch.equal(entry[0], row_ids)):
-            lease = entry[1]
+        if lease is not None:
             uniq, rows_np, inverse = lease.result()
         else:  # not prefetched (or other ids): fetch here, on the caller's thread
-            self._drop(entry)
             ids = self._ids(layer, row_ids)
             uniq, rows_np, inverse = self.fetcher.fetch(self.specs[layer].name, ids)
         self.wait_s += time.perf_counter() - t0
@@ -179,6 +224,7 @@ class ClusterRows(RowSource):
             summed = torch.zeros(uniq.size, g.shape[1], dtype=torch.float32, device=g.device)
             by_layer[layer].append((uniq, summed.index_add_(0, inv, g)))      # [U, D]
         self._leaves.clear()
+        self._drop_all()   # fetched (or on their way) before this push: they may miss its update
         self._pushes = [p for p in self._pushes if not p.done()]
         for layer, parts in by_layer.items():
             ids = np.concatenate([p[0] for p in parts])
@@ -200,7 +246,8 @@ class ClusterRows(RowSource):
         self._leaves.clear()
 
     def stats(self) -> dict:
-        return dict(self.fetcher.summary(), wait_s=self.wait_s, row_fetches=self.fetches)
+        return dict(self.fetcher.summary(), wait_s=self.wait_s, row_fetches=self.fetches,
+                    prefetched_ahead=self.prefetched_ahead)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}  # the tables live in the cluster; a checkpoint takes their cut with save_cut
@@ -235,10 +282,13 @@ class ClusterRows(RowSource):
                 self.client.write(spec.name, np.arange(a, b), w[a:b].detach().cpu())
 
     def close(self) -> None:
-        for layer in list(self._inflight):
-            self._drop(self._inflight.pop(layer))
+        self._drop_all()
         self.flush()
         self.fetcher.close()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.device == b.device and torch.equal(a, b))
 
 
 def load_for_inference(checkpoint: str, client, device: torch.device | str = "cpu", cache_bytes: int = 64 << 20,

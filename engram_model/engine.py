@@ -8,7 +8,8 @@
 One thread owns the model. Each loop turn is one token boundary:
   1. admit: waiting requests (up to max_batch running) are prefilled together, left-padded, in
      chunks of prefill_chunk positions, one chunk per turn, so that a long prompt does not stall
-     the running sequences' next token for its whole prefill; after the last chunk their first
+     the running sequences' next token for its whole prefill (prefetch_ahead: the next chunk's
+     Engram rows are fetched while this one computes, EngramModel.prefetch); after the last chunk their first
      token is sampled (time to first token) and those not already done are merged into the
      running batch's cache (batch_cache.merge_caches);
   2. decode: one forward of every running sequence's last token, one new token each;
@@ -73,6 +74,7 @@ class EngineConfig:
     max_batch: int = 16            # running sequences at most
     policy: str = "continuous"     # or "static": admit only into an empty batch (the baseline)
     prefill_chunk: int = 64        # prompt positions prefilled per turn (between two decode steps)
+    prefetch_ahead: bool = True    # fetch the next chunk's Engram rows while this chunk and the decode step run
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -252,6 +254,12 @@ class Engine:
         pf = self.prefilling
         T0, start = pf.prompt.shape[1], pf.cache.pos
         end = min(T0, start + self.cfg.prefill_chunk)
+        if self.cfg.prefetch_ahead:  # a remote RowSource's fetches: this chunk's first, then the next's
+            if start == 0:
+                self.model.prefetch(pf.prompt[:, :end], n_pad=pf.n_pad)
+            if end < T0:
+                self.model.prefetch(pf.prompt[:, end:min(T0, end + self.cfg.prefill_chunk)], n_pad=pf.n_pad,
+                                    before=pf.prompt[:, :end])
         logits, _ = self.model(pf.prompt[:, start:end], cache=pf.cache,
                                n_pad=pf.n_pad if start == 0 else None)                       # [b, chunk, V]
         if end < T0:

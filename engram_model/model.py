@@ -184,6 +184,29 @@ class EngramModel(nn.Module):
             cache.tail = window[:, -(self.cfg.engram.max_ngram_size - 1):]
         return {layer: ids[:, -T:] for layer, ids in self.hasher.row_ids(window).items()}
 
+    def prefetch(self, tokens: torch.Tensor, n_pad: torch.Tensor | None = None,
+                 before: torch.Tensor | None = None) -> None:
+        """Start fetching the Engram rows a later forward of `tokens` reads, while other work computes.
+
+        tokens int64 [B, T]: a batch known ahead (the next prompt chunk, the next queued batch).
+        before [B, P]: the tokens this batch's rows already fed to the cache that forward will use
+        (for a later chunk of a prompt: prompt[:, :start]); None when tokens start their sequences.
+        n_pad [B]: the left padding of the whole sequences, as forward's first call gets it.
+        That forward then finds its fetches in flight: the row ids are the ones it computes itself.
+        A RowSource that does not prefetch (LocalRows) makes this a no-op.
+        """
+        if self.hasher is None or self.rows is None or not self.rows.prefetch_enabled:
+            return
+        B, T = tokens.shape
+        keep = self.cfg.engram.max_ngram_size - 1                  # the past tokens an n-gram reaches
+        ctx = before[:, max(0, before.shape[1] - keep):] if before is not None else tokens[:, :0]
+        start = before.shape[1] if before is not None else 0
+        pad = LeftPadding.of(n_pad.to(tokens.device), B) if n_pad is not None else None
+        window = torch.cat([ctx, tokens], dim=1)
+        real = pad.real(start - ctx.shape[1], window.shape[1]) if pad is not None else None
+        for layer, ids in self.row_ids(window, None, real).items():
+            self.rows.prefetch_ahead(layer, ids[:, -T:])
+
     def forward(self, tokens: torch.Tensor, cache: Cache | None = None, n_pad: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens int64 [B, T] -> (logits float [B, T, V], aux balance loss []).

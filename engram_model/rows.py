@@ -66,9 +66,16 @@ def table_specs(cfg: ModelConfig, hasher: NgramHasher | None = None) -> dict[int
 class RowSource(abc.ABC):
     """Rows in, gradients out. One instance serves all Engram layers of one model."""
 
+    prefetch_enabled = False   # prefetch() starts a fetch (a remote source): EngramModel.prefetch hashes for it
+
     @abc.abstractmethod
     def prefetch(self, layer: int, row_ids: torch.Tensor) -> None:
         """row_ids int64 [B, T, K] global row ids; may start an asynchronous fetch."""
+
+    def prefetch_ahead(self, layer: int, row_ids: torch.Tensor) -> None:
+        """The row ids of a later forward, known before it (EngramModel.prefetch); its own prefetch
+        of the same ids then finds them on their way."""
+        self.prefetch(layer, row_ids)
 
     @abc.abstractmethod
     def get(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from engram_mem.plan.workload import Workload
 
 _WL_FLAGS = {"mode": "mode", "batch": "batch", "seq_len": "seq_len", "context": "context", "workers": "workers",
              "tokens_per_s": "tokens_per_s", "zipf": "zipf_s", "trace": "trace", "cache_rows": "cache_rows",
-             "target_hit_rate": "target_hit_rate", "cache_policy": "cache_policy", "replicas": "replicas"}
+             "target_hit_rate": "target_hit_rate", "cache_policy": "cache_policy", "replicas": "replicas", "ahead": "ahead"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -50,6 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-policy", choices=["lfu", "lru"])
     p.add_argument("--replicas", type=int)
     p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--ahead", type=int, help="prefill: batches whose rows are fetched before their forward, while the "
+                                             "ones before compute (the engine does 1: a prompt's next chunk); default 0")
     p.add_argument("--device", help="compute device preset (h800, h100, b200, here-cpu) or one from --tiers-file")
     p.add_argument("--tier", help=f"where the tables live: {', '.join(TIER_PRESETS)}")
     p.add_argument("--cache-tier", help="where the worker cache lives (default hbm)")

@@ -14,7 +14,9 @@ What it computes, per batch shape (one forward of `batch` x `seq_len` tokens on 
     the worker's link, and each completes after one round trip plus its bytes and the bytes queued
     before it; layer j's rows are needed after the embedding and blocks 0..j-1 (its prefetch
     window). exposed wait = sum over layers of max(0, ready - needed); prefetch off: every fetch is
-    exposed in full.
+    exposed in full. ahead (prefill): a batch's fetches went out `ahead` forwards before its own
+    (the next prompt chunk, a queue of batches), so each window grows by that many steps of
+    compute; the link then carries one batch's fetches per step, and a step lasts at least that.
   - where compute shares the CPU with the read path (this machine), the read path's CPU time adds
     to the step, and a prefetch progresses `stretch` times slower while the blocks run (both
     measured by --calibrate); on a GPU neither applies.
@@ -114,12 +116,14 @@ def timeline(m: ModelShape, wl: Workload, hw: Hardware, dist=None, tier: Tier | 
     # Where compute shares the CPU with the read path, a fetch progresses `stretch` times slower
     # while the blocks run, and at full speed once the model waits for it.
     stretch = tier.stretch if hw.shares_cpu else 1.0
+    head = wl.ahead * compute if prefetch else 0.0               # fetches posted this long before the forward
     layers, waits, waited = [], [], 0.0
     for j, layer in enumerate(m.engram_layers):
         need = t_block * layer + waited                          # embedding ~0, then blocks 0..layer-1
         if prefetch:
             work = push + tier.latency_s * (r["missing"] > 0) + (j + 1) * (miss_bytes / bw + cache_s)
-            ready = work * stretch if work * stretch <= need else need + (work - need / stretch)
+            span = head + need                                   # from the post to the layer
+            ready = -head + (work * stretch if work * stretch <= span else span + (work - span / stretch))
         else:
             ready = need + push * (j == 0) + one
         w = max(0.0, ready - need)
@@ -128,15 +132,20 @@ def timeline(m: ModelShape, wl: Workload, hw: Hardware, dist=None, tier: Tier | 
                        "exposed_s": w})
         waits.append(w)
     n_layers = len(m.engram_layers)
+    backlog = 0.0
+    if head:   # one batch's fetches a step on the link: a link slower than the step sets the pace
+        link = (tier.latency_s * (r["missing"] > 0) + n_layers * (miss_bytes / bw + cache_s)) * stretch
+        backlog = max(0.0, link - compute - sum(waits))
     cpu = 0.0
     if hw.shares_cpu:
         cpu = n_layers * (tier.cpu_s(r["missing"]) + (hw.cache_tier.cpu_s(r["cached"]) if hw.cache_tier else 0.0))
         if wl.mode == "train":
             cpu += n_layers * tier.push_cpu_s(r["distinct"])
-    exposed = sum(waits)
+    exposed = sum(waits) + backlog
     step = compute + exposed + cpu
     return {"compute_s": compute, "block_s": t_block, "head_s": t_head, "rows": r, "layers": layers,
-            "fetch_s": one, "push_s": push, "exposed_s": exposed, "cpu_s": cpu, "step_s": step,
+            "fetch_s": one, "push_s": push, "exposed_s": exposed, "backlog_s": backlog, "ahead_s": head,
+            "cpu_s": cpu, "step_s": step,
             "tokens_per_s": wl.tokens / step, "row_bytes_per_step": n_layers * miss_bytes}
 
 
@@ -215,8 +224,8 @@ def plan(m: ModelShape, wl: Workload, hw: Hardware, prices: dict[str, float] | N
         "id_distribution": distr.describe(),
         "sizing": sizing,
         "batch": {"tokens": wl.tokens, **{k: v for k, v in tl["rows"].items()}},
-        "timeline": {k: tl[k] for k in ("compute_s", "block_s", "head_s", "fetch_s", "push_s", "exposed_s", "cpu_s",
-                                        "step_s")} | {"layers": tl["layers"]},
+        "timeline": {k: tl[k] for k in ("compute_s", "block_s", "head_s", "fetch_s", "push_s", "exposed_s", "backlog_s",
+                                        "ahead_s", "cpu_s", "step_s")} | {"layers": tl["layers"]},
         "baseline_step_s": base["step_s"],
         "exposed_wait_pct": 100 * tl["exposed_s"] / tl["step_s"],
         "penalty_pct": 100 * (1 - base["step_s"] / tl["step_s"]),

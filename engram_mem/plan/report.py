@@ -28,7 +28,9 @@ def format_plan(p: dict) -> str:
         f"plan: {m['name']} ({len(m['engram_layers'])} Engram layers at {list(m['engram_layers'])}, "
         f"{m['table_rows']:,} rows x {m['row_bytes']} B each = {len(m['engram_layers']) * m['table_rows'] * m['row_bytes'] / GiB:,.1f} GiB)",
         f"  workload: {wl['mode']}, {wl['workers']} workers x batch {wl['batch']} x {wl['seq_len']} tokens "
-        f"(context {wl['context'] or wl['seq_len']}), prefetch {'on' if wl['prefetch'] else 'off'}, {p['id_distribution']}",
+        f"(context {wl['context'] or wl['seq_len']}), prefetch {'on' if wl['prefetch'] else 'off'}"
+        + (f", fetched {wl['ahead']} batch{'es' if wl['ahead'] > 1 else ''} ahead" if wl.get("ahead") else "")
+        + f", {p['id_distribution']}",
         f"  hardware: {p['device']['name']}; rows on {t['name']} ({'measured here' if t['measured'] else 'published'}: "
         f"{t['latency_s'] * 1e6:.1f} us, {t['link_gbps']:g} GB/s/link, {t['aggregate_gbps']:g} GB/s aggregate"
         + (f", whole {t['min_read_bytes']} B pages per row read)" if t["min_read_bytes"] else ")")
@@ -47,7 +49,11 @@ def format_plan(p: dict) -> str:
         f"  compute {_ms(tl['compute_s'])} (block {_ms(tl['block_s'])}); one layer's fetch {_ms(tl['fetch_s'])}"
         + (f"; gradient push {_ms(tl['push_s'])}" if tl["push_s"] else ""),
     ]
-    rows = [{"Engram layer": l["layer"], "prefetch window": _ms(l["window_s"]), "rows ready at": _ms(l["ready_s"]),
+    if tl.get("ahead_s"):
+        lines.append(f"  fetches go out {_ms(tl['ahead_s'])} before the forward (the batches ahead's compute); "
+                     "times below from the forward's start" + (f"; the link's backlog adds {_ms(tl['backlog_s'])} a step"
+                                                               if tl["backlog_s"] else ""))
+    rows = [{"Engram layer": l["layer"], "prefetch window": _ms(l["window_s"] + tl.get("ahead_s", 0.0)), "rows ready at": _ms(l["ready_s"]),
              "exposed wait": _ms(l["exposed_s"])} for l in tl["layers"]]
     lines += ["  " + s for s in text_table(rows, list(rows[0])).split("\n")]
     lines += [

@@ -286,10 +286,17 @@ class Workload:
     cache_policy: str = "lfu"
     replicas: int = 1
     prefetch: bool = True
+    ahead: int = 0                      # prefill: a batch's fetches go out this many batches before its forward
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise PlanInputError(f"workload.mode must be one of {MODES}, got {self.mode!r}")
+        if int(self.ahead) < 0:
+            raise PlanInputError(f"workload.ahead counts batches fetched ahead and must be >= 0, got {self.ahead}")
+        if self.ahead and self.mode != "prefill":
+            raise PlanInputError(f"workload.ahead applies to prefill only: a {self.mode} step's ids are known only after "
+                                 "the step before it" + (" (its token)" if self.mode == "decode" else
+                                                         " has pushed (rows read before a push may miss it)"))
         for f in ("batch", "seq_len", "workers", "replicas"):
             if int(getattr(self, f)) < 1:
                 raise PlanInputError(f"workload.{f} must be >= 1, got {getattr(self, f)}")

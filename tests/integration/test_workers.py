@@ -277,6 +277,106 @@ def test_prefetch_on_and_off_serve_the_same_rows_from_this_nodes_memory(setup, m
         rows.close()
 
 
+def _randomized(model):
+    with torch.no_grad():   # Engram starts silent: make its rows matter to the logits
+        for block in model.blocks:
+            if block.engram is not None:
+                for p in block.engram.parameters():
+                    p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("agent", [True, False])
+def test_rows_fetched_a_batch_ahead_are_the_rows_the_forward_reads(setup, agent):
+    """model.prefetch(next batch) while the current one runs: each forward finds its fetches in
+    flight (no fetch twice), the logits equal those of fetching within the forward, and the
+    engine's chunked prefill (the next chunk fetched ahead) gives the same tokens as without."""
+    from engram_model.engine import Engine, EngineConfig, SamplingParams
+
+    mem, tok, _ = setup
+    m, _ = _tiny()
+    cfg = m.for_tokenizer(tok)
+    specs = table_specs(cfg)
+    torch.manual_seed(0)
+    model = _randomized(EngramModel(cfg, compress_lookup=tok.lookup).eval())
+    texts = ["def alpha_3(self, beta):\n    return", "    zeta = delta.get(", "def Gamma_7(self, Epsilon):"]
+    batches = [torch.tensor([tok.encode(t)[:12]] * 2) for t in texts]
+    out = {}
+    for ahead in (False, True):
+        rows = ClusterRows(mem, specs, train=False, agent=agent)
+        model.rows = rows
+        try:
+            with torch.inference_mode():
+                if ahead:
+                    model.prefetch(batches[0])
+                logits = []
+                for i, x in enumerate(batches):
+                    if ahead and i + 1 < len(batches):
+                        model.prefetch(batches[i + 1])
+                    logits.append(model(x)[0])
+            out[ahead] = (logits, rows.stats())
+        finally:
+            rows.close()
+    for a, b in zip(out[True][0], out[False][0]):
+        assert torch.equal(a, b)
+    assert out[True][1]["prefetched_ahead"] == len(batches) * len(specs)
+    assert out[True][1]["row_fetches"] == out[False][1]["row_fetches"] == len(batches) * len(specs)
+    assert out[False][1]["prefetched_ahead"] == 0
+
+    prompts = ["def beta_1(self, zeta):\n    return self.zeta + 1\n", "    delta = Gamma.get("]
+    tokens = {}
+    for ahead in (False, True):
+        rows = ClusterRows(mem, specs, train=False, agent=agent)
+        model.rows = rows
+        engine = Engine(model, tok, EngineConfig(max_batch=4, prefill_chunk=3, prefetch_ahead=ahead))
+        try:
+            tokens[ahead] = engine.generate(prompts, SamplingParams(max_tokens=8))
+            tokens[ahead, "stats"] = rows.stats()
+        finally:
+            engine.close()
+            rows.close()
+    assert tokens[True] == tokens[False]
+    assert tokens[True, "stats"]["prefetched_ahead"] > 0 and tokens[False, "stats"]["prefetched_ahead"] == 0
+    assert tokens[True, "stats"]["row_fetches"] == tokens[False, "stats"]["row_fetches"]
+
+
+def test_a_training_step_drops_the_rows_fetched_ahead_of_its_push(setup):
+    """Rows fetched for a later batch before this step's push may predate it: step() drops them,
+    and the next read serves the rows the shards hold after the push (staleness 0)."""
+    mem, tok, _ = setup
+    m, _ = _tiny()
+    cfg = m.for_tokenizer(tok)
+    _fresh_tables(mem, cfg)
+    specs = table_specs(cfg)
+    layer, spec = next(iter(specs.items()))
+    rows = ClusterRows(mem, {layer: spec})
+    try:
+        ids = torch.randint(0, spec.rows, (2, 6, 3))
+        nxt = ids[:, :4].clone()    # the next batch: rows this step updates
+        rows.prefetch_ahead(layer, nxt)
+        before = rows._inflight[layer][0][1].result()[1].copy()   # fetched, before the push
+        got = rows.get(layer, ids)
+        assert len(rows._inflight[layer]) == 1   # the next batch's fetch waits in flight
+        got.sum().backward()
+        rows.step(lr=0.1, step=1)
+        assert not rows._inflight   # the ahead fetch is gone
+        after = rows.get(layer, nxt)   # read at get, after the push
+        rows.flush()
+        truth = torch.from_numpy(mem.gather(spec.name, nxt.numpy()))
+        assert torch.equal(after, truth) and not np.array_equal(before, mem.gather(spec.name, np.unique(nxt.numpy())))
+        ids = nxt
+        # ahead=0 keeps one fetch a layer: a second of other ids drops the first
+        rows.ahead = 0
+        rows.prefetch_ahead(layer, ids)
+        rows.prefetch_ahead(layer, ids + 1)
+        assert len(rows._inflight[layer]) == 1
+        assert torch.equal(rows.get(layer, ids), truth)   # not in flight any more: read at get
+    finally:
+        rows.close()
+    with pytest.raises(ValueError, match="ahead"):
+        ClusterRows(mem, specs, ahead=-1, create=False)
+
+
 def test_inference_with_remote_rows_equals_local_rows_exactly(setup):
     mem, tok, corpus = setup
     m, t = _tiny(steps=20)

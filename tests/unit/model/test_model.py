@@ -127,6 +127,51 @@ def test_row_source_call_pattern():
     assert torch.equal(rec.calls[-1][2], expected[2][:, 5:6])
 
 
+class AheadRows(RecordingRows):
+    """A source that prefetches: EngramModel.prefetch hashes for it."""
+
+    prefetch_enabled = True
+
+    def prefetch_ahead(self, layer, row_ids):
+        self.calls.append(("ahead", layer, row_ids.clone()))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_prefetch_ahead_posts_the_row_ids_the_later_forward_reads(chunk):
+    """A left-padded prompt fed in chunks through a cache: for every chunk, the ids model.prefetch
+    posts beforehand (knowing the tokens before the chunk and the padding) equal the ids that
+    chunk's forward asks for, layer by layer; a source that does not prefetch gets no call."""
+    cfg = tiny_cfg()
+    rec = AheadRows(LocalRows(table_specs(cfg)))
+    model = EngramModel(cfg, rows=rec)
+    randomize_engram(model)
+    prompt = torch.randint(0, 512, (3, 11))
+    n_pad = torch.tensor([0, 4, 9])
+    layers = cfg.engram_layers
+    with torch.no_grad():
+        cache = model.new_cache(3)
+        for start in range(0, prompt.shape[1], chunk):
+            end = min(prompt.shape[1], start + chunk)
+            rec.calls.clear()
+            model.prefetch(prompt[:, start:end], n_pad=n_pad, before=prompt[:, :start] if start else None)
+            model(prompt[:, start:end], cache=cache, n_pad=n_pad if start == 0 else None)
+            ahead = {c[1]: c[2] for c in rec.calls if c[0] == "ahead"}
+            fwd = {c[1]: c[2] for c in rec.calls if c[0] == "prefetch"}
+            assert sorted(ahead) == sorted(fwd) == layers
+            for layer in layers:
+                assert ahead[layer].shape == (3, end - start, cfg.engram.heads_per_layer)
+                assert torch.equal(ahead[layer], fwd[layer]), (start, layer)
+    # Without padding, and a whole batch known ahead.
+    rec.calls.clear()
+    model.prefetch(prompt)
+    model(prompt)
+    assert [torch.equal(a[2], b[2]) for a, b in zip(rec.calls[:2], rec.calls[2:4])] == [True, True]
+    plain = RecordingRows(LocalRows(table_specs(cfg)))
+    model.rows = plain
+    model.prefetch(prompt)
+    assert plain.calls == []
+
+
 def test_model_needs_row_source_and_lookup():
     cfg = tiny_cfg()
     with pytest.raises(ValueError, match="RowSource"):

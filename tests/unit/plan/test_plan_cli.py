@@ -52,6 +52,13 @@ def test_plan_prints_a_table_for_a_preset(preset, capsys):
         assert words in r.stdout, words
 
 
+def test_a_plan_fetching_a_batch_ahead_says_so(capsys):
+    r = plan_here(capsys, "--model", "v4.1-flash", "--mode", "prefill", "--batch", "8", "--context", "1024",
+                  "--tier", "here-tcp", "--ahead", "1")
+    assert r.returncode == 0, r.stderr
+    assert "fetched 1 batch ahead" in r.stdout and "before the forward" in r.stdout
+
+
 def test_input_file_and_json(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text(
         "model: {preset: v4.1-flash, table_rows: 100000000}\n"
@@ -71,6 +78,7 @@ def test_input_file_and_json(tmp_path, capsys):
     (["--workers", "0"], "workload.workers"),
     (["--price", "rdma-400g=cheap"], "--price"),
     (["--tiers-file", "/nonexistent.json"], "does not exist"),
+    (["--mode", "decode", "--ahead", "1"], "workload.ahead applies to prefill only"),
 ])
 def test_bad_input_is_a_clear_error(args, msg, capsys):
     r = plan_here(capsys, *args)

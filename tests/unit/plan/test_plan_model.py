@@ -99,6 +99,31 @@ def test_prefetch_window_exposed_wait_arithmetic():
     assert timeline(m3, wl, hw)["exposed_s"] == 0.0
 
 
+def test_fetching_a_batch_ahead_widens_every_window_by_a_step_and_the_link_sets_a_floor():
+    m, dev = toy()
+    wl = Workload(mode="prefill", batch=1, seq_len=100, zipf_s=0.0, ahead=1)
+    hw = Hardware(device=dev, rows_tier=tier(latency_s=0.5e-3, link_gbps=1.0, aggregate_gbps=1.0), cache_tier=None)
+    # the fetches went out one 4 ms forward before: ready at 1.5 - 4 and 2.5 - 4 ms, nothing exposed
+    tl = timeline(m, wl, hw)
+    assert tl["ahead_s"] == pytest.approx(4e-3) and tl["exposed_s"] == 0.0 and tl["step_s"] == pytest.approx(4e-3)
+    assert [l["ready_s"] for l in tl["layers"]] == pytest.approx([-2.5e-3, -1.5e-3])
+    assert plan(m, wl, hw)["timeline"]["ahead_s"] == pytest.approx(4e-3)
+    # a link 10x slower: 0.5 + 2 x 10 ms of fetches a batch; layer 1 ready at 10.5 - 4 ms (5.5 ms exposed),
+    # layer 3 at 20.5 - 4 against 3 + 5.5 ms (8 ms); the link's backlog makes the step its 20.5 ms
+    slow = dataclasses.replace(hw, rows_tier=tier(latency_s=0.5e-3, link_gbps=0.1, aggregate_gbps=1.0))
+    tl = timeline(m, wl, slow)
+    assert [l["exposed_s"] for l in tl["layers"]] == pytest.approx([5.5e-3, 8e-3])
+    assert tl["backlog_s"] == pytest.approx(3e-3) and tl["step_s"] == pytest.approx(20.5e-3)
+    # ahead 0 is the forward's own prefetch; prefetch off ignores ahead
+    assert timeline(m, wl.replace(ahead=0), hw)["exposed_s"] == pytest.approx(0.5e-3)
+    assert timeline(m, wl.replace(prefetch=False), hw)["exposed_s"] == pytest.approx(3e-3)
+    for mode, why in (("decode", "its token"), ("train", "pushed")):
+        with pytest.raises(PlanInputError, match=f"ahead applies to prefill only.*{why}"):
+            Workload(mode=mode, ahead=1)
+    with pytest.raises(PlanInputError, match="ahead"):
+        Workload(ahead=-1)
+
+
 def test_penalty_cpu_share_push_and_bandwidth_saturation():
     m, dev = toy()
     wl = Workload(mode="prefill", batch=1, seq_len=100, zipf_s=0.0, workers=4)
