@@ -8,7 +8,9 @@ stdlib corpus, the same seed and batches for every row source:
   - tables in the cluster, shards on this node (reads from shared memory)
   - tables in the cluster, shards on another Ray node (reads and pushes over the TCP data plane, or gRPC)
 each cluster source through the node's fetch agent (the default: the read path in the agent's
-process) or with the read path in the model's own process (ClusterRows(agent=False)).
+process) or with the read path in the model's own process (ClusterRows(agent=False)), and
+fetching the next step's rows once this step's push is sent (train's prefetch_ahead, the
+default) or within the forward (one source from the other node: "no batch ahead").
 Step time is the median over the timed steps (the first --warmup steps of each run are skipped).
 Every run starts from the tables' initial rows, so the loss curves must agree; the benchmark
 checks that they do. Beside each: CPU milliseconds a step by process role (the model's process,
@@ -76,19 +78,21 @@ def main(argv=None) -> int:
         sources = {"cluster, same node, agent": ("a", True),
                    "cluster, same node, in-process path": ("a", False),
                    "cluster, other node, agent (TCP)": ("b", True),
+                   "cluster, other node, agent (TCP), no batch ahead": ("b", True, False),
                    "cluster, other node, in-process path, TCP": ("b", False),
                    "cluster, other node, in-process path, gRPC": ("b-grpc", False)}
         for r in range(args.repeats):
             for name in ("in-process tables", *sources):
-                rows = None
+                rows, ahead = None, True
                 if name != "in-process tables":
-                    mem, agent = mems[sources[name][0]], sources[name][1]
+                    node, agent, ahead = (*sources[name], True)[:3]
+                    mem = mems[node]
                     for spec in specs.values():  # every run starts from the initial rows
                         if spec.name in mem.tables():
                             mem.drop_table(spec.name)
                     rows = ClusterRows(mem, specs, agent=agent)
                 c0 = cpu_by_role()
-                res = train(m, t, rows=rows, **quiet)
+                res = train(m, t, rows=rows, prefetch_ahead=ahead, **quiet)
                 c1 = cpu_by_role()
                 cpu.setdefault(name, []).append({k: (c1[k] - c0[k]) / args.steps for k in c0})
                 if rows is not None:
@@ -116,10 +120,11 @@ def main(argv=None) -> int:
                       "tokens_per_s": round(t.tokens_per_step / med, 1),
                       "max_loss_diff": float(np.max(np.abs(np.array(losses[name]) - ref))),
                       "exposed_wait_s": round(s.get("wait_s", 0.0), 3),
+                      "prefetched_ahead": s.get("prefetched_ahead", 0),
                       **{f"cpu {k} ms/step": round(1000 * float(np.median([c[k] for c in cpu[name]])), 1)
                          for k in ("model", "agent", "shards", "ray")}})
     cols = ["name", "median_step_ms", "vs_in_process_pct", "p90_step_ms", "tokens_per_s", "max_loss_diff", "exposed_wait_s",
-            "cpu model ms/step", "cpu agent ms/step", "cpu shards ms/step", "cpu ray ms/step"]
+            "prefetched_ahead", "cpu model ms/step", "cpu agent ms/step", "cpu shards ms/step", "cpu ray ms/step"]
     print_table(table, cols, title=f"\ntraining step time, {args.config}, {len(runs['in-process tables'])} timed steps per source, "
                                    f"torch threads {torch.get_num_threads()}")
     path = append_jsonl("train_step", {"bench": "train_step", "args": vars(args), "results": table})

@@ -27,6 +27,7 @@ directories/globs, JSON Lines, Parquet; see documents.py); progress shows tokens
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import json
 import math
@@ -193,13 +194,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
           tokenizer_path: str | Path | None = None, corpus: Corpus | None = None, rows: RowSource | None = None,
           resume: str | Path | None = None, stop_at: int | None = None, progress: bool = True,
           name: str = "train", log=None, data: list[str] | None = None,
-          record_ids: str | None = None) -> TrainResult:
+          record_ids: str | None = None, prefetch_ahead: bool = True) -> TrainResult:
     """Train a model; the returned history is JSON-serializable (and saved as out_dir/history.json).
 
     tokenizer/corpus: pass them to share one across runs (the benchmark does); otherwise they are
     loaded or built and cached under runs/. rows: a RowSource to use instead of make_row_source.
     resume: a checkpoint directory to continue from (model, tables, AdamW state, step, data RNG,
     history; its tokenizer and model config win over the ones given).
+    prefetch_ahead: with a prefetching RowSource (ClusterRows), the next micro-batch's rows are
+    fetched while this one trains, and the next step's once this step's push is sent (the fetch
+    waits for the push: read-your-writes), so they overlap the dense optimizer step. The batch is
+    drawn from a copy of the data RNG; the draw itself stays where it was, so the run is unchanged.
     stop_at: end this call after that step (checkpointing there), e.g. to run a long schedule in
     chunks; the lr schedule still spans train_cfg.steps.
     out_dir: where ckpt/, history.json and loss.png go (None: nothing is written).
@@ -266,6 +271,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
     bar = tqdm(total=end, initial=start, desc=name, disable=not progress, dynamic_ncols=True)
     bad_steps = 0
+    ahead = prefetch_ahead and rows is not None and rows.prefetch_enabled
+
+    def fetch_next() -> None:
+        """The next micro-batch's rows on their way: the same draw, from a copy of the RNG."""
+        x, _ = corpus.batch("train", tc.batch_size, tc.seq_len, copy.deepcopy(data_rng))
+        model.prefetch(x.to(device))
+
     for step in range(start, end):
         lr = lr_at(step, tc)
         for g in opt.param_groups:
@@ -274,8 +286,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
         if rows is not None:
             rows.zero_grad()
         loss_sum, aux_sum = 0.0, 0.0
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             x, y = corpus.batch("train", tc.batch_size, tc.seq_len, data_rng)
+            if ahead and micro + 1 < tc.grad_accum:
+                model.prefetch(x.to(device))   # this one's first (a no-op when it went out ahead), then the next
+                fetch_next()
             with autocast(device, dtype):
                 ce, aux = lm_loss(model, x.to(device), y.to(device))
             ((ce + aux) / tc.grad_accum).backward()
@@ -297,6 +312,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out_dir: str | Path
         bad_steps = 0
         if rows is not None:  # first: a remote table's push then overlaps the dense all-reduce and step
             rows.step(lr * tc.table_lr_mult, step + 1)
+            if ahead and step + 1 < end:
+                fetch_next()     # waits for that push, then overlaps the dense step
         distributed.sync_dense_grads(model)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(dense, tc.grad_clip)

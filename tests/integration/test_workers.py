@@ -82,26 +82,35 @@ def test_training_in_the_cluster_follows_the_in_process_loss_curve(setup):
 
 def test_training_through_the_nodes_agent_equals_the_in_process_read_path_bit_for_bit(setup):
     """ClusterRows reads and pushes through the node's fetch agent by default; agent=False keeps
-    the read path in the model's process. Same losses and same tables, to the bit."""
+    the read path in the model's process; prefetch_ahead=False fetches each micro-batch within its
+    own forward. Same losses and same tables, to the bit; ahead, every forward (2 micro-batches a
+    step) finds its rows on their way, and no row is fetched twice."""
     mem, tok, corpus = setup
-    m, t = _tiny(steps=30)
+    m, t = _tiny(steps=30, grad_accum=2)
     cfg = m.for_tokenizer(tok)
+    specs = table_specs(cfg)
     out = {}
-    for agent in (False, True):
+    for agent, ahead in ((False, True), (True, True), (True, False)):
         _fresh_tables(mem, cfg)
-        rows = ClusterRows(mem, table_specs(cfg), cache_bytes=1 << 20, agent=agent)
+        rows = ClusterRows(mem, specs, cache_bytes=1 << 20, agent=agent)
         try:
-            hist = train(m, t, tokenizer=tok, corpus=corpus, rows=rows, **QUIET).history
+            hist = train(m, t, tokenizer=tok, corpus=corpus, rows=rows, prefetch_ahead=ahead, **QUIET).history
             rows.flush()
             stats = rows.stats()
         finally:
             rows.close()
-        tables = {s.name: mem.gather(s.name, np.arange(s.rows)) for s in table_specs(cfg).values()}
-        out[agent] = (hist["loss"], tables, stats)
-    assert out[True][0] == out[False][0]
-    for name, w in out[False][1].items():
-        assert np.array_equal(out[True][1][name], w), name
-    assert out[True][2]["agent_pushes"] > 0 and out[True][2]["agent_fetches"] > 0
+        tables = {s.name: mem.gather(s.name, np.arange(s.rows)) for s in specs.values()}
+        out[agent, ahead] = (hist["loss"], tables, stats)
+    ref = out[False, True]
+    for key in ((True, True), (True, False)):
+        assert out[key][0] == ref[0], key
+        for name, w in ref[1].items():
+            assert np.array_equal(out[key][1][name], w), (key, name)
+    assert out[True, True][2]["agent_pushes"] > 0 and out[True, True][2]["agent_fetches"] > 0
+    forwards = 30 * 2 * len(specs)   # training forwards' fetches (the final evaluation's come on top)
+    for key, (_, _, stats) in out.items():
+        assert stats["row_fetches"] == ref[2]["row_fetches"] >= forwards, key
+        assert stats["prefetched_ahead"] == (forwards if key[1] else 0), key
 
 
 class _KillsTheAgent(ClusterRows):
