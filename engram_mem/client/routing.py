@@ -113,13 +113,36 @@ def split_by_shard(t: TableView, uniq: np.ndarray, n_shards: int):
                          f"knows {n_shards} shard(s); re-read the cluster")
     if n_shards == 1 or uniq.size == 0:
         return uniq, [(int(ranks[0]) if uniq.size else 0, 0, uniq.size)], None
-    order = np.argsort(ranks, kind="stable")
     counts = np.bincount(ranks, minlength=n_shards)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     parts = [(r, int(bounds[r]), int(bounds[r + 1])) for r in range(n_shards) if counts[r]]
-    if len(parts) == 1:  # all on one shard: the stable order is the identity, rows land contiguously
-        return uniq, parts, None
+    if len(parts) == 1 or bool(np.all(ranks[1:] >= ranks[:-1])):
+        return uniq, parts, None   # grouped already (one shard, or shard_grouped ids): rows land contiguously
+    order = np.argsort(ranks, kind="stable")
     return uniq[order], parts, order
+
+
+def shard_grouped(t: TableView, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sorted distinct ids grouped by shard rank, each shard's still sorted: (grouped, order or
+    None if they already were). A fetch that keeps its distinct ids in this order gets each
+    shard's rows contiguously (split_by_shard: no scatter), and a push of them is not re-sorted."""
+    if uniq.size < 2:
+        return uniq, None
+    ranks = t.placement[uniq // t.spec.slot_rows]
+    if bool(np.all(ranks[1:] >= ranks[:-1])):
+        return uniq, None
+    order = np.argsort(ranks, kind="stable")
+    return uniq[order], order
+
+
+def is_shard_grouped(t: TableView, ids: np.ndarray) -> bool:
+    """Distinct ids, grouped by shard rank and increasing within each shard (shard_grouped's
+    order; plain sorted distinct ids on one shard)."""
+    if ids.size < 2:
+        return True
+    ranks = t.placement[ids // t.spec.slot_rows]
+    dr, di = np.diff(ranks), np.diff(ids)
+    return bool(np.all((dr > 0) | ((dr == 0) & (di > 0))))
 
 
 def dest_rows(dest: np.ndarray | None, order: np.ndarray | None, a: int, b: int) -> np.ndarray | None:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from engram_mem.client.retry import RETRYABLE, RetryPolicy
-from engram_mem.client.routing import slot_aligned_chunks, split_by_shard
+from engram_mem.client.routing import is_shard_grouped, slot_aligned_chunks, split_by_shard
 from engram_mem.client.write_future import WriteFuture
 from engram_mem.errors import (EngramMemError, InvalidArgument, MaybeApplied, ReadOnlyTable, ShardUnavailable,
                                StaleEpoch, Unavailable)
@@ -72,7 +72,7 @@ class Writes:
         check_grads(t.spec, flat, g.numpy(), self._view.raw["config"]["max_grad_abs"])
         if lr is not None:
             check_lr(t.spec, lr, self._view.raw["config"]["max_lr"])
-        if flat.size > 1 and not bool(np.all(flat[1:] > flat[:-1])):  # not already sorted and distinct
+        if flat.size > 1 and not is_shard_grouped(t, flat):  # not distinct, sorted (within each shard)
             uniq, inv = np.unique(flat, return_inverse=True)
             if uniq.size != flat.size:
                 g = torch.zeros(uniq.size, t.spec.dim).index_add_(0, torch.from_numpy(inv), g)

@@ -8,7 +8,7 @@ The cache holds rows of remote shards only: this node's rows are already in this
 
     f = RowFetcher(client, cache_bytes={"engram.l1": 256 << 20})
     fut = f.fetch_async("engram.l1", ids)    # starts at once on the fetcher's thread
-    uniq, rows, inverse = fut.result()       # distinct ids [U], their rows [U, D]; ids == uniq[inverse]
+    uniq, rows, inverse = fut.result()       # distinct ids [U] (grouped by shard), their rows [U, D]; ids == uniq[inverse]
     f.push_async("engram.l1", uniq, grads, lr=..., step=...)
 
 Fetches de-duplicate their ids. A fetch waits for this worker's earlier pushes to the same table
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engram_mem.client.routing import shard_grouped
 from engram_mem.worker.cache import RowCache
 
 log = logging.getLogger("engram_mem.worker.fetcher")
@@ -160,6 +161,11 @@ class RowFetcher:
         t0 = time.perf_counter()
         t = self.client.view.table(name)
         uniq, inverse = np.unique(ids, return_inverse=True)
+        uniq, order = shard_grouped(t, uniq)   # each shard's rows then land contiguously: no scatter
+        if order is not None:
+            where = np.empty_like(order)
+            where[order] = np.arange(order.size)
+            inverse = where[inverse]
         if out is None:
             out = self.client.buffers.empty((uniq.size, t.spec.storage_dim), t.spec.storage_dtype)
         else:

@@ -353,8 +353,26 @@ def test_a_client_moves_its_rows_over_the_data_plane_through_ray(ray_local):
             assert after["direct_bytes"] - before["direct_bytes"] == 500 * 16 * 4
             assert after["staged_bytes"] == before["staged_bytes"]
             assert np.array_equal(rows[inverse], mem.gather("t", np.concatenate([one, one[:50]])))
-            uniq, rows, inverse = f.fetch("t", ids)  # both shards: one copy, from the staging block
+            # Three shards after a scale, whose moved slots interleave them: the distinct ids in
+            # shard order (each shard's sorted), so each shard's rows land in place too.
+            from engram_mem.client.routing import split_by_shard
+
+            mem.scale(3)
+            mem.refresh()
+            t = mem.view.table("t")
+            assert split_by_shard(t, np.unique(ids), 3)[2] is not None   # sorted ids are not grouped now
+            before = mem.transport_counts()["tcp"]
+            uniq, rows, inverse = f.fetch("t", ids)
+            after = mem.transport_counts()["tcp"]
             assert np.array_equal(rows[inverse].reshape(ids.shape + (16,)), tcp_rows)
+            assert np.array_equal(np.sort(uniq), np.unique(ids)) and len(set(t.placement[uniq // t.spec.slot_rows])) == 3
+            assert after["direct_bytes"] - before["direct_bytes"] == uniq.size * 16 * 4
+            assert after["staged_bytes"] == before["staged_bytes"]
+            # ... and a push of them goes as they are (grouped ids need no sort): rows change as pushed
+            keep = uniq >= 100   # (the rows below 100 are checked at the end)
+            f.push_async("t", uniq[keep], -np.ones((int(keep.sum()), 16), np.float32), lr=1.0).result()
+            assert np.array_equal(mem.gather("t", uniq[keep]), rows[keep] + 1.0)
+            tcp_rows = mem.gather("t", ids)
         finally:
             f.close()
         with engram_mem.connect(name="dp-tcp", data_plane="grpc") as g:
