@@ -18,7 +18,10 @@ and, with --pin (the default where the machine has 2 cores or more), the agent s
 other node once more with the data path on cores of its own: the cluster's agent_cpus and
 shard_cpus on the last core, the model's process on the others while it decodes (affinity.py;
 as an operator keeps a node's model and data path apart; on this 2-core machine the "other
-node"'s shards share that last core with the agent).
+node"'s shards share that last core with the agent);
+and, with --nice N (default -10; 0 skips it), the other node's agent source once more with the
+agent's and the shards' threads at nice N (agent_nice / shard_nice), so that a woken fetch gets a
+core ahead of the model's thread (below 0 needs CAP_SYS_NICE; without it the row says so).
 it reports decode tokens/s, the exposed wait for rows as a share of step time, and the cache hit
 rate (share of the step's distinct remote rows found in the cache), and the CPU each kind of
 process spent per step (the model's own, the fetch agents', the shards', the rest of Ray's: on
@@ -52,6 +55,8 @@ def main(argv=None) -> int:
     threads_arg(p, 1, "batch-8 decode runs no faster on two")
     p.add_argument("--pin", type=int, default=int((os.cpu_count() or 1) > 1),
                    help="1: also run the other node's agent sources with the data path on its own core")
+    p.add_argument("--nice", type=int, default=-10,
+                   help="also run the other node's agent source with its data path at this nice value (0: skip)")
     p.add_argument("--stagger-ab", type=int, default=1,
                    help="1: also run the other node's agent source with every prefetch at the forward's start "
                         "(stagger_ids=0), beside the default (a later layer's small fetch after the layer before)")
@@ -101,16 +106,22 @@ def main(argv=None) -> int:
     sources: dict[str, object] = {"in-process table": local}
     mems = []
     try:
-        for node in ("a", "b") + (("b pinned",) if args.pin else ()):
-            pin = node == "b pinned"
+        for node in ("a", "b") + (("b pinned",) if args.pin else ()) + (("b nice",) if args.nice else ()):
+            pin, nice = node == "b pinned", node == "b nice"
             mem = memory_on(node[0], f"decode-{node.replace(' ', '-')}",
-                            **(dict(agent_cpus=data_core, shard_cpus=data_core) if pin else {}))
+                            **(dict(agent_cpus=data_core, shard_cpus=data_core) if pin else {}),
+                            **(dict(agent_nice=args.nice, shard_nice=args.nice) if nice else {}))
             mems.append(mem)
             where = "same node" if node == "a" else "other node"
             ClusterRows(mem, specs, train=False, agent=False).close()  # create the tables
-            for agent in (True, False) if not pin else (True,):  # the node's fetch agent (the default) or the model's own process
+            for agent in (True, False) if not (pin or nice) else (True,):  # the node's fetch agent (the default) or the model's own process
                 path = "agent" if agent else "in-process path"
                 path += ", data path on its own core" if pin else ""
+                if nice:
+                    probe = ClusterRows(mem, specs, train=False, create=False)
+                    applied = probe.fetcher.summary().get("agent_nice")
+                    probe.close()
+                    path += f", data path at nice {args.nice}" + ("" if applied == args.nice else " (not allowed here)")
                 if node == "a":  # the cache fronts remote shards only
                     sources[f"cluster ({where}), {path}"] = ClusterRows(mem, specs, train=False, create=False,
                                                                         agent=agent)

@@ -44,6 +44,8 @@ class ClusterConfig:
     data_plane: str = "tcp"             # bulk rows: "tcp" (framed TCP beside gRPC, transport/) or "grpc" (gRPC only)
     agent_cpus: tuple | None = None     # cores each node's fetch agent runs on (affinity.py); None: the OS decides
     shard_cpus: tuple | None = None     # cores each shard process runs on; None: the OS decides
+    agent_nice: int | None = None       # nice value of each node's fetch agent (-20..19; affinity.py); None: as started
+    shard_nice: int | None = None       # nice value of each shard process; None: as started
 
     def __post_init__(self):
         if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", self.name):
@@ -74,11 +76,12 @@ class ClusterConfig:
             raise InvalidArgument("snapshot_interval_s must be >= 0")
         if self.data_plane not in DATA_PLANES:
             raise InvalidArgument(f"data_plane {self.data_plane!r} is not one of {', '.join(DATA_PLANES)}")
-        from engram_mem.affinity import parse_cpus
+        from engram_mem.affinity import parse_cpus, parse_nice
 
-        for field in ("agent_cpus", "shard_cpus"):
+        for field, parse in (("agent_cpus", parse_cpus), ("shard_cpus", parse_cpus), ("agent_nice", parse_nice),
+                             ("shard_nice", parse_nice)):
             try:
-                object.__setattr__(self, field, parse_cpus(getattr(self, field), field))
+                object.__setattr__(self, field, parse(getattr(self, field), field))
             except ValueError as e:
                 raise InvalidArgument(str(e)) from None
         if self.memory_budget < 0:

@@ -50,7 +50,7 @@ class FetchAgent:
                  max_slot_bytes: int = 4 << 30, max_cache_bytes: int = 64 << 30):
         import ray
 
-        from engram_mem.affinity import pin_process
+        from engram_mem.affinity import pin_process, set_nice
         from engram_mem.client.api import MemoryClient
         from engram_mem.control.controller import get_controller
         from engram_mem.security import Security
@@ -69,6 +69,7 @@ class FetchAgent:
         self.client = MemoryClient(ctl, worker=f"fetch-agent-{node_id[:8]}")
         # Off the model's cores where the cluster says so; the fetcher's threads, started next, inherit it.
         self.cpus = pin_process(self.client.view.raw["config"].get("agent_cpus"), "fetch agent")
+        self.nice = set_nice(self.client.view.raw["config"].get("agent_nice"), "fetch agent")
         self.fetcher = RowFetcher(self.client, node_local=True, threads=fetch_threads)
         self.started = time.time()
         self._counts: collections.Counter = collections.Counter()
@@ -99,6 +100,7 @@ class FetchAgent:
             s["agent_workers"] = len(self._conns)
         s["agent_pid"] = os.getpid()
         s["agent_cpus"] = sorted(self.cpus) if self.cpus else None
+        s["agent_nice"] = self.nice
         return s
 
     # ---- for connections -----------------------------------------------------------------------

@@ -53,13 +53,14 @@ class ShardActor(Restore, Membership):
     def __init__(self, shard_id: int, cluster: dict, cluster_id: str, member: int = 0):
         import ray
 
-        from engram_mem.affinity import pin_process
+        from engram_mem.affinity import pin_process, set_nice
         from engram_mem.shard.replication import ReplicaFeed, ReplicaSync
         from engram_mem.shard.server import ShardServer
 
         cfg = ClusterConfig(**cluster)
         self.cfg, self.shard_id, self.cluster_id, self.member = cfg, shard_id, cluster_id, member
         pin_process(cfg.shard_cpus, f"shard {shard_id}")  # before its servers start their threads
+        set_nice(cfg.shard_nice, f"shard {shard_id}")
         shm_dir = os.path.join(cfg.shm_dir, cluster_id) if cfg.shm_dir else None
         self.store = ShardStore(shard_id, shm_dir=shm_dir, max_request_bytes=cfg.max_request_bytes,
                                 max_lr=cfg.max_lr, max_grad_abs=cfg.max_grad_abs, storage=cfg.storage,

@@ -42,9 +42,9 @@ def _cluster_options(args) -> dict:
         cluster["data_dir"] = os.path.abspath(args.data_dir)
     if args.cpus_per_shard is not None:
         cluster["cpus_per_shard"] = args.cpus_per_shard
-    for field in ("agent_cpus", "shard_cpus"):
-        if getattr(args, field, None):
-            cluster[field] = getattr(args, field)  # ClusterConfig parses "0,2-3" (or names what is wrong)
+    for field in ("agent_cpus", "shard_cpus", "agent_nice", "shard_nice"):
+        if getattr(args, field, None) is not None:
+            cluster[field] = getattr(args, field)  # ClusterConfig parses "0,2-3", "-10" (or names what is wrong)
     cluster["durability"] = args.durability
     if args.replicas != 1:
         cluster["replicas"] = args.replicas
@@ -283,6 +283,9 @@ def main(argv=None) -> int:
     up.add_argument("--agent-cpus", metavar="CORES", help="cores each node's fetch agent runs on, e.g. 14-15 "
                     "(keep the data path off the model's cores; default: the OS decides)")
     up.add_argument("--shard-cpus", metavar="CORES", help="cores each shard process runs on, e.g. 8-13")
+    up.add_argument("--agent-nice", metavar="N", help="nice value of each node's fetch agent, e.g. -10 (woken ahead "
+                    "of the model's threads; below 0 needs CAP_SYS_NICE; default: as started)")
+    up.add_argument("--shard-nice", metavar="N", help="nice value of each shard process, e.g. -10")
     up.add_argument("--shard-resource", action="append", default=[], metavar="NAME=AMOUNT",
                     help="a Ray resource each shard needs, to pin shards to memory nodes (repeatable)")
     up.add_argument("--timeout", type=float, default=180)

@@ -301,11 +301,13 @@ def test_a_reader_that_cannot_reach_its_agent_ends_requests_with_typed_errors(me
 
 def test_agent_and_shards_run_on_the_cores_the_cluster_names(ray_local):
     """agent_cpus / shard_cpus pin every thread of the node's agent and of each shard (threads
-    started after the pin included), and the rows read through the pinned agent are the table's."""
-    from engram_mem.affinity import thread_affinities
+    started after the pin included), agent_nice / shard_nice set their priority (5 here: raising
+    it needs CAP_SYS_NICE), and the rows read through the pinned agent are the table's."""
+    from engram_mem.affinity import thread_affinities, thread_nices
 
     core = max(os.sched_getaffinity(0))
-    with engram_mem.connect(shards=2, name="agent-pinned", agent_cpus=[core], shard_cpus=str(core)) as pinned:
+    with engram_mem.connect(shards=2, name="agent-pinned", agent_cpus=[core], shard_cpus=str(core),
+                            agent_nice=5, shard_nice="5") as pinned:
         pinned.create_table("p", rows=ROWS, dim=DIM, seed=6)
         reader = AgentReader(pinned, node_local=False)
         try:
@@ -319,6 +321,8 @@ def test_agent_and_shards_run_on_the_cores_the_cluster_names(ray_local):
                 threads = thread_affinities(pid)
                 assert len(threads) > 1, what
                 assert all(cpus == {core} for cpus in threads.values()), (what, threads)
+                assert set(thread_nices(pid).values()) == {5}, (what, thread_nices(pid))
+            assert reader.summary()["agent_nice"] == 5
         finally:
             reader.close()
 

@@ -30,3 +30,32 @@ def test_core_lists_are_checked_on_creation():
     for bad in ("", "a", "1-x", [], [-1], [True], 7):
         with pytest.raises(InvalidArgument, match="agent_cpus"):
             ClusterConfig(agent_cpus=bad)
+
+
+def test_nice_values_are_checked_on_creation_and_applied_to_every_thread():
+    import os
+    import threading
+
+    from engram_mem.affinity import set_nice, thread_nices
+
+    assert ClusterConfig(agent_nice="-10", shard_nice=5).agent_nice == -10
+    assert ClusterConfig().agent_nice is None and ClusterConfig(shard_nice=5).shard_nice == 5
+    for bad in ("", "x", -21, 20, True, 1.5, [1]):
+        with pytest.raises(InvalidArgument, match="shard_nice"):
+            ClusterConfig(shard_nice=bad)
+    # In a child process (nice only goes up without CAP_SYS_NICE): its threads, and one started after, at 7.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = set_nice(7, "test") == 7
+            later = threading.Thread(target=lambda: os.write(w, str(os.getpriority(os.PRIO_PROCESS, 0)).encode()))
+            later.start()
+            later.join()
+            os.write(w, b" " + str(set(thread_nices().values())).encode() + (b" ok" if ok else b" no"))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(w)
+    out = os.read(r, 200).decode()
+    assert out == "7 {7} ok", out
