@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         cpu = {f"{k}_cpu_ms": 1000 * (c1[k] - c0[k]) / args.steps for k in c0}  # per step, by process role
         return {"seconds": dt, "wait_s": wait, "logits": logits, **cpu}
 
-    ray, cluster = start_two_nodes()
+    ray, cluster = start_two_nodes(cpus=8)   # room for three clusters on the other node (pinned, niced)
     sources: dict[str, object] = {"in-process table": local}
     mems = []
     try:

@@ -17,6 +17,9 @@ def start_two_nodes(cpus: int = 4, object_store_bytes: int = 1 << 30):
     import ray
     from ray.cluster_utils import Cluster
 
+    from engram_mem.control.local import level_worker_niceness
+
+    level_worker_niceness()   # shards and agents at the model's priority, as engram-mem's own clusters
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=cpus, node_ip_address=NODE_A, include_dashboard=False, resources={"node_a": 100},
         object_store_memory=object_store_bytes))

@@ -96,6 +96,11 @@ def set_nice(nice: int | None, what: str) -> int | None:
     CAP_SYS_NICE (root, or `--cap-add SYS_NICE` / a pod's capabilities); without it the process
     keeps its priority, logged, rather than refuse to serve. Returns the value applied, or None."""
     if nice is None:
+        now = os.getpriority(os.PRIO_PROCESS, 0)
+        if now > 0:
+            log.warning("%s runs at nice %d (Ray starts its workers at 15): the model's threads run first on a shared "
+                        "core; start Ray with RAY_worker_niceness=0 (engram-mem's own clusters do) or set a nice value",
+                        what, now)
         return None
     applied = True
     for tid in _threads():

@@ -9,6 +9,9 @@ def start_nodes(workers: list[dict], system_config: dict | None = None):
     import ray
     from ray.cluster_utils import Cluster
 
+    from engram_mem.control.local import level_worker_niceness
+
+    level_worker_niceness()   # shards and agents at the driver's priority, as engram-mem's own clusters
     if ray.is_initialized():
         ray.shutdown()
     head = dict(num_cpus=4, node_ip_address="127.0.0.2", include_dashboard=False, object_store_memory=256 << 20)

@@ -151,10 +151,25 @@ def _use_token_auth() -> None:
             pass
 
 
+WORKER_NICENESS = "RAY_worker_niceness"
+
+
+def level_worker_niceness(env: dict | None = None) -> dict:
+    """Ray starts its worker processes, and so every shard and fetch agent, at nice 15 (its
+    `worker_niceness`), behind a driver's threads: a woken fetch then waits out the model's time
+    slice on a shared core. A Ray that engram-mem starts runs them at 0, level with the model
+    (unless RAY_worker_niceness is set already); agent_nice / shard_nice go further. Sets it in
+    `env` (os.environ by default) and returns it."""
+    env = os.environ if env is None else env
+    env.setdefault(WORKER_NICENESS, "0")
+    return env
+
+
 def init_embedded_ray(shards: int = 2, num_cpus: int | None = None, object_store_bytes: int = 1 << 30) -> None:
     """Start a local Ray cluster owned by this process, on the loopback node address."""
     import ray
 
+    level_worker_niceness()
     ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, include_dashboard=False,
              num_cpus=num_cpus if num_cpus is not None else max(4, shards + 2),
              object_store_memory=object_store_bytes, logging_level=logging.WARNING, log_to_driver=False,
@@ -169,7 +184,7 @@ def _free_port() -> int:
 
 def _ray_start(name: str, cmd: list[str], what: str, state: dict | None) -> None:
     """Run one `ray start` with the cluster's mark; its pid goes into the state file before the wait."""
-    env = dict(os.environ, **{MARK: ray_dir(name)})
+    env = level_worker_niceness(dict(os.environ, **{MARK: ray_dir(name)}))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if state is not None:
         state.setdefault("pids", []).append(_pid_record(proc.pid))

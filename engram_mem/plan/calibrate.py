@@ -268,6 +268,9 @@ def measure_tiers(reps: int, disk_dir: str = "/var/tmp") -> tuple[list[Tier], di
     disk_tier, disk_raw = measure_disk(disk_dir, reps)
     raw.append(disk_raw)
 
+    from engram_mem.control.local import level_worker_niceness
+
+    level_worker_niceness()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=4, node_ip_address="127.0.0.2", include_dashboard=False, resources={"node_a": 100},
         object_store_memory=512 << 20))

@@ -325,4 +325,8 @@ def test_agent_and_shards_run_on_the_cores_the_cluster_names(ray_local):
             assert reader.summary()["agent_nice"] == 5
         finally:
             reader.close()
+    # Without a nice value the data path runs at the driver's priority, not Ray's worker nice 15.
+    with engram_mem.connect(shards=1, name="agent-level") as level:
+        pid = level.view.shards[level.view.shard_ids[0]]["pid"]
+        assert set(thread_nices(pid).values()) == {os.getpriority(os.PRIO_PROCESS, 0)} == {0}
 

@@ -93,11 +93,16 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _start_command(cmd: str, head_port: int, node_ip: str, temp_dir: str) -> list[str]:
-    """A YAML start command made runnable here: our venv's ray, the head address, own ports, --block."""
-    env_prefix, _, rest = cmd.partition(" ")
-    assert env_prefix == "RAY_AUTH_MODE=token", cmd
-    argv = shlex.split(rest.replace("$RAY_HEAD_IP", HEAD_IP))
+def _start_command(cmd: str, head_port: int, node_ip: str, temp_dir: str) -> tuple[list[str], dict]:
+    """A YAML start command made runnable here: our venv's ray, the head address, own ports, --block;
+    and the environment its VAR=value prefix sets (token auth, the workers' nice value)."""
+    words = shlex.split(cmd.replace("$RAY_HEAD_IP", HEAD_IP))
+    env = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        k, _, v = words.pop(0).partition("=")
+        env[k] = v
+    assert env == {"RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0"}, cmd
+    argv = words
     argv[0] = os.path.join(BIN, "ray")
     argv = [a for a in argv if not a.startswith("--autoscaling-config")]  # written by `ray up` on real heads
     argv = [f"--port={head_port}" if a == "--port=6379" else a.replace(":6379", f":{head_port}") for a in argv]
@@ -108,7 +113,7 @@ def _start_command(cmd: str, head_port: int, node_ip: str, temp_dir: str) -> lis
              "--max-worker-port=0", "--object-store-memory=200000000", "--disable-usage-stats", "--block"]
     if "--head" in argv:
         argv += [f"--ray-client-server-port={p[6]}", "--include-dashboard=false", f"--temp-dir={temp_dir}"]
-    return argv
+    return argv, env
 
 
 def _wait_nodes(env, address: str, n: int, timeout: float = 180) -> None:
@@ -135,8 +140,8 @@ def test_yaml_start_commands_make_a_cluster_whose_shards_all_land_on_the_memory_
     procs = []
 
     def start(cmd, node_type, node_ip):
-        argv = _start_command(cmd, head_port, node_ip, temp_dir)
-        e = dict(env, RAY_OVERRIDE_RESOURCES=json.dumps(types[node_type]["resources"]))
+        argv, cmd_env = _start_command(cmd, head_port, node_ip, temp_dir)
+        e = dict(env, **cmd_env, RAY_OVERRIDE_RESOURCES=json.dumps(types[node_type]["resources"]))
         log = open(tmp_path / f"{node_type}.log", "w")
         procs.append(subprocess.Popen(argv, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 

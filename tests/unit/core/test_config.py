@@ -59,3 +59,10 @@ def test_nice_values_are_checked_on_creation_and_applied_to_every_thread():
     os.close(w)
     out = os.read(r, 200).decode()
     assert out == "7 {7} ok", out
+
+
+def test_a_ray_engram_mem_starts_runs_its_workers_at_nice_0_unless_told_otherwise():
+    from engram_mem.control.local import WORKER_NICENESS, level_worker_niceness
+
+    assert level_worker_niceness({})[WORKER_NICENESS] == "0"
+    assert level_worker_niceness({WORKER_NICENESS: "5"})[WORKER_NICENESS] == "5"
