@@ -103,6 +103,7 @@ def main(argv=None) -> int:
         return {"seconds": dt, "wait_s": wait, "logits": logits, **cpu}
 
     ray, cluster = start_two_nodes(cpus=8)   # room for three clusters on the other node (pinned, niced)
+    worker_nice = int(os.environ["RAY_worker_niceness"])   # Ray's workers' (start_two_nodes levels it, unless set)
     sources: dict[str, object] = {"in-process table": local}
     mems = []
     try:
@@ -179,8 +180,10 @@ def main(argv=None) -> int:
              for r in results]
     cols = ["name", "tokens_per_s", "vs_in_process_pct", "exposed_wait_pct", "ms_per_step", "cache_hit_rate",
             "node_local_rows", "remote_rows", "model_cpu_ms", "agent_cpu_ms", "shards_cpu_ms", "ray_cpu_ms"]
-    print_table(table, cols, title=f"\ndecode, batch {args.batch}, {args.steps} steps after a {args.prompt}-token prompt")
-    path = append_jsonl("decode", {"bench": "decode", "args": vars(args), "results": table})
+    print_table(table, cols, title=f"\ndecode, batch {args.batch}, {args.steps} steps after a {args.prompt}-token prompt; "
+                                   f"shards and agents at nice {worker_nice} unless the row says otherwise")
+    path = append_jsonl("decode", {"bench": "decode", "args": vars(args), "ray_worker_niceness": worker_nice,
+                                   "results": table})
     png = bar_plot("decode", [r["name"] for r in table], [r["exposed_wait_pct"] for r in table],
                    "exposed row wait, % of step time", f"decode, batch {args.batch}: time waiting for Engram rows")
     print(f"\nappended {path}\nplot {png}\n\n" + markdown_table(table, cols))
