@@ -92,7 +92,7 @@ def set_nice(nice: int | None, what: str) -> int | None:
     """Give every thread of this process (and those its threads start later, which inherit it) the
     nice value `nice`. A data path woken for each fetch then gets a core ahead of the model's
     threads instead of after their time slice (on 2 shared cores, -10 took decode's exposed wait
-    from 1.7% to 1.0% here: docs/benchmarks.md, Decode). Raising priority (below 0) needs
+    from 1.58% at nice 0 to 1.12% here: docs/benchmarks.md, Decode). Raising priority (below 0) needs
     CAP_SYS_NICE (root, or `--cap-add SYS_NICE` / a pod's capabilities); without it the process
     keeps its priority, logged, rather than refuse to serve. Returns the value applied, or None."""
     if nice is None:
