@@ -127,7 +127,9 @@ def _fmt(v) -> str:
 def machine() -> dict:
     return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _git_commit()}
+            "commit": _git_commit(),
+            # the nice value Ray starts its workers (shards, agents) at; model_setup levels it to 0 unless set
+            "ray_worker_niceness": os.environ.get("RAY_worker_niceness")}
 
 
 def _git_commit() -> str:
