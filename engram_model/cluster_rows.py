@@ -132,13 +132,16 @@ class ClusterRows(RowSource):
     def prefetch_ahead(self, layer: int, row_ids: torch.Tensor) -> None:
         """A later batch's rows: out at once (a step ahead, no layer's fetch is in its way)."""
         self._check_layer(layer)
-        if self.prefetch_enabled and not any(_same(ids, row_ids) for ids, _ in self._inflight.get(layer, ())):
+        if self.prefetch_enabled and not self._in_flight(layer, row_ids):
             self._post(layer, row_ids)
+
+    def _in_flight(self, layer: int, row_ids: torch.Tensor) -> bool:
+        return any(_same(ids, row_ids) for ids, _ in self._inflight.get(layer, ()))
 
     def _on_its_way(self, layer: int, row_ids: torch.Tensor) -> bool:
         """These ids are in flight or held already (posted ahead by EngramModel.prefetch)."""
         held = self._held.get(layer)
-        if (held is not None and _same(held, row_ids)) or any(_same(ids, row_ids) for ids, _ in self._inflight.get(layer, ())):
+        if (held is not None and _same(held, row_ids)) or self._in_flight(layer, row_ids):
             self.prefetched_ahead += 1
             return True
         return False

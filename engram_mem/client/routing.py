@@ -116,23 +116,21 @@ def split_by_shard(t: TableView, uniq: np.ndarray, n_shards: int):
     counts = np.bincount(ranks, minlength=n_shards)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     parts = [(r, int(bounds[r]), int(bounds[r + 1])) for r in range(n_shards) if counts[r]]
-    if len(parts) == 1 or bool(np.all(ranks[1:] >= ranks[:-1])):
-        return uniq, parts, None   # grouped already (one shard, or shard_grouped ids): rows land contiguously
-    order = np.argsort(ranks, kind="stable")
-    return uniq[order], parts, order
+    order = None if len(parts) == 1 else _rank_order(ranks)   # one shard: rows land contiguously
+    return (uniq, parts, None) if order is None else (uniq[order], parts, order)
+
+
+def _rank_order(ranks: np.ndarray) -> np.ndarray | None:
+    """The stable order grouping ids by shard rank; None when they are grouped already."""
+    return None if bool(np.all(ranks[1:] >= ranks[:-1])) else np.argsort(ranks, kind="stable")
 
 
 def shard_grouped(t: TableView, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Sorted distinct ids grouped by shard rank, each shard's still sorted: (grouped, order or
     None if they already were). A fetch that keeps its distinct ids in this order gets each
     shard's rows contiguously (split_by_shard: no scatter), and a push of them is not re-sorted."""
-    if uniq.size < 2:
-        return uniq, None
-    ranks = t.placement[uniq // t.spec.slot_rows]
-    if bool(np.all(ranks[1:] >= ranks[:-1])):
-        return uniq, None
-    order = np.argsort(ranks, kind="stable")
-    return uniq[order], order
+    order = _rank_order(t.placement[uniq // t.spec.slot_rows]) if uniq.size > 1 else None
+    return (uniq, None) if order is None else (uniq[order], order)
 
 
 def is_shard_grouped(t: TableView, ids: np.ndarray) -> bool:

@@ -72,7 +72,9 @@ class Writes:
         check_grads(t.spec, flat, g.numpy(), self._view.raw["config"]["max_grad_abs"])
         if lr is not None:
             check_lr(t.spec, lr, self._view.raw["config"]["max_lr"])
-        if flat.size > 1 and not is_shard_grouped(t, flat):  # not distinct, sorted (within each shard)
+        # Distinct and sorted, overall or within each shard (a fetch's order): split_by_shard gives
+        # each shard its ids sorted. Anything else is sorted and summed here.
+        if flat.size > 1 and not bool(np.all(flat[1:] > flat[:-1])) and not is_shard_grouped(t, flat):
             uniq, inv = np.unique(flat, return_inverse=True)
             if uniq.size != flat.size:
                 g = torch.zeros(uniq.size, t.spec.dim).index_add_(0, torch.from_numpy(inv), g)

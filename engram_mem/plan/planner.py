@@ -116,14 +116,14 @@ def timeline(m: ModelShape, wl: Workload, hw: Hardware, dist=None, tier: Tier | 
     # Where compute shares the CPU with the read path, a fetch progresses `stretch` times slower
     # while the blocks run, and at full speed once the model waits for it.
     stretch = tier.stretch if hw.shares_cpu else 1.0
-    head = wl.ahead * compute if prefetch else 0.0               # fetches posted this long before the forward
+    lead = wl.ahead * compute if prefetch else 0.0               # fetches posted this long before the forward
     layers, waits, waited = [], [], 0.0
     for j, layer in enumerate(m.engram_layers):
         need = t_block * layer + waited                          # embedding ~0, then blocks 0..layer-1
         if prefetch:
             work = push + tier.latency_s * (r["missing"] > 0) + (j + 1) * (miss_bytes / bw + cache_s)
-            span = head + need                                   # from the post to the layer
-            ready = -head + (work * stretch if work * stretch <= span else span + (work - span / stretch))
+            span = lead + need                                   # from the post to the layer
+            ready = -lead + (work * stretch if work * stretch <= span else span + (work - span / stretch))
         else:
             ready = need + push * (j == 0) + one
         w = max(0.0, ready - need)
@@ -132,10 +132,9 @@ def timeline(m: ModelShape, wl: Workload, hw: Hardware, dist=None, tier: Tier | 
                        "exposed_s": w})
         waits.append(w)
     n_layers = len(m.engram_layers)
-    backlog = 0.0
-    if head:   # one batch's fetches a step on the link: a link slower than the step sets the pace
-        link = (tier.latency_s * (r["missing"] > 0) + n_layers * (miss_bytes / bw + cache_s)) * stretch
-        backlog = max(0.0, link - compute - sum(waits))
+    # One batch's fetches a step on the link (the last layer's work: prefill pushes nothing): a
+    # link slower than the step sets the pace.
+    backlog = max(0.0, work * stretch - compute - sum(waits)) if lead else 0.0
     cpu = 0.0
     if hw.shares_cpu:
         cpu = n_layers * (tier.cpu_s(r["missing"]) + (hw.cache_tier.cpu_s(r["cached"]) if hw.cache_tier else 0.0))
@@ -144,7 +143,7 @@ def timeline(m: ModelShape, wl: Workload, hw: Hardware, dist=None, tier: Tier | 
     exposed = sum(waits) + backlog
     step = compute + exposed + cpu
     return {"compute_s": compute, "block_s": t_block, "head_s": t_head, "rows": r, "layers": layers,
-            "fetch_s": one, "push_s": push, "exposed_s": exposed, "backlog_s": backlog, "ahead_s": head,
+            "fetch_s": one, "push_s": push, "exposed_s": exposed, "backlog_s": backlog, "ahead_s": lead,
             "cpu_s": cpu, "step_s": step,
             "tokens_per_s": wl.tokens / step, "row_bytes_per_step": n_layers * miss_bytes}
 
